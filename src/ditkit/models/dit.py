@@ -254,7 +254,9 @@ DIT_VARIANTS = {
 
 
 def build_dit(variant: str = "XL", patch_size: int = 2, **kwargs) -> DiT:
-    """A named variant, e.g. build_dit("XL", 2) is DiT-XL/2; kwargs override sizes or add options."""
+    """A named variant, e.g. build_dit("XL", 2) is DiT-XL/2; kwargs that are not None override the
+    variant's sizes or set options."""
     if variant not in DIT_VARIANTS:
         raise ValueError(f"unknown DiT variant {variant!r}; valid: {', '.join(DIT_VARIANTS)}")
-    return DiT(patch_size=patch_size, **{**DIT_VARIANTS[variant], **kwargs})
+    overrides = {k: v for k, v in kwargs.items() if v is not None}
+    return DiT(patch_size=patch_size, **{**DIT_VARIANTS[variant], **overrides})

@@ -1,0 +1,214 @@
+"""DiT parity with the reference implementation, the variant table, options, and official checkpoints."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+from hydra.utils import instantiate
+
+from ditkit.checkpoints import load_official_dit, read_state_dict
+from ditkit.models import DiT, build_dit
+from ditkit.models.attention import apply_rope
+from ditkit.models.embeddings import rope_2d
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CONF = Path(__file__).parents[1] / "conf"
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return torch.load(FIXTURES / "dit_reference_tiny.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return json.loads((FIXTURES / "dit_official_manifest.json").read_text())
+
+
+def reference_model(ref) -> DiT:
+    model = DiT(**ref["model_config"])
+    model.load_state_dict(ref["state_dict"], strict=True)
+    return model.eval()
+
+
+def test_fixed_position_table_equals_reference(ref):
+    model = DiT(**ref["model_config"])
+    torch.testing.assert_close(model.pos_embed, ref["state_dict"]["pos_embed"], rtol=0, atol=1e-6)
+
+
+def test_forward_matches_reference(ref):
+    model, x = reference_model(ref), ref["inputs"]
+    with torch.no_grad():
+        out = model(x["x"], x["t"], x["y"])
+    torch.testing.assert_close(out, ref["outputs"]["forward"], rtol=0, atol=1e-5)
+
+
+def test_forward_with_cfg_three_channels_matches_reference(ref):
+    model, x = reference_model(ref), ref["inputs"]
+    null = torch.full((2,), ref["model_config"]["num_classes"])
+    with torch.no_grad():
+        out = model.forward_with_cfg(
+            torch.cat([x["x"][:2]] * 2), torch.cat([x["t"][:2]] * 2), torch.cat([x["y"][:2], null]),
+            x["cfg_scale"], guidance_channels=3,
+        )
+    torch.testing.assert_close(out, ref["outputs"]["forward_with_cfg_3ch"], rtol=0, atol=1e-5)
+
+
+def test_forward_with_cfg_guides_all_eps_channels_by_default(ref):
+    model, x = reference_model(ref), ref["inputs"]
+    xs, ts, ys = x["x"][:2], x["t"][:2], x["y"][:2]
+    null = torch.full((2,), ref["model_config"]["num_classes"])
+    s = 2.5
+    with torch.no_grad():
+        cond, uncond = model(xs, ts, ys), model(xs, ts, null)
+        out = model.forward_with_cfg(torch.cat([xs, xs]), torch.cat([ts, ts]), torch.cat([ys, null]), s)
+    expected_eps = uncond[:, :4] + s * (cond[:, :4] - uncond[:, :4])
+    torch.testing.assert_close(out[:2, :4], expected_eps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[2:, :4], expected_eps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[:2, 4:], cond[:, 4:], rtol=0, atol=1e-5)  # variance from the cond half
+
+
+def test_official_layout_keys_and_shapes(manifest):
+    for name, size in (("DiT-XL/2@256", 32), ("DiT-XL/2@512", 64)):
+        with torch.device("meta"):
+            model = build_dit("XL", 2, input_size=size)
+        shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+        assert shapes == manifest[name]["state_dict_shapes"], name
+
+
+def test_parameter_counts_of_all_variants(manifest):
+    assert len(manifest) == 13
+    for name, entry in manifest.items():
+        variant, patch = name.split("@")[0].removeprefix("DiT-").split("/")
+        with torch.device("meta"):
+            model = build_dit(variant, int(patch), input_size=entry["input_size"])
+        assert sum(v.numel() for v in model.state_dict().values()) == entry["params"], name
+
+
+def test_dit_xl2_forward_flops_match_the_paper():
+    with torch.device("meta"):
+        model = build_dit("XL", 2, input_size=32)
+    assert abs(model.forward_flops() / 2 / 118.6e9 - 1) < 0.01  # paper Table 4: 118.6 Gflops (multiply-adds)
+
+
+def test_unknown_variant_lists_valid_ones():
+    with pytest.raises(ValueError, match="valid: S, B, L, XL"):
+        build_dit("XXL")
+
+
+def test_patch_size_must_divide_latent_size():
+    with pytest.raises(ValueError, match="patch_size 4 does not divide the latent size 6"):
+        DiT(input_size=6, patch_size=4, hidden_size=32, depth=1, num_heads=2)
+
+
+def compose_model(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(overrides=[
+            "+data.latent_size=32", "+data.latent_channels=4", "+data.num_classes=1000", *overrides
+        ])
+
+
+@pytest.mark.parametrize("variant,patch,params", [("dit_s", 2, 32963360), ("dit_b", 4, 130475648), ("dit_xl", 8, 675683072)])
+def test_hydra_model_configs(variant, patch, params):
+    cfg = compose_model(f"+model={variant}", f"model.patch_size={patch}")
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    assert isinstance(model, DiT) and model.patch_size == patch
+    assert sum(v.numel() for v in model.state_dict().values()) == params
+
+
+def test_hydra_unknown_model_lists_available_options():
+    with pytest.raises(MissingConfigException) as err:
+        compose_model("+model=dit_xxl")
+    assert all(name in str(err.value) for name in ("dit_s", "dit_b", "dit_l", "dit_xl"))
+
+
+OPTIONS = [
+    dict(block="adaln"), dict(block="cross_attn"), dict(block="in_context"), dict(qk_norm=True),
+    dict(norm="rmsnorm"), dict(mlp="swiglu"), dict(rope=True), dict(grad_checkpointing=True),
+    dict(block="in_context", rope=True, norm="rmsnorm", mlp="swiglu", qk_norm=True),
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_each_option_trains(options):
+    """Regress a fixed random target: 50 AdamW steps must cut the loss at least in half."""
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                num_classes=10, class_dropout_prob=0.0, **options)
+    x, t, y = torch.randn(8, 4, 8, 8), torch.randint(0, 1000, (8,)), torch.randint(0, 10, (8,))
+    target = torch.randn(8, 8, 8, 8)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(50):
+        loss = (model(x, t, y) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_grad_checkpointing_gives_identical_gradients():
+    torch.manual_seed(0)
+    kw = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10, class_dropout_prob=0.0)
+    plain, ckpt = DiT(**kw), DiT(**kw, grad_checkpointing=True)
+    torch.nn.init.normal_(plain.final_layer.linear.weight)
+    ckpt.load_state_dict(plain.state_dict())
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
+    for m in (plain, ckpt):
+        m(x, t, y).square().sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_rope_attention_depends_only_on_relative_position():
+    """<R(p) q, R(s) k> = <q, R(s - p) k>: shifting both positions by one row leaves scores unchanged."""
+    grid, hd = 4, 8
+    rope = rope_2d(hd, grid)
+    q, k = torch.randn(hd), torch.randn(hd)
+    rq = apply_rope(q.expand(1, 1, grid * grid, hd), rope)[0, 0]
+    rk = apply_rope(k.expand(1, 1, grid * grid, hd), rope)[0, 0]
+    score = rq @ rk.T  # (T, T)
+    # token (r, c) has index r * grid + c; shift both query and key one row down
+    for (qi, ki) in [(0, 5), (1, 6), (2, 3)]:
+        torch.testing.assert_close(score[qi, ki], score[qi + grid, ki + grid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(score[0, 0], q @ k, rtol=1e-5, atol=1e-5)  # position 0 is unrotated
+
+
+def test_load_official_checkpoint_infers_config(ref, tmp_path):
+    path = tmp_path / "DiT-tiny.pt"
+    torch.save(ref["state_dict"], path)
+    with pytest.raises(ValueError, match="width 64 is not a published variant; pass num_heads="):
+        load_official_dit(path)  # heads cannot be read off the tensors for a custom width
+    model = load_official_dit(path, num_heads=4)
+    for key in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes", "learn_sigma"):
+        assert getattr(model, key) == ref["model_config"][key], key
+    x = ref["inputs"]
+    with torch.no_grad():
+        out = model(x["x"], x["t"], x["y"])
+    torch.testing.assert_close(out, ref["outputs"]["forward"], rtol=0, atol=1e-5)
+    # the reference training script's checkpoints: {"model", "ema", "opt", "args"}; EMA is taken
+    torch.save({"model": {}, "ema": ref["state_dict"]}, tmp_path / "train.pt")
+    assert load_official_dit(tmp_path / "train.pt", num_heads=4).hidden_size == 64
+
+
+def test_official_loader_errors_name_the_problem(ref, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_official_dit(tmp_path / "nope.pt")
+    path = tmp_path / "cut.pt"
+    torch.save(ref["state_dict"], path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.pt.*truncated"):
+        load_official_dit(path)
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a DiT checkpoint.*x_embedder.proj.weight"):
+        load_official_dit(tmp_path / "other.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="no state_dict"):
+        read_state_dict(tmp_path / "list.pt")
