@@ -1,0 +1,77 @@
+"""Helpers shared by the benchmark scripts: key=value arguments, timing, peak FLOP/s and memory."""
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def parse_args(defaults: dict) -> dict:
+    """`key=value` arguments (Hydra style) over `defaults`, each cast to the default's type."""
+    args = dict(defaults)
+    for item in sys.argv[1:]:
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise SystemExit(f"unknown argument {item!r}; valid: {', '.join(f'{k}=' for k in defaults)}")
+        default = defaults[key]
+        if isinstance(default, bool):
+            args[key] = value.lower() in ("1", "true", "yes")
+        elif default is None:
+            args[key] = value
+        else:
+            args[key] = type(default)(value)
+    if args.get("precision") is not None and args["precision"] not in PRECISIONS:
+        raise SystemExit(f"precision={args['precision']!r}; valid: {', '.join(PRECISIONS)}")
+    return args
+
+
+def device_of(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, steps: int, warmup: int, device: torch.device) -> list[float]:
+    """Seconds of each of `steps` calls of fn after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 5) -> float:
+    """Achievable dense FLOP/s measured on the spot: the best of `reps` n x n matmuls in `dtype`."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = min(time_calls(lambda: a @ b, reps, 2, device))
+    return 2 * n**3 / best
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; whole process
+
+
+def summarize(times: list[float]) -> float:
+    return statistics.median(times)
+
+
+def emit(record: dict) -> None:
+    """One JSON line on stdout (the last line is what scripts and tests read)."""
+    print(json.dumps(record), flush=True)
