@@ -1,0 +1,204 @@
+"""Rectified flow (Liu et al. 2023; Esser et al. 2024, SD3; Ma et al. 2024, SiT).
+
+Time convention: t in [0, 1] with t = 1 pure noise:  x_t = (1 - t) x_0 + t eps.  The model
+predicts the velocity dx_t/dt = eps - x_0 and sees t * time_scale (default 1000, so DiT's
+timestep embedding covers the same range as under DDPM). Sampling integrates from t = 1 to
+t = 0 on a (possibly shifted) grid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .guidance import Guidance, Model
+from .schedule import mean_flat
+
+TIME_SAMPLINGS = ("uniform", "logit_normal", "mode")
+SAMPLERS = ("euler", "heun", "sde")
+
+
+def shift_time(t, shift: float):
+    """SD3 eq. 23: t' = shift * t / (1 + (shift - 1) * t); maps [0, 1] onto itself, and
+    shift > 1 spends more time at high noise (needed at high resolution, SD3 sec. 5.3.2)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def mode_time(u: torch.Tensor, scale: float) -> torch.Tensor:
+    """SD3 eq. 20, 'mode' sampling: f(u) = 1 - u - scale * (cos^2(pi/2 u) - 1 + u), u ~ U(0, 1)."""
+    return 1 - u - scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
+
+
+class RectifiedFlow:
+    """Rectified-flow objective.
+
+    time_sampling: training t ~ "uniform" U(0, 1), "logit_normal" sigmoid(N(logit_mean,
+    logit_std^2)) (SD3's default 0, 1), or "mode" (SD3 eq. 20, heavier middle for
+    mode_scale > 0). shift: time shift of SD3 eq. 23 (1 = none); with shift_reference_area
+    set, the shift is resolution-dependent: shift * sqrt(H * W / shift_reference_area) for a
+    latent of H x W (SD3 sec. 5.3.2: shift by sqrt(m / n) from the resolution tuned at).
+    shift_training: also shift the training t draws (SD3) rather than only the sampling grid.
+    cosine_loss_weight: weight of 1 - cos(v_pred, v) over channels (LightningDiT).
+    time_scale: the model sees t * time_scale.
+    A model with 2C output channels (learn_sigma) has its first C read as the velocity.
+    """
+
+    name = "flow"
+    samplers = SAMPLERS
+
+    def __init__(
+        self,
+        time_sampling: str = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        shift: float = 1.0,
+        shift_reference_area: int | None = None,
+        shift_training: bool = True,
+        cosine_loss_weight: float = 0.0,
+        time_scale: float = 1000.0,
+    ):
+        if time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(f"unknown time_sampling {time_sampling!r}; choose one of {', '.join(TIME_SAMPLINGS)}")
+        if logit_std <= 0:
+            raise ValueError(f"logit_std must be > 0, got {logit_std}")
+        # f(u) is monotone (a valid inverse CDF) only for -1 <= scale <= 2 / (pi - 2).
+        if not -1.0 <= mode_scale <= 2 / (math.pi - 2):
+            raise ValueError(f"mode_scale must lie in [-1, {2 / (math.pi - 2):.3f}], got {mode_scale}")
+        if shift <= 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        if shift_reference_area is not None and shift_reference_area <= 0:
+            raise ValueError(f"shift_reference_area must be a positive H*W, got {shift_reference_area}")
+        if cosine_loss_weight < 0:
+            raise ValueError(f"cosine_loss_weight must be >= 0, got {cosine_loss_weight}")
+        self.time_sampling = time_sampling
+        self.logit_mean, self.logit_std, self.mode_scale = float(logit_mean), float(logit_std), float(mode_scale)
+        self.shift, self.shift_reference_area = float(shift), shift_reference_area
+        self.shift_training = bool(shift_training)
+        self.cosine_loss_weight = float(cosine_loss_weight)
+        self.time_scale = float(time_scale)
+
+    def effective_shift(self, height: int, width: int) -> float:
+        """The shift used for an H x W latent."""
+        if self.shift_reference_area is None:
+            return self.shift
+        return self.shift * math.sqrt(height * width / self.shift_reference_area)
+
+    def sample_t(self, n: int, device=None, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """(n,) training times from the global RNG, shifted for an H x W latent when asked."""
+        if self.time_sampling == "uniform":
+            t = torch.rand(n, device=device)
+        elif self.time_sampling == "logit_normal":
+            t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, device=device))
+        else:
+            t = mode_time(torch.rand(n, device=device), self.mode_scale)
+        if self.shift_training and height is not None:
+            t = shift_time(t, self.effective_shift(height, width))
+        return t
+
+    def interpolate(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = (1 - t) x_0 + t eps. x_start, noise: (N, C, H, W); t: (N,)."""
+        t = t.view(-1, *([1] * (x_start.ndim - 1)))
+        return (1 - t) * x_start + t * noise
+
+    def velocity(self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs=None) -> torch.Tensor:
+        """The model's velocity (N, C, H, W) at x: (N, C, H, W), t: (N,) in [0, 1]."""
+        return self._velocity_channels(model(x, t * self.time_scale, **(model_kwargs or {})), x)
+
+    @staticmethod
+    def _velocity_channels(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        if out.shape[1] not in (c, 2 * c):
+            raise ValueError(f"the model gave {out.shape[1]} channels for {c}-channel input; expected {c} or {2 * c}")
+        return out[:, :c].to(x.dtype)
+
+    def training_losses(self, model: Model, x_start, t=None, model_kwargs=None, noise=None) -> dict:
+        """Per-sample losses (N,): `loss`, `mse`, and `cos` when cosine_loss_weight > 0.
+
+        x_start: (N, C, H, W); t: (N,) in [0, 1], drawn when None; noise drawn when None
+        (t first, then noise, from the global RNG)."""
+        n, _, h, w = x_start.shape
+        if t is None:
+            t = self.sample_t(n, x_start.device, h, w)
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        x_t = self.interpolate(x_start, t, noise)
+        pred = self.velocity(model, x_t, t, model_kwargs).float()
+        target = noise - x_start
+        terms = {"mse": mean_flat((pred - target) ** 2)}
+        terms["loss"] = terms["mse"]
+        if self.cosine_loss_weight > 0:
+            terms["cos"] = mean_flat(1 - F.cosine_similarity(pred, target, dim=1))
+            terms["loss"] = terms["mse"] + self.cosine_loss_weight * terms["cos"]
+        return terms
+
+    def time_grid(self, steps: int, height: int, width: int) -> list[float]:
+        """steps + 1 times from 1 to 0, evenly spaced then shifted for an H x W latent."""
+        if int(steps) < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        shift = self.effective_shift(height, width)
+        return [shift_time(1 - i / steps, shift) for i in range(int(steps) + 1)]
+
+    def check_sampler(self, sampler: str) -> None:
+        """Raise a clear error when `sampler` does not belong to this objective."""
+        if sampler not in self.samplers:
+            raise ValueError(
+                f"sampler {sampler!r} does not work with the flow objective (rectified flow); "
+                f"valid samplers: {', '.join(self.samplers)} (ddpm, ddim belong to objective=ddpm)"
+            )
+
+    @torch.no_grad()
+    def sample(self, model: Model, x_T, model_kwargs=None, sampler="euler", steps: int = 50, cfg_scale=1.0,
+               guidance_channels=None, guidance_interval=None, null_label=None, progress=False,
+               diffusion_norm=1.0) -> torch.Tensor:
+        """x_0: (N, C, H, W) from noise x_T: (N, C, H, W).
+
+        sampler: "euler" / "heun" (probability-flow ODE, 1 / 2 model calls per step) or "sde"
+        (Euler-Maruyama, 1 call per step). guidance_interval is in flow time t in [0, 1].
+        diffusion_norm (sde only): the SDE's diffusion g(t)^2 = diffusion_norm * t.
+        """
+        self.check_sampler(sampler)
+        if sampler != "sde" and diffusion_norm != 1.0:
+            raise ValueError("diffusion_norm applies to sampler=sde only")
+        if diffusion_norm < 0:
+            raise ValueError(f"diffusion_norm must be >= 0, got {diffusion_norm}")
+        guidance = Guidance.build(model, model_kwargs, cfg_scale, guidance_channels, guidance_interval, null_label)
+        grid = self.time_grid(steps, x_T.shape[-2], x_T.shape[-1])
+        n, c = x_T.shape[:2]
+
+        def velocity(x, t: float):
+            t_model = torch.full((n,), t * self.time_scale, device=x.device, dtype=torch.float32)
+            return self._velocity_channels(guidance(model, x, t_model, model_kwargs, t, c), x)
+
+        x = x_T
+        for i in tqdm(range(len(grid) - 1), disable=not progress, desc=sampler):
+            t, t_next = grid[i], grid[i + 1]
+            dt = t_next - t  # negative: integrating from noise to data
+            v = velocity(x, t)
+            if sampler == "euler":
+                x = x + dt * v
+            elif sampler == "heun":
+                # Heun's method (trapezoidal predictor-corrector), 2nd order (Karras et al. 2022, alg. 1).
+                v_next = velocity(x + dt * v, t_next)
+                x = x + dt * 0.5 * (v + v_next)
+            else:
+                x = self._sde_step(x, v, t, dt, diffusion_norm, last=i == len(grid) - 2)
+        return x
+
+    @staticmethod
+    def _sde_step(x, v, t: float, dt: float, norm: float, last: bool):
+        """One reverse-time Euler-Maruyama step of dx = [v - g^2/2 * score] dt + g dW.
+
+        For x_t = (1 - t) x_0 + t eps the score is -E[eps | x_t] / t and E[eps | x_t] =
+        x_t + (1 - t) v, so with g^2 = norm * t (SiT's 'sigma' diffusion) the drift
+        v + norm/2 * (x + (1 - t) v) stays finite as t -> 0. Every such SDE has the ODE's
+        marginals (Song et al. 2021, eq. 13). The last step takes the mean (no noise).
+        """
+        drift = v + 0.5 * norm * (x + (1 - t) * v)
+        x = x + dt * drift
+        if not last and norm > 0:
+            x = x + math.sqrt(norm * t * -dt) * torch.randn_like(x)
+        return x
