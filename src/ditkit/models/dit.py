@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, CrossAttention, make_mlp, make_norm
+from .cfg import forward_with_cfg
 from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, rope_2d, sincos_2d
 
 BLOCK_DESIGNS = ("adaln_zero", "adaln", "cross_attn", "in_context")
@@ -215,16 +216,9 @@ class DiT(nn.Module):
     def forward_with_cfg(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guidance_channels: int | None = None
     ) -> torch.Tensor:
-        """Classifier-free guidance on a batch whose second half holds the null labels:
-        eps = eps_null + s (eps_cond - eps_null), applied to the first `guidance_channels` output
-        channels (None = all eps channels; 3 reproduces the reference, which guides only 3 of 4)."""
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y)
-        k = self.in_channels if guidance_channels is None else guidance_channels
-        eps, rest = out[:, :k], out[:, k:]
-        cond, uncond = eps.chunk(2)
-        guided = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([guided, guided]), rest], dim=1)
+        """Classifier-free guidance on a batch whose second half holds the null labels; see
+        `ditkit.models.cfg.forward_with_cfg` (guidance_channels=3 reproduces the reference)."""
+        return forward_with_cfg(self, x, t, y, cfg_scale, guidance_channels)
 
     def forward_flops(self, batch_size: int = 1) -> int:
         """Analytic forward FLOPs (2 x multiply-adds) of the matmuls, attention included."""

@@ -57,10 +57,18 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
 
     def forward(self, labels: torch.Tensor, train: bool) -> torch.Tensor:
-        if train and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, self.num_classes, labels)
+        if train:
+            labels = drop_labels(labels, self.num_classes, self.dropout_prob)
         return self.embedding_table(labels)
+
+
+def drop_labels(labels: torch.Tensor, null_label: int, prob: float) -> torch.Tensor:
+    """Label dropout for classifier-free guidance: labels (N,) each replaced by `null_label` with
+    probability `prob`, drawn from the global torch RNG (what makes resumed training exact)."""
+    if prob <= 0:
+        return labels
+    drop = torch.rand(labels.shape[0], device=labels.device) < prob
+    return torch.where(drop, null_label, labels)
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
