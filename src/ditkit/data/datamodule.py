@@ -1,0 +1,289 @@
+"""`LatentShardsDataModule`: latent shards -> batches ``(latents float32 (B, C, H, W) scaled, labels int64 (B,))``
+for any number of ranks, with a stream position that checkpoints resume exactly."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Callable, Iterator
+
+import lightning as L
+import torch
+import webdataset as wds
+
+from ditkit.data.digits import build_digits
+from ditkit.data.format import MANIFEST, DataFormatError, decode_moments, moments_shape, parse_manifest
+from ditkit.data.stream import SkipCounter, TrainStream, ValStream
+
+BUILTINS = {"digits": build_digits}
+
+
+class ResumableLoader:
+    """The training loader: each pass over it is one epoch of ``len(self)`` batches (`WebLoader.with_epoch`,
+    the same count on every rank, so DDP never waits at an epoch end for a rank that ran dry).
+
+    It tracks the *consumer's* place in the stream, (epoch, batches of it used), which is what a checkpoint
+    must store: a trainer fetches ahead of training, so the batches handed out can exceed those used.
+    ``consumed`` counts the batches the consumer has taken in total (the trainer's fit-loop counter); without
+    one, every batch handed out counts as used. A new pass continues from the consumer's place.
+    Workers are not persistent: each pass starts them with its epoch's seed.
+    """
+
+    def __init__(
+        self,
+        dataset: TrainStream,
+        batches_per_epoch: int,
+        num_workers: int,
+        consumed: Callable[[], int | None] = lambda: None,
+    ) -> None:
+        self.dataset, self.batches_per_epoch, self.num_workers = dataset, batches_per_epoch, num_workers
+        self._consumed = consumed
+        self._epoch, self._start = 0, 0  # where the current (or next) pass starts
+        self._base: int | None = None  # consumer's counter when the current pass began; None: not begun
+        self._handed_out = 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[tuple]:
+        epoch, start = self.position()
+        if start >= self.batches_per_epoch:
+            epoch, start = epoch + 1, 0
+        self._epoch, self._start, self._base, self._handed_out = epoch, start, self._consumed(), 0
+        self.dataset.epoch, self.dataset.start_batch = epoch, start
+        loader = wds.WebLoader(
+            self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available()
+        ).with_epoch(self.batches_per_epoch - start)
+        for batch in loader:
+            self._handed_out += 1
+            yield batch
+
+    def position(self) -> tuple[int, int]:
+        """(epoch, batches of that epoch the consumer has used)."""
+        now = self._consumed()
+        used = now - self._base if now is not None and self._base is not None else self._handed_out
+        return self._epoch, self._start + used
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self.position()
+        return {
+            "epoch": epoch,
+            "batches": batches,
+            "seed": self.dataset.seed,
+            "num_workers": self.num_workers,
+            "world_size": self.dataset.world_size,
+            "batch_size": self.dataset.batch_size,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        now = self.state_dict()
+        changed = [k for k in ("seed", "num_workers", "world_size", "batch_size") if state[k] != now[k]]
+        if changed:
+            warnings.warn(
+                f"Resuming the data stream with different {', '.join(f'{k} ({state[k]} -> {now[k]})' for k in changed)}:"
+                " training continues at the saved place but the sample order differs from an uninterrupted run.",
+                stacklevel=2,
+            )
+        self._epoch, self._start, self._base, self._handed_out = int(state["epoch"]), int(state["batches"]), None, 0
+
+
+class LatentShardsDataModule(L.LightningDataModule):
+    """Batches of VAE latents from a latent shard set (see `ditkit.data.format`).
+
+    Args:
+        latent_size, latent_channels: the latent grid the model is built for; checked against the manifest.
+        num_classes, image_size: likewise checked against the manifest.
+        root: a shard folder (manifest.json + train-*.tar). Or ``urls``: a brace pattern / list of shard
+            URLs (local paths, ``pipe:`` commands, object-store URLs WebDataset opens), with ``manifest``
+            the manifest's path or URL (default: ``manifest.json`` beside the first shard).
+        batch_size: per rank. seed: of the stream (the same seed and world size give the same batches).
+        shuffle_buffer: samples mixed in each worker. samples_per_epoch: default the manifest's count;
+            one epoch is ``samples_per_epoch // (batch_size * world_size)`` batches on every rank.
+        val_root: a held-out shard set for `val_dataloader`; default the training shards.
+        builtin: ``"digits"`` builds the built-in set at ``root`` in `prepare_data` when it is missing.
+        return_keys: batches gain a third item, the sample keys (tests and debugging).
+    """
+
+    def __init__(
+        self,
+        latent_size: int,
+        latent_channels: int,
+        num_classes: int,
+        image_size: int,
+        root: str | None = None,
+        urls: str | list[str] | None = None,
+        manifest: str | None = None,
+        batch_size: int = 32,
+        num_workers: int = 4,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        samples_per_epoch: int | None = None,
+        val_root: str | None = None,
+        builtin: str | None = None,
+        return_keys: bool = False,
+    ) -> None:
+        super().__init__()
+        if (root is None) == (urls is None):
+            raise ValueError("Set exactly one of data.root=<shard folder> and data.urls=<shard URLs>.")
+        if builtin is not None and (builtin not in BUILTINS or root is None):
+            raise ValueError(f"data.builtin={builtin!r}: choose one of {sorted(BUILTINS)}, with data.root set")
+        for name, value in (("batch_size", batch_size), ("latent_size", latent_size), ("image_size", image_size)):
+            if value < 1:
+                raise ValueError(f"data.{name}={value} must be positive")
+        self.latent_shape = (latent_channels, latent_size, latent_size)
+        self.num_classes, self.image_size = num_classes, image_size
+        self.root = os.path.abspath(os.path.expanduser(root)) if root is not None else None
+        self.urls, self.manifest_url = urls, manifest
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.shuffle_buffer, self.samples_per_epoch = shuffle_buffer, samples_per_epoch
+        self.val_root, self.builtin, self.return_keys = val_root, builtin, return_keys
+        self.manifest: dict[str, Any] | None = None
+        self._counter: SkipCounter | None = None
+        self._train_loader: ResumableLoader | None = None
+        self._resume: dict[str, int] | None = None
+
+    # -- set-up and checks ---------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Build the built-in data set once (Lightning calls this on one process per node)."""
+        if self.builtin is not None and not os.path.isfile(os.path.join(self.root, MANIFEST)):
+            BUILTINS[self.builtin](self.root, image_size=self.image_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.manifest is not None:
+            return
+        if self.builtin is not None and self.trainer is None:
+            self.prepare_data()  # used without a Trainer
+        self.manifest, self.shard_urls = self._open(self.root, self.urls, self.manifest_url)
+        self._check(self.manifest, self.shard_urls, "data")
+        self._counter = SkipCounter()
+
+    def _open(self, root: str | None, urls: Any, manifest_url: str | None) -> tuple[dict[str, Any], list[str]]:
+        """Read the manifest and list the shards: from a folder, or from URLs + a manifest URL."""
+        if root is not None:
+            if not os.path.isdir(root):
+                raise FileNotFoundError(f"data.root={root} does not exist. {_HOW_TO_MAKE}")
+            where = os.path.join(root, MANIFEST)
+            if not os.path.isfile(where):
+                raise FileNotFoundError(f"{where} is missing: data.root must hold a latent shard set. {_HOW_TO_MAKE}")
+            with open(where) as f:
+                manifest = parse_manifest(f.read(), where)
+            return manifest, [os.path.join(root, shard["name"]) for shard in manifest["shards"]]
+        shard_urls = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else list(urls)
+        if not shard_urls:
+            raise ValueError(f"data.urls={urls!r} names no shards")
+        where = manifest_url or os.path.join(os.path.dirname(shard_urls[0]), MANIFEST)
+        try:
+            with wds.gopen(where, "rb") as f:
+                text = f.read().decode()
+        except Exception as err:
+            raise FileNotFoundError(f"Cannot read the manifest {where} ({err}); set data.manifest=<path or URL>") from err
+        return parse_manifest(text, where), shard_urls
+
+    def _check(self, manifest: dict[str, Any], shard_urls: list[str], key: str) -> None:
+        """Fail before training if the shards do not fit the configured model/data, naming the mismatch."""
+        stored = tuple(manifest["latent_shape"])
+        if stored != self.latent_shape:
+            raise DataFormatError(
+                f"The shards hold latents of shape {list(stored)} (C, H, W), but {key}.latent_channels/latent_size "
+                f"say {list(self.latent_shape)}. Set {key}.latent_channels={stored[0]} {key}.latent_size={stored[1]}, "
+                "or point at shards made for this size."
+            )
+        for name, want in (("image_size", self.image_size), ("num_classes", self.num_classes)):
+            if manifest[name] != want:
+                raise DataFormatError(f"The manifest says {name}={manifest[name]}, but {key}.{name}={want}.")
+        local = [u for u in shard_urls if "://" not in u and not u.startswith("pipe:")]
+        missing = [u for u in local if not os.path.isfile(u)]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(shard_urls)} shards are missing, e.g. {missing[:3]}; rerun "
+                "data_pipelines.extract_latents with the same out= to rewrite them."
+            )
+        if local:  # the first sample must have the manifest's shape, or the manifest belongs to other shards
+            first = next(iter(wds.tariterators.tarfile_samples([{"url": local[0]}])), None)
+            try:
+                if first is None:
+                    raise DataFormatError("no samples")
+                decode_moments(first, "moments.npy", moments_shape(manifest))
+            except DataFormatError as err:
+                raise DataFormatError(f"{local[0]}: {err} (manifest latent_shape {list(stored)})") from err
+
+    # -- loaders ------------------------------------------------------------------------------------
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        rank, world_size, _, _ = wds.utils.pytorch_worker_info()  # torch.distributed or RANK/WORLD_SIZE
+        return rank, world_size
+
+    def _trainer_consumed(self) -> int | None:
+        """Batches training has taken so far: the fit loop's counter, which (unlike what the loader has
+        handed out) does not run ahead with Lightning's prefetching."""
+        if self.trainer is None:
+            return None
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+
+    @property
+    def scale_factor(self) -> float:
+        self.setup()
+        return float(self.manifest["vae"]["scale_factor"])
+
+    @property
+    def skipped(self) -> int:
+        """Damaged samples and shards skipped so far by all workers (log it as ``data/skipped``)."""
+        return self._counter.count if self._counter is not None else 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        self.setup()
+        samples = self.samples_per_epoch or self.manifest["num_samples"]
+        n = samples // (self.batch_size * self._rank_world()[1])
+        if n < 1:
+            raise ValueError(f"{samples} samples per epoch are fewer than one batch of {self.batch_size} per rank")
+        return n
+
+    def _stream_args(self, urls: list[str]) -> dict[str, Any]:
+        rank, world_size = self._rank_world()
+        return dict(
+            urls=urls, moments_shape=moments_shape(self.manifest), scale=self.scale_factor,
+            batch_size=self.batch_size, seed=self.seed, rank=rank, world_size=world_size,
+            counter=self._counter, return_keys=self.return_keys,
+        )
+
+    def train_dataloader(self) -> ResumableLoader:
+        self.setup()
+        dataset = TrainStream(**self._stream_args(self.shard_urls), shuffle_buffer=self.shuffle_buffer)
+        self._train_loader = ResumableLoader(dataset, self.batches_per_epoch, self.num_workers, self._trainer_consumed)
+        if self._resume is not None:
+            self._train_loader.load_state_dict(self._resume)
+            self._resume = None
+        return self._train_loader
+
+    def val_dataloader(self) -> wds.WebLoader:
+        self.setup()
+        urls = self.shard_urls
+        if self.val_root is not None:
+            manifest, urls = self._open(os.path.abspath(os.path.expanduser(self.val_root)), None, None)
+            self._check(manifest, urls, "data (val_root)")
+        rank, world_size = self._rank_world()
+        if len(urls) < world_size:
+            raise ValueError(f"The validation pass needs at least one shard per rank: {len(urls)} shards, {world_size} ranks")
+        mine = len(urls[rank::world_size])
+        return wds.WebLoader(ValStream(**self._stream_args(urls)), batch_size=None, num_workers=min(self.num_workers, mine))
+
+    # -- resume -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, int]:
+        if self._train_loader is not None:
+            return self._train_loader.state_dict()
+        return dict(self._resume or {})
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Continue the training stream where ``state_dict`` left it (applied by `train_dataloader`)."""
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(state_dict)
+        else:
+            self._resume = dict(state_dict)
+
+
+_HOW_TO_MAKE = "Make one with: python -m data_pipelines.extract_latents source.root=<images> out=<folder>"

@@ -1,0 +1,111 @@
+"""The latent shard format (DESIGN.md, "Latent shards"): the contract between data_pipelines and training.
+
+A dataset is a folder: ``manifest.json`` + ``train-000000.tar``, ``train-000001.tar``, ...
+Each sample: ``__key__`` (stable image id), ``cls`` (class index, ASCII), ``moments.npy`` and
+``moments_flip.npy`` (float16 [2C, H, W]: VAE posterior mean ‖ log-variance, unscaled, of the image and of
+its horizontal mirror).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+FORMAT = "ditkit-latent-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+SKIPPED = "skipped.txt"
+MOMENTS = "moments.npy"
+MOMENTS_FLIP = "moments_flip.npy"
+DTYPE = "float16"
+CROP = "adm_center"  # ADM / DiT center crop, see ditkit.data.images.center_crop_arr
+
+
+class DataFormatError(ValueError):
+    """A shard set or a sample does not follow the format; the message names the file and the fix."""
+
+
+def shard_name(index: int) -> str:
+    return f"train-{index:06d}.tar"
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def encode_sample(key: str, label: int, moments: np.ndarray, moments_flip: np.ndarray) -> dict[str, Any]:
+    """One sample as a WebDataset dict of bytes. moments, moments_flip: (2C, H, W), stored as float16."""
+    return {
+        "__key__": key,
+        "cls": str(int(label)).encode("ascii"),
+        MOMENTS: npy_bytes(np.asarray(moments, dtype=np.float16)),
+        MOMENTS_FLIP: npy_bytes(np.asarray(moments_flip, dtype=np.float16)),
+    }
+
+
+def decode_label(sample: Mapping[str, Any]) -> int:
+    """The class index of a raw sample; `DataFormatError` if ``cls`` is missing or not an integer."""
+    raw = sample.get("cls")
+    if raw is None:
+        raise DataFormatError("no cls")
+    try:
+        return int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise DataFormatError(f"cls is not an integer: {raw[:20]!r}") from err
+
+
+def decode_moments(sample: Mapping[str, Any], field: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Decode ``field`` (moments.npy or moments_flip.npy) of a raw sample and check it is ``shape`` = (2C, H, W)."""
+    raw = sample.get(field)
+    if raw is None:
+        raise DataFormatError(f"no {field}")
+    try:
+        array = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataFormatError(f"{field} is not a readable .npy ({err})") from err
+    if array.shape != tuple(shape):
+        raise DataFormatError(f"{field} has shape {list(array.shape)}, expected {list(shape)}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise DataFormatError(f"{field} has dtype {array.dtype}, expected {DTYPE}")
+    return array
+
+
+def moments_shape(manifest: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(2C, H, W) of the stored moments, from the manifest's latent shape (C, H, W)."""
+    c, h, w = manifest["latent_shape"]
+    return (2 * c, h, w)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write JSON to a temporary name in the same folder, then rename: readers never see half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+REQUIRED_KEYS = ("format", "version", "num_samples", "shards", "latent_shape", "vae", "image_size", "num_classes")
+
+
+def parse_manifest(text: str, where: str) -> dict[str, Any]:
+    """Parse and check a manifest; `DataFormatError` naming ``where`` if it is not one."""
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{where} is not valid JSON ({err}); rerun data_pipelines.extract_latents") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataFormatError(f"{where} is not a {FORMAT} manifest (written by data_pipelines.extract_latents)")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise DataFormatError(f"{where} lacks {missing}; rerun data_pipelines.extract_latents")
+    if manifest["version"] != VERSION:
+        raise DataFormatError(f"{where} has format version {manifest['version']}, this ditkit reads {VERSION}")
+    return manifest

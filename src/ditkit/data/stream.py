@@ -1,0 +1,161 @@
+"""Streams of latent batches read from shards: an endless, resampled, resumable training stream and a
+finite validation stream. Both skip (and count) damaged samples and shards instead of crashing.
+
+Each time the training stream reads a sample it picks the image or its mirror at random and draws
+``latent = scale * (mean + exp(logvar / 2) * eps)``, eps ~ N(0, I): the VAE posterior sample a model
+trained on images would see (DiT trains with random flips on freshly encoded images).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import zlib
+from itertools import islice
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ditkit.data.format import MOMENTS, MOMENTS_FLIP, DataFormatError, decode_label, decode_moments
+
+log = logging.getLogger(__name__)
+
+
+class SkipCounter:
+    """Counts damaged samples / shards across DataLoader worker processes (a shared integer)."""
+
+    def __init__(self) -> None:
+        self._value = multiprocessing.Value("q", 0)
+
+    def skip(self, what: str) -> None:
+        with self._value.get_lock():
+            self._value.value += 1
+        log.warning("skipped damaged data: %s", what)
+
+    @property
+    def count(self) -> int:
+        return int(self._value.value)
+
+
+def draw_latent(moments: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """moments: (2C, H, W) mean ‖ logvar -> (C, H, W) float32 sample of the posterior, times ``scale``."""
+    mean, logvar = np.split(moments.astype(np.float32), 2)
+    eps = rng.standard_normal(mean.shape, dtype=np.float32)
+    return scale * (mean + np.exp(0.5 * logvar) * eps)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class _LatentStream(IterableDataset):
+    """What both streams share: shard URLs, the expected moments shape (2C, H, W), scale, batching."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        moments_shape: tuple[int, int, int],
+        scale: float,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        counter: SkipCounter,
+        return_keys: bool = False,
+    ) -> None:
+        super().__init__()
+        self.urls, self.moments_shape, self.scale = list(urls), tuple(moments_shape), float(scale)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.counter, self.return_keys = counter, return_keys
+
+    def _damaged(self, exn: Exception) -> bool:
+        """WebDataset handler: a shard that cannot be opened or is cut short is skipped and counted."""
+        self.counter.skip(f"{type(exn).__name__}: {exn}")
+        return True
+
+    def _decode(self, sample: dict[str, Any], field: str) -> tuple[int, np.ndarray] | None:
+        try:
+            return decode_label(sample), decode_moments(sample, field, self.moments_shape)
+        except DataFormatError as err:
+            self.counter.skip(f"{sample.get('__url__')}#{sample.get('__key__')}: {err}")
+            return None
+
+    def _collate(self, samples: list[tuple[str, np.ndarray, int]]) -> tuple:
+        """-> latents (B, C, H, W) float32, labels (B,) int64[, keys]."""
+        keys, latents, labels = zip(*samples)
+        batch = (torch.from_numpy(np.stack(latents)), torch.tensor(labels, dtype=torch.long))
+        return batch + (list(keys),) if self.return_keys else batch
+
+
+class TrainStream(_LatentStream):
+    """Endless stream of batches for one rank, a deterministic function of (seed, epoch, rank, worker).
+
+    Shards are drawn with replacement (`wds.ResampledShards`), so every rank and worker reads an
+    independent random sequence of all shards, then a shuffle buffer mixes samples across shards.
+    The DataLoader takes batches from its workers in turn (batch j from worker j % W). To continue an
+    epoch at batch ``start_batch``, worker w plays the part of worker (w + start_batch) % W and drops the
+    batches that part had already delivered, so the batches after a resume are exactly those of an
+    uninterrupted run.
+    """
+
+    def __init__(self, *args: Any, shuffle_buffer: int = 1000, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = 0
+        self.start_batch = 0
+
+    def __iter__(self) -> Iterator[tuple]:
+        worker, workers = _worker()
+        part = (worker + self.start_batch) % workers
+        done = len(range(part, self.start_batch, workers))  # batches j < start_batch with j % W == part
+        seeds = np.random.SeedSequence([self.seed, self.epoch, self.rank, part]).generate_state(3)
+        rng = np.random.default_rng(int(seeds[2]))
+        pipeline = wds.DataPipeline(
+            # worker_seed=0: the (rank, worker) part is already in the seed; WebDataset's own would use the
+            # physical worker id, which a resume remaps.
+            wds.ResampledShards(self.urls, seed=int(seeds[0]), worker_seed=lambda: 0, deterministic=True),
+            wds.tarfile_to_samples(handler=self._damaged),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=int(seeds[1])),
+            lambda samples: self._draw(samples, rng),
+            wds.batched(self.batch_size, collation_fn=self._collate, partial=False),
+        )
+        return islice(iter(pipeline), done, None)
+
+    def _draw(self, samples: Iterator[dict[str, Any]], rng: np.random.Generator) -> Iterator[tuple]:
+        for sample in samples:
+            field = MOMENTS_FLIP if rng.random() < 0.5 else MOMENTS
+            decoded = self._decode(sample, field)
+            if decoded is not None:
+                label, moments = decoded
+                yield sample["__key__"], draw_latent(moments, self.scale, rng), label
+
+
+class ValStream(_LatentStream):
+    """One finite pass: shard i goes to rank i % R, then to worker (i // R) % W of that rank, so ranks x
+    workers together read every sample exactly once. No flip; eps is seeded by (seed, key), so the
+    latents do not depend on how many ranks or workers read them. The last batch may be smaller, and
+    ranks may get different numbers of batches (log validation metrics per epoch, not per step)."""
+
+    def __iter__(self) -> Iterator[tuple]:
+        worker, workers = _worker()
+        mine = self.urls[self.rank :: self.world_size][worker::workers]
+        pipeline = wds.DataPipeline(
+            lambda: iter([{"url": url} for url in mine]),
+            wds.tarfile_to_samples(handler=self._damaged),
+            self._draw,
+            wds.batched(self.batch_size, collation_fn=self._collate, partial=True),
+        )
+        return iter(pipeline)
+
+    def _draw(self, samples: Iterator[dict[str, Any]]) -> Iterator[tuple]:
+        for sample in samples:
+            decoded = self._decode(sample, MOMENTS)
+            if decoded is not None:
+                label, moments = decoded
+                key = sample["__key__"]
+                rng = np.random.default_rng([self.seed, zlib.crc32(key.encode())])
+                yield key, draw_latent(moments, self.scale, rng), label
