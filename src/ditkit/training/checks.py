@@ -1,0 +1,61 @@
+"""Config checks that run before anything is built, so a bad run fails in its first seconds with a
+message that names the key to change."""
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+INT_KEYS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which key to change and how."""
+
+
+def check_model_fits_data(model: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+    """model: the resolved `model` config (DiT kwargs, `variant` for build_dit); data: the `data` config
+    with `latent_size`, `latent_channels`, `num_classes`. Raises ConfigError."""
+    from ditkit.models import DIT_VARIANTS
+
+    for key in INT_KEYS:
+        value = model.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"model.{key}={value!r} must be an integer")
+    sizes = dict(DIT_VARIANTS.get(model.get("variant"), {}))
+    sizes.update({k: model[k] for k in ("depth", "hidden_size", "num_heads") if model.get(k) is not None})
+    hidden, heads = sizes.get("hidden_size"), sizes.get("num_heads")
+    if hidden is not None and heads is not None and hidden % heads:
+        divisors = [h for h in range(1, 33) if hidden % h == 0]
+        raise ConfigError(
+            f"model.hidden_size={hidden} is not divisible by model.num_heads={heads}; choose num_heads from {divisors}"
+        )
+    size, patch = model.get("input_size"), model.get("patch_size")
+    if size is not None and patch is not None:
+        if patch < 1 or size % patch:
+            valid = [p for p in (1, 2, 4, 8, 16) if size % p == 0]
+            raise ConfigError(
+                f"model.patch_size={patch} does not divide the latent size {size} (data.latent_size); "
+                f"use model.patch_size={'|'.join(map(str, valid))} or data whose latent size it divides"
+            )
+    for model_key, data_key in (("input_size", "latent_size"), ("in_channels", "latent_channels"),
+                                ("num_classes", "num_classes")):
+        if model.get(model_key) is not None and data.get(data_key) is not None and model[model_key] != data[data_key]:
+            raise ConfigError(
+                f"model.{model_key}={model[model_key]} but the data has {data_key}={data[data_key]}: the model must be "
+                f"built for the data's latents. Drop the model.{model_key} override (it follows data.{data_key}) "
+                f"or choose data that matches."
+            )
+
+
+def check_resume(resume: str, ckpt_path: str | None, checkpoint_dir: str | Path) -> None:
+    """resume: "auto" | "never"; ckpt_path: an explicit checkpoint or None."""
+    if resume not in ("auto", "never"):
+        raise ConfigError(f"resume={resume!r}: use resume=auto (continue this run's folder) or resume=never")
+    if ckpt_path is not None and not Path(ckpt_path).exists():
+        raise ConfigError(f"ckpt_path={ckpt_path} does not exist")
+    folder = Path(checkpoint_dir)
+    if resume == "never" and ckpt_path is None and folder.is_dir() and any(folder.iterdir()):
+        raise ConfigError(
+            f"resume=never, but {folder} already holds checkpoints that a fresh run would overwrite: use "
+            f"resume=auto to continue it, run_name=<new name> for a new run, or delete the folder"
+        )

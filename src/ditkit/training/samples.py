@@ -1,0 +1,170 @@
+"""Sampling callbacks: a periodic image grid from the EMA model, and the quickstart's digits score."""
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
+
+# What a grid uses when the config names no sampler: a few dozen steps of a deterministic sampler.
+DEFAULT_SAMPLER = {"ddpm": ("ddim", 50), "flow": ("euler", 50)}
+
+
+def fixed_inputs(num: int, shape: tuple[int, int, int], labels: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same noise (num, C, H, W) and labels (num,) at every call: labels cycle through `labels`."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((num, *shape), generator=g)
+    y = torch.tensor([labels[i % len(labels)] for i in range(num)], dtype=torch.int64)
+    return noise, y
+
+
+def to_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
+    """images: (N, C, H, W) in about [-1, 1] -> (rows*H, nrow*W, 3) uint8, row-major."""
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    if c == 1:
+        x = x.expand(-1, 3, -1, -1)
+    grid = torch.zeros((3, rows * h, nrow * w), dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, r * h : (r + 1) * h, col * w : (col + 1) * w] = x[i, :3]
+    return grid.permute(1, 2, 0).numpy()
+
+
+def _decoder(trainer: "L.Trainer", vae: str | None):
+    """latents (N, C, h, w) scaled -> images (N, 3, H, W): the VAE named by the shards' manifest
+    (`vae` replaces its name, e.g. a local copy on an offline cluster)."""
+    from ditkit.data.vae import vae_from_manifest
+
+    datamodule = trainer.datamodule
+    datamodule.setup()
+    model = vae_from_manifest(datamodule.manifest, vae).eval()
+    scale = datamodule.scale_factor
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        model.to(latents.device)
+        return model.decode(latents / scale)
+
+    return decode
+
+
+def _sample(pl_module, noise, labels, sampler, steps, cfg_scale, batch_size) -> torch.Tensor:
+    """EMA samples in chunks, on the module's device, with fixed inputs."""
+    objective = pl_module.objective
+    sampler, steps = (sampler, steps) if sampler else DEFAULT_SAMPLER[objective.name]
+    out = []
+    with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+        torch.manual_seed(0)  # stochastic samplers (ancestral DDPM, SDE) draw the same noise every time
+        for i in range(0, len(noise), batch_size):
+            x = noise[i : i + batch_size].to(pl_module.device)
+            y = labels[i : i + batch_size].to(pl_module.device)
+            out.append(pl_module.sample(x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale).float())
+    return torch.cat(out)
+
+
+class SampleGrid(Callback):
+    """Every `every_n_steps` optimizer steps: sample a grid with the EMA model from fixed labels and noise,
+    write <run>/samples/step_XXXXXXX.png and log it as `samples` to loggers that take images (W&B).
+
+    labels: the classes to show (cycled); default `num_images` classes spread over [0, num_classes).
+    sampler / steps: default ddim 50 (ddpm) or euler 50 (flow). vae: override of the manifest's VAE.
+    """
+
+    def __init__(self, every_n_steps: int = 10000, num_images: int = 16, num_classes: int = 1000,
+                 labels: list[int] | None = None, sampler: str | None = None, steps: int | None = None,
+                 cfg_scale: float = 4.0, seed: int = 0, batch_size: int = 64, vae: str | None = None,
+                 output_dir: str | None = None):
+        if every_n_steps < 1:
+            raise ValueError(f"callbacks.sample_grid.every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps, self.num_images, self.cfg_scale = every_n_steps, num_images, cfg_scale
+        self.labels = list(labels) if labels else [int(i * num_classes / num_images) for i in range(num_images)]
+        self.sampler, self.steps, self.seed, self.batch_size = sampler, steps, seed, batch_size
+        self.vae, self.output_dir = vae, output_dir
+        self._decode = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every_n_steps or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        model = pl_module.model
+        noise, labels = fixed_inputs(self.num_images, (model.in_channels, model.input_size, model.input_size),
+                                     self.labels, self.seed)
+        latents = _sample(pl_module, noise, labels, self.sampler, self.steps, self.cfg_scale, self.batch_size)
+        if not trainer.is_global_zero:
+            return  # every rank samples (FSDP2 all-gathers in the forward); rank 0 decodes and logs
+        if self._decode is None:
+            self._decode = _decoder(trainer, self.vae)
+        grid = to_grid(self._decode(latents))
+        folder = Path(self.output_dir or Path(trainer.default_root_dir) / "samples")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(folder / f"step_{step:07d}.png")
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="samples", images=[grid], step=step, caption=[f"labels {self.labels}"])
+
+
+def real_digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits exactly as the built-in data set stores them: (1797, 3, S, S) in [-1, 1], labels."""
+    from ditkit.data.images import center_crop_arr, to_rgb, to_tensor
+    from ditkit.data.sources import DigitsSource
+
+    source = DigitsSource()
+    images = [to_tensor(center_crop_arr(to_rgb(Image.fromarray(a)), image_size)).numpy() for a in source.images]
+    return np.stack(images), source.labels
+
+
+def digits_features(images: np.ndarray) -> np.ndarray:
+    """(N, C, S, S) in [-1, 1] -> (N, S*S) grayscale features, clipped to the pixel range."""
+    return np.clip(images, -1, 1).mean(axis=1).reshape(len(images), -1)
+
+
+class DigitsScore(Callback):
+    """At the end of training (built-in digits only): sample `per_class` images of each digit with the EMA
+    model and guidance, and report the share that an SVM trained on the real digits assigns to the class
+    that was asked for (`samples/digits_accuracy`, also written to <run>/digits_score.json)."""
+
+    def __init__(self, per_class: int = 20, cfg_scale: float = 4.0, sampler: str | None = None,
+                 steps: int | None = None, seed: int = 0, batch_size: int = 200):
+        self.per_class, self.cfg_scale, self.sampler, self.steps = per_class, cfg_scale, sampler, steps
+        self.seed, self.batch_size = seed, batch_size
+
+    def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        if trainer.global_step < trainer.max_steps:
+            return  # stopped early (preemption): score the finished run instead
+        from sklearn.svm import SVC
+
+        model = pl_module.model
+        size = model.input_size
+        noise, labels = fixed_inputs(10 * self.per_class, (model.in_channels, size, size), list(range(10)), self.seed)
+        samples = _sample(pl_module, noise, labels, self.sampler, self.steps, self.cfg_scale, self.batch_size)
+        if not trainer.is_global_zero:
+            return
+        images, targets = real_digits(size)
+        classifier = SVC().fit(digits_features(images), targets)
+        predicted = classifier.predict(digits_features(samples.cpu().numpy()))
+        correct = predicted == labels.numpy()
+        result = {
+            "accuracy": float(correct.mean()),
+            "per_class": [float(correct[labels.numpy() == c].mean()) for c in range(10)],
+            "num_samples": len(correct),
+            "cfg_scale": self.cfg_scale,
+            "step": trainer.global_step,
+        }
+        Path(trainer.default_root_dir).mkdir(parents=True, exist_ok=True)
+        (Path(trainer.default_root_dir) / "digits_score.json").write_text(json.dumps(result, indent=2))
+        Image.fromarray(to_grid(samples[:100], nrow=10)).save(  # row r: digits 0..9 (labels cycle)
+            Path(trainer.default_root_dir) / "digits_samples.png"
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics({"samples/digits_accuracy": result["accuracy"]}, step=trainer.global_step)
+        rank_zero_info(
+            f"digits score: {result['accuracy']:.1%} of {len(correct)} guided samples (cfg {self.cfg_scale}) are "
+            f"classified as the digit asked for by an SVM trained on the real digits"
+        )

@@ -1,0 +1,96 @@
+"""Train a Diffusion Transformer.
+
+    python train.py experiment=quickstart                  # built-in digits, CPU, a few minutes
+    python train.py experiment=dit_xl2_in256 data.root=/data/in256-latents
+    python train.py model=dit_b objective=flow strategy=fsdp trainer.devices=8
+    python train.py -m model=dit_s,dit_b objective=ddpm,flow   # a sweep, one folder per run
+
+Each run lives in ${paths.output_dir}/<run name> (the overrides); rerunning a command resumes it.
+"""
+
+import hashlib
+import secrets
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+
+
+def run_name(overrides: str) -> str:
+    """The run's folder name: the command-line overrides ("default" when there are none), "/" made safe,
+    and long lists cut to 100 characters plus a hash of the whole (file names stop at 255 bytes)."""
+    name = (overrides or "default").replace("/", "_")
+    if len(name) > 120:
+        name = f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+    return name
+
+
+OmegaConf.register_new_resolver("ditkit.run_name", run_name, replace=True)
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """One W&B id per run folder, kept in <run>/wandb_id, so a resumed run continues its W&B run."""
+    path = run_dir / "wandb_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id)
+    return run_id
+
+
+def train(cfg: DictConfig) -> Path:
+    """Build everything from the composed config and fit; returns the run folder."""
+    # Heavy imports here, after Hydra has composed and checked the config: config errors come first.
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+    from ditkit.training.checkpointing import find_resume_checkpoint
+    from ditkit.training.checks import check_model_fits_data, check_resume
+
+    rank_zero_info(OmegaConf.to_yaml(cfg, resolve=True))
+    check_model_fits_data(OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.data, resolve=True))
+    run_dir = Path(cfg.paths.run_dir)
+    check_resume(cfg.resume, cfg.ckpt_path, cfg.paths.checkpoint_dir)
+
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    objective = instantiate(cfg.objective)
+    module = instantiate(cfg.module)(
+        model=model, objective=objective, run_config=OmegaConf.to_container(cfg, resolve=True)
+    )
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
+    logger_cfg = cfg.logger
+    if str(logger_cfg.get("_target_", "")).endswith("WandbLogger") and logger_cfg.get("id") is None \
+            and rank_zero_only.rank == 0:  # only rank 0 talks to W&B
+        logger_cfg = OmegaConf.merge(logger_cfg, {"id": wandb_run_id(run_dir)})
+    logger = instantiate(logger_cfg)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    if logger is not None and trainer.is_global_zero:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path is None and cfg.resume == "auto":
+        ckpt_path = find_resume_checkpoint(cfg.paths.checkpoint_dir)
+    if ckpt_path is not None:
+        rank_zero_info(f"ditkit: resuming from {ckpt_path}")
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    finally:
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()  # a sweep runs several jobs in one process: close this run before the next
+    return run_dir
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
