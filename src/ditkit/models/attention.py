@@ -25,25 +25,33 @@ class Attention(nn.Module):
     """Multi-head self-attention with a fused QKV projection; optional QK-norm (RMSNorm per head,
     as in SD3.5 / LightningDiT) and 2-D RoPE. Attention itself is F.scaled_dot_product_attention."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, out_proj: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        # out_proj=False: the stream only feeds keys/values to a joint attention (MMDiT's last text block).
+        self.proj = nn.Linear(dim, dim) if out_proj else None
         head_dim = dim // num_heads
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (N, T, D) -> (N, T, D)."""
+    def heads_qkv(
+        self, x: torch.Tensor, rope: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, T, D) -> q, k, v, each (N, heads, T, hd), QK-norm and RoPE applied."""
         n, t, d = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, hd)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (N, T, D) -> (N, T, D)."""
+        n, t, d = x.shape
+        out = F.scaled_dot_product_attention(*self.heads_qkv(x, rope))  # (N, heads, T, hd)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
 
