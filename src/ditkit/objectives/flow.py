@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .guidance import Guidance, Model
+from .samplers import check_sampler, samplers_of
 from .schedule import mean_flat
 
 TIME_SAMPLINGS = ("uniform", "logit_normal", "mode")
-SAMPLERS = ("euler", "heun", "sde")
 
 
 def shift_time(t, shift: float):
@@ -47,7 +47,7 @@ class RectifiedFlow:
     """
 
     name = "flow"
-    samplers = SAMPLERS
+    samplers = samplers_of("flow")
 
     def __init__(
         self,
@@ -142,13 +142,9 @@ class RectifiedFlow:
         shift = self.effective_shift(height, width)
         return [shift_time(1 - i / steps, shift) for i in range(int(steps) + 1)]
 
-    def check_sampler(self, sampler: str) -> None:
-        """Raise a clear error when `sampler` does not belong to this objective."""
-        if sampler not in self.samplers:
-            raise ValueError(
-                f"sampler {sampler!r} does not work with the flow objective (rectified flow); "
-                f"valid samplers: {', '.join(self.samplers)} (ddpm, ddim belong to objective=ddpm)"
-            )
+    def check_sampler(self, sampler: str, sampler_objective: str | None = None) -> None:
+        """Raise a clear error unless `sampler` (declared for `sampler_objective`) fits this objective."""
+        check_sampler(self.name, sampler, sampler_objective)
 
     @torch.no_grad()
     def sample(self, model: Model, x_T, model_kwargs=None, sampler="euler", steps: int = 50, cfg_scale=1.0,

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .guidance import Guidance, Model
+from .samplers import check_sampler, samplers_of
 from .schedule import (
     SCHEDULES,
     beta_schedule,
@@ -27,7 +28,6 @@ from .schedule import (
 )
 
 PREDICTIONS = ("eps", "x0", "v")
-SAMPLERS = ("ddpm", "ddim")
 
 
 class GaussianDiffusion:
@@ -43,7 +43,7 @@ class GaussianDiffusion:
     """
 
     name = "ddpm"
-    samplers = SAMPLERS
+    samplers = samplers_of("ddpm")
 
     def __init__(
         self,
@@ -267,13 +267,9 @@ class GaussianDiffusion:
                 x = x + sigma * torch.randn_like(x)  # sigma is 0 at the last step
         return x
 
-    def check_sampler(self, sampler: str) -> None:
-        """Raise a clear error when `sampler` does not belong to this objective."""
-        if sampler not in self.samplers:
-            raise ValueError(
-                f"sampler {sampler!r} does not work with the ddpm objective (Gaussian diffusion); "
-                f"valid samplers: {', '.join(self.samplers)} (euler, heun, sde belong to objective=flow)"
-            )
+    def check_sampler(self, sampler: str, sampler_objective: str | None = None) -> None:
+        """Raise a clear error unless `sampler` (declared for `sampler_objective`) fits this objective."""
+        check_sampler(self.name, sampler, sampler_objective)
 
     def sample(self, model: Model, x_T, model_kwargs=None, sampler="ddpm", steps: int | str = 250,
                cfg_scale=1.0, guidance_channels=None, guidance_interval=None, null_label=None,
