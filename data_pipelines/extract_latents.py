@@ -31,8 +31,8 @@ def _placement(cfg: DictConfig) -> tuple[int, int, str]:
     return rank, world_size, device
 
 
-@hydra.main(config_path="../conf", config_name="extract_latents", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> dict:
+    """Write this process's shards, merge the manifest when all are there; return a summary."""
     rank, world_size, device = _placement(cfg)
     torchrun = "TORCHELASTIC_RUN_ID" in os.environ and world_size > 1 and cfg.world_size is None
     if torchrun:  # only to agree on who writes the manifest: a CPU barrier is enough
@@ -54,9 +54,14 @@ def main(cfg: DictConfig) -> None:
                        num_skipped=manifest["num_skipped"])
     elif not torchrun:
         summary["manifest"] = "pending: other ranks still writing (the last to finish writes it)"
-    print(json.dumps(summary))
     if torchrun:
         torch.distributed.destroy_process_group()
+    return summary
+
+
+@hydra.main(config_path="../conf", config_name="extract_latents", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    print(json.dumps(run(cfg)))
 
 
 if __name__ == "__main__":
