@@ -4,12 +4,14 @@ Every checkpoint is written to `<name>.tmp` next to its final path and renamed i
 complete (os.replace is atomic on POSIX), so a kill or a full disk mid-write never leaves a torn
 `last.ckpt`: the previous file stays byte-identical. Sharded (FSDP2) checkpoints are folders; those
 are swapped through `<name>.old`, which auto-resume also accepts. Auto-resume takes the newest
-checkpoint that opens, skipping `.tmp` leftovers and truncated files with a warning.
+checkpoint that passes `checkpoint_step`, skipping `.tmp` leftovers and truncated or corrupt files with
+a warning that names them.
 """
 
 import os
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 from weakref import proxy
 
@@ -111,8 +113,11 @@ class AtomicModelCheckpoint(ModelCheckpoint):
 
 
 def checkpoint_step(path: str | Path) -> int:
-    """Open a checkpoint cheaply (memory-mapped, weights_only) and return its global step.
+    """Check a checkpoint and return its global step.
 
+    A file is read once end to end to verify the CRC-32 of every record of its zip container (torch.load
+    itself checks none, so a flipped bit would load silently), then opened memory-mapped with
+    weights_only. A sharded folder must hold DCP's .metadata and a readable meta.pt.
     Raises ValueError naming the file when it is truncated, corrupt, or not a training checkpoint."""
     path = Path(path)
     try:
@@ -122,6 +127,10 @@ def checkpoint_step(path: str | Path) -> int:
                 raise ValueError("sharded checkpoint folder without .metadata / meta.pt")
             ckpt = torch.load(meta, map_location="cpu", weights_only=True)
         else:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                raise ValueError(f"record {bad} fails its CRC-32 check")
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any failure to open means: not usable
         raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is truncated or corrupt") from e

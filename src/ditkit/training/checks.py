@@ -5,6 +5,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ditkit.models import DIT_VARIANTS
+
+from .checkpointing import checkpoint_step
+
 INT_KEYS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes")
 
 
@@ -15,8 +19,6 @@ class ConfigError(ValueError):
 def check_model_fits_data(model: Mapping[str, Any], data: Mapping[str, Any]) -> None:
     """model: the resolved `model` config (DiT kwargs, `variant` for build_dit); data: the `data` config
     with `latent_size`, `latent_channels`, `num_classes`. Raises ConfigError."""
-    from ditkit.models import DIT_VARIANTS
-
     for key in INT_KEYS:
         value = model.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -51,8 +53,13 @@ def check_resume(resume: str, ckpt_path: str | None, checkpoint_dir: str | Path)
     """resume: "auto" | "never"; ckpt_path: an explicit checkpoint or None."""
     if resume not in ("auto", "never"):
         raise ConfigError(f"resume={resume!r}: use resume=auto (continue this run's folder) or resume=never")
-    if ckpt_path is not None and not Path(ckpt_path).exists():
-        raise ConfigError(f"ckpt_path={ckpt_path} does not exist")
+    if ckpt_path is not None:
+        if not Path(ckpt_path).exists():
+            raise ConfigError(f"ckpt_path={ckpt_path} does not exist")
+        try:
+            checkpoint_step(ckpt_path)
+        except ValueError as e:
+            raise ConfigError(f"ckpt_path: {e}. Pick another checkpoint, or resume=auto to take the newest good one") from e
     folder = Path(checkpoint_dir)
     if resume == "never" and ckpt_path is None and folder.is_dir() and any(folder.iterdir()):
         raise ConfigError(
