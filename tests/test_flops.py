@@ -1,6 +1,10 @@
 """Forward FLOPs in one place: the meta-device counter against closed forms, and every backbone's
 analytic count against torch's FlopCounterMode (DiT, MMDiT, U-Net); DiT-XL/2 against the paper."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -95,3 +99,15 @@ def test_native_input_uses_the_analytic_count():
     assert forward_flops(model, *dit_inputs(3)) == 3000
     x, t, y = dit_inputs(3)
     assert forward_flops(model, x, t, y=y) == count_flops(model, x, t, y) == 3 * 948224  # keywords: counted
+
+
+def test_model_table_script_prints_every_config():
+    root = Path(__file__).parents[1]
+    out = subprocess.run([sys.executable, "benchmarks/model_table.py"], cwd=root, capture_output=True, text=True,
+                         check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| `")]
+    assert len(rows) == 3 * len(list((root / "conf/model").glob("dit_*.yaml"))) + len(
+        [p for p in (root / "conf/model").glob("*.yaml") if not p.stem.startswith("dit_")])
+    assert "| `dit_xl` (DiT-XL/2) | 675.1 M | 118.62 | 237.24 |" in rows
+    assert "| `dit_s` `model.patch_size=8` (DiT-S/8) | 33.1 M | 0.36 | 0.72 |" in rows
+    assert "| `unet_s` | 47.5 M | 5.98 | 11.96 |" in rows and "| `unet_b` | 159.4 M | 23.33 | 46.65 |" in rows
