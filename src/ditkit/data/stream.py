@@ -8,6 +8,7 @@ trained on images would see (DiT trains with random flips on freshly encoded ima
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import zlib
@@ -73,9 +74,30 @@ class _LatentStream(IterableDataset):
         self.counter, self.return_keys = counter, return_keys
 
     def _damaged(self, exn: Exception) -> bool:
-        """WebDataset handler: a shard that cannot be opened or is cut short is skipped and counted."""
+        """WebDataset handler: skip and count what cannot be read."""
         self.counter.skip(f"{type(exn).__name__}: {exn}")
         return True
+
+    def _read(self, shards: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        """{"url"} dicts -> raw samples (dicts of bytes). A shard that cannot be opened or is cut short
+        counts once (WebDataset's own expander would report a cut twice) and yields what came before the cut."""
+        return wds.tariterators.group_by_keys(self._members(shards), handler=self._damaged)
+
+    def _members(self, shards: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        for shard in shards:
+            url, stream = shard["url"], None
+            try:
+                stream = wds.gopen(url, "rb")
+                for member in wds.tariterators.tar_file_iterator(stream):
+                    yield {**member, "__url__": url}
+            except Exception as exn:  # noqa: BLE001 - any failure of one shard must not stop training
+                self.counter.skip(f"{url}: {type(exn).__name__}: {exn}")
+            finally:
+                if stream is not None:
+                    with contextlib.suppress(Exception):  # a failed pipe: its cut-off output was counted above
+                        stream.close()
+            yield {}  # end of shard: the last sample is complete (group_by_keys' marker)
+
 
     def _decode(self, sample: dict[str, Any], field: str) -> tuple[int, np.ndarray] | None:
         try:
@@ -118,7 +140,7 @@ class TrainStream(_LatentStream):
             # worker_seed=0: the (rank, worker) part is already in the seed; WebDataset's own would use the
             # physical worker id, which a resume remaps.
             wds.ResampledShards(self.urls, seed=int(seeds[0]), worker_seed=lambda: 0, deterministic=True),
-            wds.tarfile_to_samples(handler=self._damaged),
+            self._read,
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=int(seeds[1])),
             lambda samples: self._draw(samples, rng),
             wds.batched(self.batch_size, collation_fn=self._collate, partial=False),
@@ -145,7 +167,7 @@ class ValStream(_LatentStream):
         mine = self.urls[self.rank :: self.world_size][worker::workers]
         pipeline = wds.DataPipeline(
             lambda: iter([{"url": url} for url in mine]),
-            wds.tarfile_to_samples(handler=self._damaged),
+            self._read,
             self._draw,
             wds.batched(self.batch_size, collation_fn=self._collate, partial=True),
         )

@@ -1,0 +1,123 @@
+"""Bad data never crashes a run: setup refuses what cannot work, naming it; damaged samples are skipped and counted."""
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from ditkit.data import DataFormatError, LatentShardsDataModule
+from ditkit.data.format import encode_sample, shard_name
+from helpers_data import datamodule_kwargs, synthetic_moments, write_latent_shards
+
+
+def make(root, **overrides):
+    return LatentShardsDataModule(**datamodule_kwargs(root, **overrides))
+
+
+@pytest.fixture
+def shards(tmp_path):
+    root = tmp_path / "shards"
+    write_latent_shards(root, (4, 4, 4))
+    return root
+
+
+def edit_manifest(root, **changes):
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest.update(changes)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "damage, error, message",
+    [
+        (lambda r: os.rename(r, str(r) + "_gone"), FileNotFoundError, r"data.root=.*shards does not exist"),
+        (lambda r: os.remove(r / "manifest.json"), FileNotFoundError, r"shards/manifest.json is missing"),
+        (lambda r: (r / "manifest.json").write_text("{oops"), DataFormatError, r"shards/manifest.json is not valid JSON"),
+        (lambda r: (r / "manifest.json").write_text("[]"), DataFormatError, r"manifest.json is not a ditkit-latent"),
+        (lambda r: os.remove(r / shard_name(1)), FileNotFoundError, r"1 of 3 shards are missing.*train-000001.tar"),
+        (lambda r: edit_manifest(r, latent_shape=[4, 16, 16]), DataFormatError,
+         r"shape \[4, 16, 16\].*data.latent_channels=4 data.latent_size=16"),
+        (lambda r: edit_manifest(r, num_classes=1000), DataFormatError, r"num_classes=1000, but data.num_classes=10"),
+        (lambda r: edit_manifest(r, image_size=256), DataFormatError, r"image_size=256, but data.image_size=8"),
+    ],
+    ids=["no-root", "no-manifest", "bad-json", "not-a-manifest", "missing-shard", "latent-shape", "classes", "image-size"],
+)
+def test_setup_refuses_unusable_data_naming_the_fix(shards, damage, error, message):
+    damage(shards)
+    with pytest.raises(error, match=message):
+        make(shards).setup()
+
+
+def test_shards_whose_latents_do_not_match_the_manifest_are_refused_at_setup(tmp_path):
+    write_latent_shards(tmp_path, (3,), shape=(4, 4, 4))
+    edit_manifest(tmp_path, latent_shape=[4, 8, 8], image_size=8)
+    with pytest.raises(DataFormatError, match=r"train-000000.tar: moments.npy has shape \[8, 4, 4\], expected \[8, 8, 8\]"):
+        make(tmp_path).setup()
+
+
+def test_bad_arguments_fail_at_construction(shards):
+    with pytest.raises(ValueError, match="exactly one of data.root"):
+        LatentShardsDataModule(8, 4, 10, 8)
+    with pytest.raises(ValueError, match="data.batch_size=0"):
+        make(shards, batch_size=0)
+    with pytest.raises(ValueError, match="data.builtin='mnist'"):
+        make(shards, builtin="mnist")
+
+
+def test_validation_needs_a_shard_per_rank(shards, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="3 shards, 4 ranks"):
+        make(shards).val_dataloader()
+
+
+def write_damaged(root):
+    """4 shards of 5 samples (keys k0000..k0019) with: k0002 a corrupt .npy, k0006 no cls, k0011 a wrong
+    latent shape, and shard 3 cut in the middle of k0017's moments. Returns the keys that are intact."""
+    root.mkdir()
+    write_latent_shards(root, (5, 5, 5, 5))  # the manifest; shards are rewritten below
+    for s in range(4):
+        with wds.TarWriter(str(root / shard_name(s)), encoder=False) as tar:
+            for i in range(5 * s, 5 * s + 5):
+                sample = encode_sample(f"k{i:04d}", i % 10, *synthetic_moments(i))
+                if i == 2:
+                    sample["moments.npy"] = b"\x93NUMPY garbage"
+                if i == 6:
+                    del sample["cls"]
+                if i == 11:
+                    sample = encode_sample(f"k{i:04d}", 1, *synthetic_moments(i, shape=(4, 4, 4)))
+                tar.write(sample)
+    data = (root / shard_name(3)).read_bytes()
+    cut = data.index(b"k0017.moments.npy") + 512 + 1000  # header block, then 1000 bytes into the member
+    (root / shard_name(3)).write_bytes(data[:cut])
+    return [f"k{i:04d}" for i in range(17) if i not in (2, 6, 11)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_damaged_samples_and_a_truncated_shard_are_skipped_and_counted(tmp_path, workers, caplog):
+    intact = write_damaged(tmp_path / "damaged")
+    dm = make(tmp_path / "damaged", num_workers=workers)
+    with caplog.at_level(logging.WARNING, logger="ditkit.data.stream"):
+        seen = [k for batch in dm.val_dataloader() for k in batch[2]]
+    assert sorted(seen) == intact
+    # k0002, k0006, k0011, and the cut shard: the tar error, then k0017's member-less remains.
+    assert dm.skipped == 5
+    if workers == 0:
+        messages = "\n".join(r.getMessage() for r in caplog.records)
+        assert "k0002: moments.npy is not a readable .npy" in messages and "k0006: no cls" in messages
+        assert "k0011: moments.npy has shape [8, 4, 4], expected [8, 8, 8]" in messages
+        assert "train-000003.tar" in messages
+
+
+def test_training_goes_on_through_damage_and_a_shard_lost_mid_run(tmp_path):
+    write_damaged(tmp_path / "damaged")
+    dm = make(tmp_path / "damaged", num_workers=2)
+    loader = dm.train_dataloader()
+    os.remove(tmp_path / "damaged" / shard_name(2))  # vanishes after the start checks
+    batches = list(loader) + list(loader)
+    assert len(batches) == 2 * 10  # every epoch has its batches, however many reads were bad
+    assert all(np.isfinite(b[0].numpy()).all() for b in batches)
+    assert dm.skipped > 0
