@@ -11,11 +11,12 @@ import lightning as L
 import torch
 import webdataset as wds
 
+from ditkit.data.captions import build_captioned_digits
 from ditkit.data.digits import build_digits
 from ditkit.data.format import MANIFEST, DataFormatError, decode_moments, moments_shape, parse_manifest
 from ditkit.data.stream import SkipCounter, TrainStream, ValStream
 
-BUILTINS = {"digits": build_digits}
+BUILTINS = {"digits": build_digits, "digits_t2i": build_captioned_digits}
 
 
 class ResumableLoader:
@@ -102,6 +103,9 @@ class LatentShardsDataModule(L.LightningDataModule):
         val_root: a held-out shard set for `val_dataloader`; default the training shards.
         builtin: ``"digits"`` builds the built-in set at ``root`` in `prepare_data` when it is missing.
         return_keys: batches gain a third item, the sample keys (tests and debugging).
+        context_len, context_dim, pooled_dim: set all three (as the manifest's ``text`` section says) to train
+            on captioned shards: batches then carry ``{"context": (B, L, D), "pooled": (B, P)}`` float32 text
+            embeddings in place of the labels (see docs/text_to_image.md).
     """
 
     def __init__(
@@ -121,8 +125,15 @@ class LatentShardsDataModule(L.LightningDataModule):
         val_root: str | None = None,
         builtin: str | None = None,
         return_keys: bool = False,
+        context_len: int | None = None,
+        context_dim: int | None = None,
+        pooled_dim: int | None = None,
     ) -> None:
         super().__init__()
+        text = (context_len, context_dim, pooled_dim)
+        if any(v is not None for v in text) and not all(v is not None for v in text):
+            raise ValueError("Set all of data.context_len, data.context_dim, data.pooled_dim (captioned shards), or none.")
+        self.text = text if context_len is not None else None
         if (root is None) == (urls is None):
             raise ValueError("Set exactly one of data.root=<shard folder> and data.urls=<shard URLs>.")
         if builtin is not None and (builtin not in BUILTINS or root is None):
@@ -192,6 +203,19 @@ class LatentShardsDataModule(L.LightningDataModule):
         for name, want in (("image_size", self.image_size), ("num_classes", self.num_classes)):
             if manifest[name] != want:
                 raise DataFormatError(f"The manifest says {name}={manifest[name]}, but {key}.{name}={want}.")
+        if self.text is not None:
+            stored = manifest.get("text")
+            if not stored:
+                raise DataFormatError(
+                    f"{key}.context_len/context_dim/pooled_dim are set but the shards carry no text embeddings: make a "
+                    "captioned set with python -m data_pipelines.extract_text_embeddings (or unset them to train on labels)."
+                )
+            have = (stored["context_len"], stored["context_dim"], stored["pooled_dim"])
+            if have != self.text:
+                raise DataFormatError(
+                    f"The shards hold text embeddings of (context_len, context_dim, pooled_dim) = {have}, but the config "
+                    f"says {self.text}. Set {key}.context_len={have[0]} {key}.context_dim={have[1]} {key}.pooled_dim={have[2]}."
+                )
         local = [u for u in shard_urls if "://" not in u and not u.startswith("pipe:")]
         missing = [u for u in local if not os.path.isfile(u)]
         if missing:
@@ -247,7 +271,7 @@ class LatentShardsDataModule(L.LightningDataModule):
         return dict(
             urls=urls, moments_shape=moments_shape(self.manifest), scale=self.scale_factor,
             batch_size=self.batch_size, seed=self.seed, rank=rank, world_size=world_size,
-            counter=self._counter, return_keys=self.return_keys,
+            counter=self._counter, return_keys=self.return_keys, text=self.text,
         )
 
     def train_dataloader(self) -> ResumableLoader:

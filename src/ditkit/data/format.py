@@ -3,7 +3,8 @@
 A dataset is a folder: ``manifest.json`` + ``train-000000.tar``, ``train-000001.tar``, ...
 Each sample: ``__key__`` (stable image id), ``cls`` (class index, ASCII), ``moments.npy`` and
 ``moments_flip.npy`` (float16 [2C, H, W]: VAE posterior mean ‖ log-variance, unscaled, of the image and of
-its horizontal mirror).
+its horizontal mirror). A captioned set (`ditkit.data.captions`) adds ``txt`` (the caption), ``context.npy``
+(float16 [L, D]) and ``pooled.npy`` (float16 [P]): the caption's text embeddings.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ MANIFEST = "manifest.json"
 SKIPPED = "skipped.txt"
 MOMENTS = "moments.npy"
 MOMENTS_FLIP = "moments_flip.npy"
+TXT = "txt"
+CONTEXT = "context.npy"
+POOLED = "pooled.npy"
 DTYPE = "float16"
 CROP = "adm_center"  # ADM / DiT center crop, see ditkit.data.images.center_crop_arr
 

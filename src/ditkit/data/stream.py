@@ -20,7 +20,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ditkit.data.format import MOMENTS, MOMENTS_FLIP, DataFormatError, decode_label, decode_moments
+from ditkit.data.format import CONTEXT, MOMENTS, MOMENTS_FLIP, POOLED, DataFormatError, decode_label, decode_moments
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,9 @@ def _worker() -> tuple[int, int]:
 
 
 class _LatentStream(IterableDataset):
-    """What both streams share: shard URLs, the expected moments shape (2C, H, W), scale, batching."""
+    """What both streams share: shard URLs, the expected moments shape (2C, H, W), scale, batching.
+    With ``text`` = (context_len, context_dim, pooled_dim) the condition of a sample is its text embeddings
+    (captioned shards) instead of its label."""
 
     def __init__(
         self,
@@ -67,11 +69,12 @@ class _LatentStream(IterableDataset):
         world_size: int,
         counter: SkipCounter,
         return_keys: bool = False,
+        text: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
         self.urls, self.moments_shape, self.scale = list(urls), tuple(moments_shape), float(scale)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.counter, self.return_keys = counter, return_keys
+        self.counter, self.return_keys, self.text = counter, return_keys, text
 
     def _damaged(self, exn: Exception) -> bool:
         """WebDataset handler: skip and count what cannot be read."""
@@ -98,18 +101,30 @@ class _LatentStream(IterableDataset):
                         stream.close()
             yield {}  # end of shard: the last sample is complete (group_by_keys' marker)
 
-
-    def _decode(self, sample: dict[str, Any], field: str) -> tuple[int, np.ndarray] | None:
+    def _decode(self, sample: dict[str, Any], field: str) -> tuple[Any, np.ndarray] | None:
+        """-> (condition, moments): the label, or (context (L, D), pooled (P,)) with ``text``."""
         try:
-            return decode_label(sample), decode_moments(sample, field, self.moments_shape)
+            if self.text is None:
+                condition = decode_label(sample)
+            else:
+                length, dim, pooled = self.text
+                condition = (decode_moments(sample, CONTEXT, (length, dim)), decode_moments(sample, POOLED, (pooled,)))
+            return condition, decode_moments(sample, field, self.moments_shape)
         except DataFormatError as err:
             self.counter.skip(f"{sample.get('__url__')}#{sample.get('__key__')}: {err}")
             return None
 
-    def _collate(self, samples: list[tuple[str, np.ndarray, int]]) -> tuple:
-        """-> latents (B, C, H, W) float32, labels (B,) int64[, keys]."""
+    def _collate(self, samples: list[tuple[str, np.ndarray, Any]]) -> tuple:
+        """-> latents (B, C, H, W) float32, labels (B,) int64 or, with ``text``, {"context": (B, L, D),
+        "pooled": (B, P)} float32[, keys]."""
         keys, latents, labels = zip(*samples)
-        batch = (torch.from_numpy(np.stack(latents)), torch.tensor(labels, dtype=torch.long))
+        if self.text is None:
+            condition = torch.tensor(labels, dtype=torch.long)
+        else:
+            context, pooled = zip(*labels)
+            condition = {"context": torch.from_numpy(np.stack(context).astype(np.float32)),
+                         "pooled": torch.from_numpy(np.stack(pooled).astype(np.float32))}
+        batch = (torch.from_numpy(np.stack(latents)), condition)
         return batch + (list(keys),) if self.return_keys else batch
 
 
