@@ -63,6 +63,7 @@ def test_stream_depends_on_seed_and_rank_and_epoch_only(shards, monkeypatch):
     root, _ = shards
     a = run_keys(make(root, num_workers=2).train_dataloader())
     assert len(a) == 10  # 20 samples // batch 2
+    assert a[0][0] != a[1][0]  # the two workers read different streams
     assert same(a, run_keys(make(root, num_workers=2).train_dataloader()))
     assert not same(a, run_keys(make(root, num_workers=2, seed=1).train_dataloader()))
     loader = make(root).train_dataloader()
@@ -115,7 +116,7 @@ def test_position_counts_what_the_consumer_used_not_what_was_prefetched(shards):
     root, _ = shards
     dm = make(root)
     used = {"n": 100}  # a trainer's running batch counter, 100 batches before this pass
-    loader = ResumableLoader(dm.train_dataloader().dataset, 10, 0, consumed=lambda: used["n"])
+    loader = ResumableLoader(dm.train_dataloader().stream, 10, 0, consumed=lambda: used["n"])
     iterator = iter(loader)
     for _ in range(4):  # the consumer fetched 4 batches, but has trained on 3 so far
         next(iterator)

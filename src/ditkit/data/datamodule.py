@@ -32,12 +32,13 @@ class ResumableLoader:
 
     def __init__(
         self,
-        dataset: TrainStream,
+        stream: TrainStream,
         batches_per_epoch: int,
         num_workers: int,
         consumed: Callable[[], int | None] = lambda: None,
     ) -> None:
-        self.dataset, self.batches_per_epoch, self.num_workers = dataset, batches_per_epoch, num_workers
+        # `stream`, not `dataset`: Lightning would take this for a DataLoader of a sized IterableDataset and warn.
+        self.stream, self.batches_per_epoch, self.num_workers = stream, batches_per_epoch, num_workers
         self._consumed = consumed
         self._epoch, self._start = 0, 0  # where the current (or next) pass starts
         self._base: int | None = None  # consumer's counter when the current pass began; None: not begun
@@ -51,9 +52,9 @@ class ResumableLoader:
         if start >= self.batches_per_epoch:
             epoch, start = epoch + 1, 0
         self._epoch, self._start, self._base, self._handed_out = epoch, start, self._consumed(), 0
-        self.dataset.epoch, self.dataset.start_batch = epoch, start
+        self.stream.epoch, self.stream.start_batch = epoch, start
         loader = wds.WebLoader(
-            self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available()
+            self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available()
         ).with_epoch(self.batches_per_epoch - start)
         for batch in loader:
             self._handed_out += 1
@@ -70,10 +71,10 @@ class ResumableLoader:
         return {
             "epoch": epoch,
             "batches": batches,
-            "seed": self.dataset.seed,
+            "seed": self.stream.seed,
             "num_workers": self.num_workers,
-            "world_size": self.dataset.world_size,
-            "batch_size": self.dataset.batch_size,
+            "world_size": self.stream.world_size,
+            "batch_size": self.stream.batch_size,
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
