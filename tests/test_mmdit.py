@@ -245,3 +245,19 @@ def test_training_loss_falls_and_follows_the_text():
         swapped = model(x, t, ctx.flip(0), pooled.flip(0))  # same images, other captions
     dist = torch.cdist(swapped.flatten(1), target.flatten(1))
     assert torch.equal(dist.argmin(dim=1), torch.arange(3, -1, -1))
+
+
+def test_guidance_pairs_the_text_with_the_zero_null_condition():
+    """One Euler step of rectified flow from t=1 with cfg: x_0 = x_T - [v_null + s (v_text - v_null)],
+    v_null being the model on the zero condition (what caption dropout trains)."""
+    from ditkit.objectives import RectifiedFlow
+
+    model = perturb(MMDiT(**TINY))
+    x, _, ctx, pooled = inputs(n=3)
+    t = torch.full((3,), 1000.0)
+    flow = RectifiedFlow(time_sampling="uniform")
+    with torch.no_grad():
+        got = flow.sample(model, x, model_kwargs={"context": ctx, "pooled": pooled}, sampler="euler", steps=1, cfg_scale=3.0)
+        v_text = model(x, t, ctx, pooled)
+        v_null = model(x, t, torch.zeros_like(ctx), torch.zeros_like(pooled))
+    torch.testing.assert_close(got, x - (v_null + 3.0 * (v_text - v_null)), rtol=1e-5, atol=1e-5)

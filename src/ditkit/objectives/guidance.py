@@ -8,6 +8,8 @@ prediction becomes  uncond + scale * (cond - uncond).  Options beyond the paper:
 - `interval`: guide only while the objective's time lies in [low, high] (Kynkaenniemi et al.
   2024, "Applying guidance in a limited interval"; used by LightningDiT and REPA). Outside
   it the model runs on the N conditional samples only.
+Text-conditional models (MMDiT: model_kwargs {"context", "pooled"}, no "y") define their null
+condition themselves: `model.null_condition(**model_kwargs)` gives the keywords of the null half.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Guidance:
 
     scale: float = 1.0
     null_label: int | None = None
+    null_kwargs: dict | None = None  # the null half's keywords, for a model with `null_condition`
     channels: int | None = None
     interval: tuple[float, float] | None = None
 
@@ -40,16 +43,20 @@ class Guidance:
         null_label: int | None,
     ) -> "Guidance":
         """Validate the user's options early and find the null label (argument, else
-        `model.num_classes`, the DiT convention for the extra 'no class' embedding)."""
+        `model.num_classes`, the DiT convention for the extra 'no class' embedding), or, without
+        labels, the null condition of a model that has `null_condition` (text conditioning)."""
         cfg_scale = float(cfg_scale)
         if cfg_scale == 1.0:
             return cls()
-        if not model_kwargs or model_kwargs.get("y") is None:
+        null_kwargs = None
+        if model_kwargs and model_kwargs.get("y") is None and hasattr(model, "null_condition"):
+            null_kwargs = dict(model.null_condition(**model_kwargs))
+        elif not model_kwargs or model_kwargs.get("y") is None:
             raise ValueError(
                 f"cfg_scale={cfg_scale} needs class labels: pass model_kwargs={{'y': labels}} "
-                "(or cfg_scale=1.0 for an unconditional model)"
+                "(or a text condition to a model with `null_condition`, or cfg_scale=1.0 for an unconditional model)"
             )
-        if null_label is None:
+        if null_kwargs is None and null_label is None:
             null_label = getattr(model, "num_classes", None)
             if null_label is None:
                 raise ValueError(
@@ -66,7 +73,8 @@ class Guidance:
             guidance_interval = (float(guidance_interval[0]), float(guidance_interval[1]))
         return cls(
             scale=cfg_scale,
-            null_label=int(null_label),
+            null_label=None if null_kwargs is not None else int(null_label),
+            null_kwargs=null_kwargs,
             channels=None if guidance_channels is None else int(guidance_channels),
             interval=guidance_interval,
         )
@@ -101,11 +109,16 @@ class Guidance:
                 f"guidance_channels={k} exceeds the {pred_channels} prediction channels of the model"
             )
         n = x.shape[0]
-        y = kwargs.pop("y")
-        doubled = {key: _double(v, n) for key, v in kwargs.items()}
-        out = model(
-            torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, self.null_label)]), **doubled
-        )
+        if self.null_kwargs is not None:
+            doubled = {key: torch.cat([v, self.null_kwargs[key]]) if key in self.null_kwargs else _double(v, n)
+                       for key, v in kwargs.items()}
+            out = model(torch.cat([x, x]), torch.cat([t, t]), **doubled)
+        else:
+            y = kwargs.pop("y")
+            doubled = {key: _double(v, n) for key, v in kwargs.items()}
+            out = model(
+                torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, self.null_label)]), **doubled
+            )
         cond, uncond = out[:n], out[n:]
         guided = uncond[:, :k] + self.scale * (cond[:, :k] - uncond[:, :k])
         return torch.cat([guided, cond[:, k:]], dim=1)

@@ -26,6 +26,11 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def _condition(y: torch.Tensor | dict) -> dict:
+    """The model's keyword arguments: {"y": labels}, or a text condition dict as it is (MMDiT)."""
+    return dict(y) if isinstance(y, dict) else {"y": y}
+
+
 class NonFiniteLossError(FloatingPointError):
     """Raised after too many optimizer steps in a row had a NaN/Inf loss or gradient."""
 
@@ -118,14 +123,15 @@ class DiffusionModule(L.LightningModule):
         self._micro_batches = 0
         self._nonfinite = None
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """batch: (latents (B, C, H, W) float32, labels (B,) int64) -> mean loss."""
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor | dict], batch_idx: int) -> torch.Tensor:
+        """batch: (latents (B, C, H, W) float32, labels (B,) int64 or a text condition dict
+        {"context": (B, L, D), "pooled": (B, P)} for MMDiT) -> mean loss."""
         micro = batch_idx % self.trainer.accumulate_grad_batches
         # Every draw of this micro-batch is a function of (seed, step, micro, rank): an interrupted and
         # resumed run replays the uninterrupted run's t / noise / label-dropout draws exactly.
         torch.manual_seed(step_seed(self.seed, self.global_step, micro, self.global_rank))
         x, y = batch
-        terms = self.objective.training_losses(self.model, x, model_kwargs={"y": y})
+        terms = self.objective.training_losses(self.model, x, model_kwargs=_condition(y))
         loss = terms["loss"].mean()
         for name, value in terms.items():
             value = value.detach().float().mean()
@@ -204,9 +210,10 @@ class DiffusionModule(L.LightningModule):
 
     # ---------------------------------------------------------------- sampling and checkpoints
     @torch.no_grad()
-    def sample(self, noise: torch.Tensor, labels: torch.Tensor, *, sampler: str, steps: int | str,
+    def sample(self, noise: torch.Tensor, labels: torch.Tensor | dict, *, sampler: str, steps: int | str,
                cfg_scale: float = 1.0, guidance_channels: int | None = None, use_ema: bool = True) -> torch.Tensor:
-        """x_0: (N, C, H, W) from noise: (N, C, H, W) and labels: (N,), with the EMA weights by default.
+        """x_0: (N, C, H, W) from noise: (N, C, H, W) and labels: (N,) (or a text condition dict, as in
+        training_step), with the EMA weights by default.
 
         Under FSDP2 every rank must call this together (the forward all-gathers the shards)."""
         net = self.ema if use_ema else self.model
@@ -214,7 +221,7 @@ class DiffusionModule(L.LightningModule):
         net.eval()
         try:
             return self.objective.sample(
-                net, noise, model_kwargs={"y": labels}, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                net, noise, model_kwargs=_condition(labels), sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                 guidance_channels=guidance_channels,
             )
         finally:
