@@ -1,0 +1,73 @@
+"""Time one training step (model + objective + AdamW + EMA) on random 256 px latents (4 x 32 x 32).
+
+    python benchmarks/train_step.py model=dit_s batch_size=8 precision=32-true compile=false steps=10
+
+Prints a table line per setting and, last, one JSON line: model, batch_size, precision, step_s (median),
+imgs_per_sec, gflops_per_sec (3 x forward FLOPs counted from the architecture), peak_gflops (a matmul in
+the same precision, measured here), mfu, peak_mem_mb.
+"""
+
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from common import PRECISIONS, device_of, emit, matmul_peak_flops, parse_args, peak_memory_mb, summarize, time_calls
+from ditkit.training.ema import update_ema
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def build(model: str, objective: str, latent_size: int, overrides: list[str]):
+    """Model and objective from the real Hydra configs, for ImageNet latents (4 channels, 1000 classes)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(overrides=[
+            f"+model={model}", f"+objective={objective}", f"+data.latent_size={latent_size}",
+            "+data.latent_channels=4", "+data.num_classes=1000", *overrides,
+        ])
+    return instantiate(cfg.model), instantiate(cfg.objective)
+
+
+def main() -> None:
+    args = parse_args(dict(model="dit_s", objective="ddpm", batch_size=8, precision="32-true", compile=False,
+                           grad_checkpointing=False, steps=10, warmup=3, latent_size=32, depth=None, device="auto"))
+    device = device_of(args["device"])
+    overrides = [f"model.grad_checkpointing={args['grad_checkpointing']}"]
+    if args["depth"] is not None:
+        overrides.append(f"model.depth={args['depth']}")
+    model, objective = build(args["model"], args["objective"], args["latent_size"], overrides)
+    model.to(device).train()
+    ema = [p.detach().float().clone() for p in model.parameters()]
+    step_model = torch.compile(model) if args["compile"] else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    dtype = PRECISIONS[args["precision"]]
+    b, s = args["batch_size"], args["latent_size"]
+    x = torch.randn(b, 4, s, s, device=device)
+    y = torch.randint(0, 1000, (b,), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = objective.training_losses(step_model, x, model_kwargs={"y": y})["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        update_ema(ema, list(model.parameters()), 0.9999)
+
+    step_s = summarize(time_calls(step, args["steps"], args["warmup"], device))
+    flops = 3 * model.forward_flops(b)  # backward ~ 2x forward
+    peak = matmul_peak_flops(device, dtype or torch.float32)
+    record = dict(
+        model=args["model"], objective=args["objective"], batch_size=b, precision=args["precision"],
+        compile=args["compile"], grad_checkpointing=args["grad_checkpointing"], device=str(device),
+        threads=torch.get_num_threads(), step_s=round(step_s, 4), imgs_per_sec=round(b / step_s, 2),
+        gflops_per_sec=round(flops / step_s / 1e9, 2), peak_gflops=round(peak / 1e9, 1),
+        mfu=round(flops / step_s / peak, 4), peak_mem_mb=round(peak_memory_mb(device), 1),
+    )
+    print(f"| {record['model']} | {b} | {record['precision']} | {record['step_s']:.3f} s | "
+          f"{record['imgs_per_sec']} img/s | {record['gflops_per_sec']} GFLOP/s | MFU {record['mfu']:.1%} |")
+    emit(record)
+
+
+if __name__ == "__main__":
+    main()
