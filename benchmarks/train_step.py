@@ -31,7 +31,8 @@ def build(model: str, objective: str, latent_size: int, overrides: list[str]):
 
 def main() -> None:
     args = parse_args(dict(model="dit_s", objective="ddpm", batch_size=8, precision="32-true", compile=False,
-                           grad_checkpointing=False, steps=10, warmup=3, latent_size=32, depth=None, device="auto"))
+                           grad_checkpointing=False, steps=10, warmup=3, latent_size=32, depth=None, device="auto",
+                           peak_matmul=0))  # 0: the default size for the device
     device = device_of(args["device"])
     overrides = [f"model.grad_checkpointing={args['grad_checkpointing']}"]
     if args["depth"] is not None:
@@ -56,7 +57,7 @@ def main() -> None:
 
     step_s = summarize(time_calls(step, args["steps"], args["warmup"], device))
     flops = 3 * model.forward_flops(b)  # backward ~ 2x forward
-    peak = matmul_peak_flops(device, dtype or torch.float32)
+    peak = matmul_peak_flops(device, dtype or torch.float32, args["peak_matmul"] or None)
     record = dict(
         model=args["model"], objective=args["objective"], batch_size=b, precision=args["precision"],
         compile=args["compile"], grad_checkpointing=args["grad_checkpointing"], device=str(device),
