@@ -197,3 +197,11 @@ def build_tiny_text_encoders(folder: str, vocabulary: Iterable[str], seed: int =
         tokenizer.save_pretrained(path)
         specs.append({"kind": kind, "pretrained": os.path.abspath(path), "max_length": max_length})
     return specs
+
+
+def class_prompts(manifest: Mapping[str, Any], labels: Iterable[int]) -> list[str]:
+    """The caption of each label's class in a set captioned by class ("a handwritten seven" for 7)."""
+    captions = (manifest.get("text") or {}).get("captions", {})
+    if captions.get("source") != "classes":
+        raise ValueError("these shards were not captioned by class: give prompts (a list, or prompts=FILE) instead of labels")
+    return [captions["class_captions"][int(i)] for i in labels]
