@@ -121,3 +121,16 @@ def test_training_goes_on_through_damage_and_a_shard_lost_mid_run(tmp_path):
     assert len(batches) == 2 * 10  # every epoch has its batches, however many reads were bad
     assert all(np.isfinite(b[0].numpy()).all() for b in batches)
     assert dm.skipped > 0
+
+
+def test_npy_fast_path_still_refuses_a_cut_array_with_a_known_header():
+    from ditkit.data.format import decode_moments, npy_bytes
+
+    good = npy_bytes(np.arange(8 * 4 * 4, dtype=np.float16).reshape(8, 4, 4))
+    for _ in range(2):  # the second read takes the cached-header path
+        assert decode_moments({"moments.npy": good}, "moments.npy", (8, 4, 4))[2, 1, 3] == 2 * 16 + 4 + 3
+    with pytest.raises(DataFormatError, match="moments.npy is not a readable .npy"):
+        decode_moments({"moments.npy": good[:-2]}, "moments.npy", (8, 4, 4))
+    fortran = np.asfortranarray(np.arange(6, dtype=np.float16).reshape(2, 3))
+    for _ in range(2):
+        np.testing.assert_array_equal(decode_moments({"f": npy_bytes(fortran)}, "f", (2, 3)), fortran)

@@ -15,7 +15,6 @@ from contextlib import nullcontext
 from typing import Any, Iterator
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
@@ -29,6 +28,7 @@ from ditkit.data.format import (
     DataFormatError,
     encode_sample,
     shard_name,
+    tar_writer,
     write_json_atomic,
 )
 from ditkit.data.images import BadImage, center_crop_arr, to_tensor
@@ -82,8 +82,7 @@ class _ShardWriter:
         self.record_path = os.path.join(out, PARTS, shard_name(shard).replace(".tar", ".json"))
         self.tmp = f"{self.path}.tmp-{os.getpid()}"
         self.file = open(self.tmp, "wb")
-        # A fixed mtime and pax headers: reruns give identical bytes, and long keys fit.
-        self.tar = wds.TarWriter(self.file, encoder=False, mtime=0, format="PAX_FORMAT")
+        self.tar = tar_writer(self.file)
         self.num_samples, self.max_label, self.skipped = 0, -1, []
 
     def write(self, sample: dict[str, Any], label: int) -> None:

@@ -13,7 +13,7 @@ import logging
 import multiprocessing
 import zlib
 from itertools import islice
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -41,11 +41,21 @@ class SkipCounter:
         return int(self._value.value)
 
 
-def draw_latent(moments: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
-    """moments: (2C, H, W) mean ‖ logvar -> (C, H, W) float32 sample of the posterior, times ``scale``."""
-    mean, logvar = np.split(moments.astype(np.float32), 2)
-    eps = rng.standard_normal(mean.shape, dtype=np.float32)
-    return scale * (mean + np.exp(0.5 * logvar) * eps)
+def draw_latents(moments: np.ndarray, scale: float, eps: np.ndarray) -> np.ndarray:
+    """moments: (B, 2C, H, W) mean ‖ logvar, eps: (B, C, H, W) float32 ~ N(0, I), overwritten ->
+    (B, C, H, W) float32 ``scale * (mean + exp(logvar / 2) * eps)``, a scaled sample of each posterior.
+
+    NumPy, in place: single-threaded by design (a loader must not compete with training for cores; torch's
+    intra-op threads on these small arrays are slower when the cores are busy)."""
+    c = moments.shape[1] // 2
+    x = moments.astype(np.float32)
+    std = x[:, c:]
+    np.multiply(std, 0.5, out=std)
+    np.exp(std, out=std)
+    eps *= std
+    eps += x[:, :c]
+    eps *= scale
+    return eps
 
 
 def _worker() -> tuple[int, int]:
@@ -114,17 +124,23 @@ class _LatentStream(IterableDataset):
             self.counter.skip(f"{sample.get('__url__')}#{sample.get('__key__')}: {err}")
             return None
 
-    def _collate(self, samples: list[tuple[str, np.ndarray, Any]]) -> tuple:
-        """-> latents (B, C, H, W) float32, labels (B,) int64 or, with ``text``, {"context": (B, L, D),
-        "pooled": (B, P)} float32[, keys]."""
-        keys, latents, labels = zip(*samples)
+    def _collate(
+        self, samples: list[tuple[str, np.ndarray, Any]], noise: Callable[[list[str], tuple], np.ndarray]
+    ) -> tuple:
+        """(key, moments (2C, H, W), condition) samples -> latents (B, C, H, W) float32 drawn with
+        ``noise(keys, (B, C, H, W))``, labels (B,) int64 or, with ``text``, {"context": (B, L, D),
+        "pooled": (B, P)} float32[, keys]. Drawing per batch rather than per sample: one vectorised op."""
+        keys, moments, labels = zip(*samples)
+        moments = np.stack(moments)
+        c, h, w = moments.shape[1] // 2, moments.shape[2], moments.shape[3]
+        latents = torch.from_numpy(draw_latents(moments, self.scale, noise(list(keys), (len(keys), c, h, w))))
         if self.text is None:
             condition = torch.tensor(labels, dtype=torch.long)
         else:
             context, pooled = zip(*labels)
             condition = {"context": torch.from_numpy(np.stack(context).astype(np.float32)),
                          "pooled": torch.from_numpy(np.stack(pooled).astype(np.float32))}
-        batch = (torch.from_numpy(np.stack(latents)), condition)
+        batch = (latents, condition)
         return batch + (list(keys),) if self.return_keys else batch
 
 
@@ -149,26 +165,31 @@ class TrainStream(_LatentStream):
         worker, workers = _worker()
         part = (worker + self.start_batch) % workers
         done = len(range(part, self.start_batch, workers))  # batches j < start_batch with j % W == part
-        seeds = np.random.SeedSequence([self.seed, self.epoch, self.rank, part]).generate_state(3)
-        rng = np.random.default_rng(int(seeds[2]))
+        seeds = np.random.SeedSequence([self.seed, self.epoch, self.rank, part]).generate_state(4)
+        flips = np.random.default_rng(int(seeds[2]))
+        eps = torch.Generator().manual_seed(int(seeds[3]))
         pipeline = wds.DataPipeline(
             # worker_seed=0: the (rank, worker) part is already in the seed; WebDataset's own would use the
             # physical worker id, which a resume remaps.
             wds.ResampledShards(self.urls, seed=int(seeds[0]), worker_seed=lambda: 0, deterministic=True),
             self._read,
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=int(seeds[1])),
-            lambda samples: self._draw(samples, rng),
-            wds.batched(self.batch_size, collation_fn=self._collate, partial=False),
+            lambda samples: self._pick(samples, flips),
+            wds.batched(
+                self.batch_size,
+                collation_fn=lambda batch: self._collate(batch, lambda keys, shape: torch.randn(shape, generator=eps).numpy()),
+                partial=False,
+            ),
         )
         return islice(iter(pipeline), done, None)
 
-    def _draw(self, samples: Iterator[dict[str, Any]], rng: np.random.Generator) -> Iterator[tuple]:
+    def _pick(self, samples: Iterator[dict[str, Any]], flips: np.random.Generator) -> Iterator[tuple]:
+        """Decode the image's or the mirror's moments (a fair coin per read)."""
         for sample in samples:
-            field = MOMENTS_FLIP if rng.random() < 0.5 else MOMENTS
-            decoded = self._decode(sample, field)
+            decoded = self._decode(sample, MOMENTS_FLIP if flips.random() < 0.5 else MOMENTS)
             if decoded is not None:
                 label, moments = decoded
-                yield sample["__key__"], draw_latent(moments, self.scale, rng), label
+                yield sample["__key__"], moments, label
 
 
 class ValStream(_LatentStream):
@@ -183,16 +204,18 @@ class ValStream(_LatentStream):
         pipeline = wds.DataPipeline(
             lambda: iter([{"url": url} for url in mine]),
             self._read,
-            self._draw,
-            wds.batched(self.batch_size, collation_fn=self._collate, partial=True),
+            self._decoded,
+            wds.batched(self.batch_size, collation_fn=lambda batch: self._collate(batch, self._noise), partial=True),
         )
         return iter(pipeline)
 
-    def _draw(self, samples: Iterator[dict[str, Any]]) -> Iterator[tuple]:
+    def _decoded(self, samples: Iterator[dict[str, Any]]) -> Iterator[tuple]:
         for sample in samples:
             decoded = self._decode(sample, MOMENTS)
             if decoded is not None:
-                label, moments = decoded
-                key = sample["__key__"]
-                rng = np.random.default_rng([self.seed, zlib.crc32(key.encode())])
-                yield key, draw_latent(moments, self.scale, rng), label
+                yield sample["__key__"], decoded[1], decoded[0]
+
+    def _noise(self, keys: list[str], shape: tuple) -> np.ndarray:
+        """eps for each sample from a generator seeded by (seed, key): the same whoever reads it."""
+        rngs = (np.random.default_rng([self.seed, zlib.crc32(k.encode())]) for k in keys)
+        return np.stack([rng.standard_normal(shape[1:], np.float32) for rng in rngs])
