@@ -1,0 +1,118 @@
+"""Time sampling N latents with each sampler, against the bare model forwards it needs.
+
+    python benchmarks/sample.py model=dit_xl num_samples=32 cfg_scale=1.5 precision=bf16-mixed
+    python benchmarks/sample.py tiny=true        # a depth-2, width-32 DiT on 8x8 latents (tests)
+
+Prints one JSON line per sampler (conf/sampler/*.yaml: its objective and default steps; steps=N
+overrides them): steps, model_evals (model calls, a guided call being one batch of 2N), seconds
+(the whole sampler), forward_seconds (the same sequence of model calls on prepared inputs, nothing
+else), and overhead = seconds / forward_seconds - 1, the sampler's own cost (target: < 5%).
+Each time is the best of `repeats` interleaved runs; threads=N sets torch's CPU threads.
+"""
+
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from common import PRECISIONS, device_of, emit, parse_args, sync
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+TINY = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2"]
+
+
+def build(args: dict, sampler: str):
+    """Model, objective (the sampler's) and sampler config from the real Hydra configs."""
+    overrides = [f"+model={args['model']}", f"+sampler={sampler}", f"+data.latent_size={args['latent_size']}",
+                 "+data.latent_channels=4", f"+data.num_classes={args['num_classes']}"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(overrides=overrides + (TINY if args["tiny"] else []))
+        cfg_obj = compose(overrides=overrides + [f"+objective={cfg.sampler.objective}"])
+    objective = instantiate(cfg_obj.objective)
+    objective.check_sampler(cfg.sampler.name, cfg.sampler.objective)
+    return instantiate(cfg.model), objective, cfg.sampler
+
+
+class CountingModel(torch.nn.Module):
+    """The model, recording the batch size of every call."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.batches = model, []
+        self.num_classes = model.num_classes
+
+    def forward(self, x, t, y):
+        self.batches.append(x.shape[0])
+        return self.model(x, t, y)
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def bench(args: dict, sampler: str, device: torch.device) -> dict:
+    model, objective, scfg = build(args, sampler)
+    model.to(device).eval()
+    steps = args["steps"] or scfg.steps
+    n, c, s = args["num_samples"], model.in_channels, model.input_size
+    g = torch.Generator(device=device).manual_seed(0)
+    x_T = torch.randn(n, c, s, s, device=device, generator=g)
+    y = torch.randint(0, model.num_classes, (n,), device=device, generator=g)
+    dtype = PRECISIONS[args["precision"]]
+    counter = CountingModel(model)
+
+    def run_sampler():
+        counter.batches.clear()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            objective.sample(counter, x_T, {"y": y}, sampler=scfg.name, steps=steps, cfg_scale=args["cfg_scale"],
+                             **scfg.options)
+
+    run_sampler()  # warm-up; also records the calls the bare run must repeat
+    batches = list(counter.batches)
+    inputs = {b: (torch.randn(b, c, s, s, device=device), torch.full((b,), 500.0, device=device),
+                  torch.randint(0, model.num_classes, (b,), device=device)) for b in set(batches)}
+
+    @torch.no_grad()
+    def run_forwards():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            for b in batches:
+                model(*inputs[b])
+
+    run_forwards()
+    # Interleaved, best of `repeats`: a machine busy with other work slows both alike.
+    seconds = forward_seconds = float("inf")
+    for _ in range(args["repeats"]):
+        seconds = min(seconds, timed(run_sampler, device))
+        forward_seconds = min(forward_seconds, timed(run_forwards, device))
+    return dict(
+        sampler=scfg.name, objective=objective.name, steps=steps, model_evals=len(batches),
+        batch=max(batches), num_samples=n, cfg_scale=args["cfg_scale"],
+        model=args["model"] + ("(tiny)" if args["tiny"] else ""), latent=[c, s, s], precision=args["precision"],
+        device=str(device), seconds=round(seconds, 6), forward_seconds=round(forward_seconds, 6),
+        overhead=round(seconds / forward_seconds - 1, 4),
+    )
+
+
+def main() -> None:
+    args = parse_args(dict(model="dit_xl", tiny=False, latent_size=32, num_classes=1000, num_samples=32,
+                           samplers="ddpm,ddim,euler,heun,sde", steps=0, cfg_scale=1.5, precision="32-true",
+                           device="auto", repeats=3, threads=0))
+    if args["tiny"]:
+        args.update(model="dit_s", latent_size=8, num_classes=10)
+    device = device_of(args["device"])
+    if args["threads"]:
+        torch.set_num_threads(args["threads"])
+    torch.backends.cuda.matmul.allow_tf32 = True
+    with torch.inference_mode():
+        for sampler in args["samplers"].split(","):
+            emit(bench(args, sampler.strip(), device))
+
+
+if __name__ == "__main__":
+    main()

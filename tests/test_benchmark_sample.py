@@ -1,0 +1,39 @@
+"""benchmarks/sample.py on a tiny DiT: one JSON line per sampler with the right step and model-call counts."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_bench(monkeypatch, capsys, *args):
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(sys, "argv", ["sample.py", "tiny=true", "repeats=1", "threads=1", *args])
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(BENCH / "sample.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_one_line_per_sampler_with_counts(monkeypatch, capsys):
+    lines = run_bench(monkeypatch, capsys, "num_samples=3", "steps=4", "cfg_scale=4.0")
+    assert [r["sampler"] for r in lines] == ["ddpm", "ddim", "euler", "heun", "sde"]
+    assert [r["objective"] for r in lines] == ["ddpm", "ddpm", "flow", "flow", "flow"]
+    assert [r["model_evals"] for r in lines] == [4, 4, 4, 8, 4]  # Heun: two calls per step
+    for r in lines:
+        assert r["steps"] == 4 and r["batch"] == 6  # guided: cond + null in one batch of 2N
+        assert r["latent"] == [4, 8, 8]
+        assert r["seconds"] > 0 and r["forward_seconds"] > 0
+        assert r["overhead"] == pytest.approx(r["seconds"] / r["forward_seconds"] - 1, abs=1e-3)
+
+
+def test_default_steps_come_from_the_sampler_configs(monkeypatch, capsys):
+    (heun,) = run_bench(monkeypatch, capsys, "num_samples=2", "samplers=heun", "cfg_scale=1.0")
+    assert heun["steps"] == 25 and heun["model_evals"] == 50 and heun["batch"] == 2  # unguided: N only
