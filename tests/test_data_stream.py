@@ -141,3 +141,17 @@ def test_urls_brace_pattern_pipe_and_manifest_location(shards, tmp_path):
     moved = LatentShardsDataModule(**kwargs, urls=[str(elsewhere / "train-000000.tar")],
                                    manifest=str(root / "manifest.json"))
     assert sorted(k for b in moved.val_dataloader() for k in b[2]) == keys[:6]
+
+
+def test_a_rebuilt_train_loader_continues_and_val_root_reads_its_own_set(shards, tmp_path):
+    root, _ = shards
+    straight = run_keys(make(root).train_dataloader())
+    dm = make(root)
+    first = run_keys(dm.train_dataloader(), 3)
+    assert same(first + run_keys(dm.train_dataloader()), straight)  # reload_dataloaders_every_n_epochs
+    held_out = write_latent_shards(tmp_path / "val", (3, 2), scale=2.0)
+    batches = list(make(root, val_root=str(tmp_path / "val")).val_dataloader())
+    assert sorted(k for b in batches for k in b[2]) == held_out
+    latents = torch.cat([b[0] for b in batches])
+    indices = torch.tensor([int(k[1:]) for b in batches for k in b[2]], dtype=torch.float32)
+    torch.testing.assert_close(latents.mean((1, 2, 3)), 2.0 * indices, rtol=0, atol=1e-4)  # its own scale

@@ -267,26 +267,28 @@ class LatentShardsDataModule(L.LightningDataModule):
             raise ValueError(f"{samples} samples per epoch are fewer than one batch of {self.batch_size} per rank")
         return n
 
-    def _stream_args(self, urls: list[str]) -> dict[str, Any]:
+    def _stream_args(self, urls: list[str], manifest: dict[str, Any]) -> dict[str, Any]:
         rank, world_size = self._rank_world()
         return dict(
-            urls=urls, moments_shape=moments_shape(self.manifest), scale=self.scale_factor,
+            urls=urls, moments_shape=moments_shape(manifest), scale=float(manifest["vae"]["scale_factor"]),
             batch_size=self.batch_size, seed=self.seed, rank=rank, world_size=world_size,
             counter=self._counter, return_keys=self.return_keys, text=self.text,
         )
 
     def train_dataloader(self) -> ResumableLoader:
         self.setup()
-        dataset = TrainStream(**self._stream_args(self.shard_urls), shuffle_buffer=self.shuffle_buffer)
-        self._train_loader = ResumableLoader(dataset, self.batches_per_epoch, self.num_workers, self._trainer_consumed)
-        if self._resume is not None:
-            self._train_loader.load_state_dict(self._resume)
+        # A rebuilt loader (Trainer(reload_dataloaders_every_n_epochs=...)) continues where the old one was.
+        state = self._resume if self._resume is not None else self.state_dict() or None
+        stream = TrainStream(**self._stream_args(self.shard_urls, self.manifest), shuffle_buffer=self.shuffle_buffer)
+        self._train_loader = ResumableLoader(stream, self.batches_per_epoch, self.num_workers, self._trainer_consumed)
+        if state is not None:
+            self._train_loader.load_state_dict(state)
             self._resume = None
         return self._train_loader
 
     def val_dataloader(self) -> wds.WebLoader:
         self.setup()
-        urls = self.shard_urls
+        manifest, urls = self.manifest, self.shard_urls
         if self.val_root is not None:
             manifest, urls = self._open(os.path.abspath(os.path.expanduser(self.val_root)), None, None)
             self._check(manifest, urls, "data (val_root)")
@@ -294,7 +296,8 @@ class LatentShardsDataModule(L.LightningDataModule):
         if len(urls) < world_size:
             raise ValueError(f"The validation pass needs at least one shard per rank: {len(urls)} shards, {world_size} ranks")
         mine = len(urls[rank::world_size])
-        return wds.WebLoader(ValStream(**self._stream_args(urls)), batch_size=None, num_workers=min(self.num_workers, mine))
+        stream = ValStream(**self._stream_args(urls, manifest))
+        return wds.WebLoader(stream, batch_size=None, num_workers=min(self.num_workers, mine))
 
     # -- resume -------------------------------------------------------------------------------------
 
