@@ -16,9 +16,12 @@ only error left is the sampler's own discretisation, which is also computed anal
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
 from ditkit.objectives import GaussianDiffusion, RectifiedFlow
 
@@ -365,3 +368,53 @@ def test_flow_exact_velocity_sanity_at_the_ends():
     assert torch.allclose(field(x, torch.tensor([1000.0]), y), x - 1.0)
     assert torch.allclose(field(x, torch.tensor([0.0]), y), -x)
     assert math.isclose(RectifiedFlow().time_grid(4, 4, 4)[2], 0.5)
+
+
+# ---------------------------------------------------------------------------- configs
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+SAMPLER_CONFIGS = {"ddpm": ("ddpm", 250), "ddim": ("ddpm", 50), "euler": ("flow", 50), "heun": ("flow", 25),
+                   "sde": ("flow", 250)}
+
+
+def compose_cfg(objective, sampler):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(overrides=[f"+objective={objective}", f"+sampler={sampler}", "+model.learn_sigma=true"])
+
+
+def test_objective_configs_are_the_reference_settings():
+    ddpm = instantiate(compose_cfg("ddpm", "ddpm").objective)
+    assert isinstance(ddpm, GaussianDiffusion)
+    assert (ddpm.num_timesteps, ddpm.schedule, ddpm.prediction, ddpm.learn_sigma) == (1000, "linear", "eps", True)
+    flow = instantiate(compose_cfg("flow", "euler").objective)
+    assert isinstance(flow, RectifiedFlow)
+    assert (flow.time_sampling, flow.logit_mean, flow.logit_std, flow.shift, flow.time_scale) == (
+        "logit_normal", 0.0, 1.0, 1.0, 1000.0)
+
+
+@pytest.mark.parametrize("name", list(SAMPLER_CONFIGS))
+def test_sampler_configs_run_with_their_objective_and_refuse_the_other(name):
+    objective, steps = SAMPLER_CONFIGS[name]
+    other = "flow" if objective == "ddpm" else "ddpm"
+    cfg = compose_cfg(objective, name)
+    assert (cfg.sampler.name, cfg.sampler.objective, cfg.sampler.steps) == (name, objective, steps)
+    obj = instantiate(cfg.objective)
+    obj.check_sampler(cfg.sampler.name, cfg.sampler.objective)
+    y = labels()
+    w = 1.5
+    if objective == "ddpm":
+        process = obj.respace(f"ddim{steps}" if name == "ddim" else str(steps))
+        model = GaussianDenoiser(process, learn_sigma=True)
+        x_T = ddpm_prior(process, y, target(y, w), standard_noise(y))
+    else:
+        model, x_T = VelocityField(), standard_noise(y).float()
+    torch.manual_seed(0)
+    x = obj.sample(model, x_T, {"y": y}, sampler=cfg.sampler.name, steps=cfg.sampler.steps, cfg_scale=w,
+                   null_label=NULL, **cfg.sampler.options)
+    for cls, (mean, _) in class_stats(x, y, slice(0, 4)).items():
+        assert mean == pytest.approx(w * MEANS[cls].item(), abs=0.03)  # 8k values: MC error 0.006 at most
+    wrong = instantiate(compose_cfg(other, name).objective)
+    with pytest.raises(ValueError, match=f"belongs to objective={objective}.*choose one of sampler="):
+        wrong.check_sampler(cfg.sampler.name, cfg.sampler.objective)
+    with pytest.raises(ValueError, match="choose one of sampler="):
+        wrong.sample(model, x_T, {"y": y}, sampler=name, steps=steps)
