@@ -244,7 +244,8 @@ class GaussianDiffusion:
         for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress, desc="ddpm"):
             t, out = self._step_output(model, x, i, model_kwargs, guidance)
             p = self.p_mean_variance_from_output(out, x, t, clip_denoised)
-            # Noise is drawn at every step, the last included, so a seed gives the reference's samples.
+            # One draw per step, the last included (masked), as the reference: unguided, a seed
+            # reproduces its samples.
             noise = torch.randn_like(x)
             x = p["mean"] + (torch.exp(0.5 * p["log_variance"]) * noise if i > 0 else 0.0)
         return x
