@@ -1,0 +1,23 @@
+"""benchmarks/gpu_check.sh --dry-run: every step of the GPU check runs on a tiny model on CPU."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_prints_every_measurement():
+    out = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    steps = [r for r in records if "step_s" in r]
+    assert [(r["compile"], r["grad_checkpointing"]) for r in steps] == [(False, False), (False, True)]
+    assert all(r["precision"] == "bf16-mixed" and r["imgs_per_sec"] > 0 for r in steps)
+    batches = [r for r in records if "max_batch" in r]
+    assert [r["max_batch"] for r in batches] == [4, 4]  # the dry run's cap: limit=4
+    (sample,) = [r for r in records if "sampler" in r]
+    assert sample["sampler"] == "ddpm" and sample["model_evals"] == 3 and sample["batch"] == 4  # guided: 2N
