@@ -200,3 +200,22 @@ def test_wds_source_keeps_its_shards_and_skips_bad_members(tmp_path):
     samples = read_shards(out)
     assert {k: v["label"] for k, v in samples.items()} == {f"s{s}_{i}": 3 * s + i for s in range(2) for i in range(3)}
     assert all(v["shard"] == shard_name(int(k[1])) for k, v in samples.items())
+
+
+def test_bf16_encoder_is_close_to_fp32_and_bad_settings_fail_early(tmp_path, tiny_vae_dir):
+    folder = tmp_path / "images"
+    (folder / "a").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"a/{i}.png")
+    source, vae = ImageFolderSource(str(folder)), load_vae(str(tiny_vae_dir))
+    for precision in ("fp32", "bf16"):
+        extract_latents(source, vae, str(tmp_path / precision), image_size=32, precision=precision, num_workers=0,
+                        progress=False)
+    fp32, bf16 = read_shards(tmp_path / "fp32"), read_shards(tmp_path / "bf16")
+    for key in fp32:
+        np.testing.assert_allclose(bf16[key]["moments"].astype(np.float32), fp32[key]["moments"].astype(np.float32),
+                                   atol=0.05)
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        extract_latents(source, vae, str(tmp_path / "x"), image_size=32, precision="fp8", progress=False)
+    with pytest.raises(ValueError, match="image_size=36 is not a multiple of the VAE downsampling 8"):
+        extract_latents(source, vae, str(tmp_path / "x"), image_size=36, progress=False)
