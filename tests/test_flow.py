@@ -13,6 +13,15 @@ from ditkit.objectives.flow import mode_time, shift_time
 MU, S = 0.7, 0.5  # data: every element ~ N(MU, S^2)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Many small ops: one intra-op thread is as fast on an idle machine and far faster on a busy one."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def exact_velocity(x, t_model, y=None):
     """E[eps - x0 | x_t] for x_t = (1 - t) x0 + t eps, x0 ~ N(MU, S^2); t_model = 1000 t."""
     t = (t_model.double() / 1000).view(-1, 1, 1, 1)

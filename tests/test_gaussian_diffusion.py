@@ -16,6 +16,15 @@ FIXTURE = Path(__file__).parent / "fixtures" / "dit_reference_tiny.pt"
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Many small ops: one intra-op thread is as fast on an idle machine and far faster on a busy one."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module")
 def ref():
     return torch.load(FIXTURE, weights_only=True)
@@ -220,3 +229,10 @@ def test_sampler_and_option_errors_are_clear():
         d.sample(lambda x, t, y: x, x, {"y": None}, sampler="ddim", steps=10)
     with pytest.raises(ValueError, match="eps, x0, v"):
         GaussianDiffusion(prediction="score")
+    y = {"y": torch.zeros(2, dtype=torch.long)}
+    with pytest.raises(ValueError, match="exceeds the 4 prediction channels"):
+        d.sample(model, x, y, sampler="ddim", steps=10, cfg_scale=2.0, guidance_channels=5, null_label=1)
+    with pytest.raises(ValueError, match="low <= high"):
+        d.sample(model, x, y, sampler="ddim", steps=10, cfg_scale=2.0, guidance_interval=(700, 100), null_label=1)
+    with pytest.raises(ValueError, match="null_label"):
+        d.sample(model, x, y, sampler="ddim", steps=10, cfg_scale=2.0)
