@@ -1,4 +1,5 @@
-"""Test helpers for FID: stand-in Inception weights (nothing downloads) and small synthetic image sets.
+"""Test helpers for FID: stand-in Inception weights (nothing downloads), small synthetic image sets,
+evaluate.py in a fresh process, a reference made through fid_reference.
 
 Use in a test module:  `from helpers_fid import inception_weights`  (a session fixture: the path of a
 stand-in weights file), or call `make_standin_inception_weights(path)` directly.
@@ -6,6 +7,9 @@ stand-in weights file), or call `make_standin_inception_weights(path)` directly.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -13,7 +17,12 @@ import numpy as np
 import pytest
 import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+from hydra import compose, initialize_config_dir
 from PIL import Image
+
+from data_pipelines.fid_reference import build_reference
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_standin_inception_weights(path: str | Path, seed: int = 0) -> Path:
@@ -21,7 +30,8 @@ def make_standin_inception_weights(path: str | Path, seed: int = 0) -> Path:
 
     torch-fidelity's Inception is built without loading its weights (the loader is patched out), and
     its convolutions are re-initialised with kaiming_normal_: with PyTorch's default init the 2048-d
-    features shrink to ~1e-8 and every FID would be ~0, which tests nothing.
+    features shrink to ~1e-8 and every FID would be ~0, which tests nothing. Likewise the final layer,
+    so that the Inception Score is not 1 for every set.
     """
     with mock.patch.object(tf_inception, "load_state_dict_from_url", return_value={}), mock.patch.object(
         tf_inception.FeatureExtractorInceptionV3, "load_state_dict"
@@ -31,6 +41,11 @@ def make_standin_inception_weights(path: str | Path, seed: int = 0) -> Path:
     for m in model.modules():
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(m.weight, generator=g)
+    # Logits that differ between images (default init: all ~0, so every IS would be 1); zero-mean rows
+    # cancel part of what all (non-negative) feature vectors share.
+    with torch.no_grad():
+        w = torch.randn(model.fc.weight.shape, generator=g)
+        model.fc.weight.copy_(w - w.mean(1, keepdim=True))
     path = Path(path)
     torch.save(model.state_dict(), path)
     return path
@@ -63,3 +78,26 @@ def write_image_folder(root: str | Path, images: np.ndarray, classes: int = 2) -
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(d / f"img_{i:04d}.png")
     return root
+
+
+def run_evaluate(*overrides: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """evaluate.py with these overrides (W&B offline); on failure with check=True, show its output.
+
+    One thread per process whatever the process count: float sums then run in the same order, so runs on
+    1 and 2 processes give bitwise-equal samples (Lightning would give each of 2 processes 1 thread, 1 process 2).
+    """
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), *overrides], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"evaluate.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def make_reference(root: Path, out: Path, weights: Path, size: int, *extra: str, source: str = "imagefolder") -> Path:
+    """`python -m data_pipelines.fid_reference source=<source> source.root=<root> ...` through its Hydra config, in process."""
+    overrides = [f"source={source}", f"source.root={root}", f"image_size={size}", f"out={out}",
+                 f"fid.inception_weights={weights}", "num_workers=0", "device=cpu", *extra]
+    with initialize_config_dir(config_dir=str(REPO / "conf" / "fid_reference"), version_base="1.3"):
+        build_reference(compose(config_name="fid_reference", overrides=overrides))
+    return out

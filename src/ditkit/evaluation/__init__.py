@@ -1,5 +1,6 @@
 """Evaluation: sampling at scale, Inception features streamed into FID / IS / KID / precision-recall, ADM `.npz`."""
 
+from .callback import FIDCallback
 from .inception import inception_features, inception_fingerprint, load_inception
 from .reference import Reference, check_reference, load_reference, read_adm_reference, save_reference
 from .runner import METRICS, InceptionMetrics, SamplingPlan, sample_and_score
@@ -9,6 +10,7 @@ from .stats import FeatureStats, frechet_distance, inception_score
 
 __all__ = [
     "METRICS",
+    "FIDCallback",
     "FeatureStats",
     "InceptionMetrics",
     "PartStore",

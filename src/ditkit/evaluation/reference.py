@@ -106,14 +106,15 @@ def load_reference(path: str | Path) -> Reference:
         )
 
 
-def check_reference(ref: Reference, path: str | Path, image_size: int, fingerprint: str) -> None:
-    """Refuse a reference made at another resolution or with other Inception weights: its FID would mean nothing."""
+def check_reference(ref: Reference, path: str | Path, image_size: int, fingerprint: str | None = None) -> None:
+    """Refuse a reference made at another resolution or (when `fingerprint` is given) with other Inception
+    weights: its FID would mean nothing."""
     if ref.image_size != image_size:
         raise ValueError(
             f"fid.reference={path} was made from {ref.image_size} px images but the samples are {image_size} px; "
             f"make a reference at image_size={image_size} ({MAKE_ONE})"
         )
-    if ref.fingerprint and ref.fingerprint != fingerprint:
+    if fingerprint is not None and ref.fingerprint and ref.fingerprint != fingerprint:
         raise ValueError(
             f"fid.reference={path} was made with other Inception weights (fingerprint {ref.fingerprint}, now "
             f"{fingerprint}); pass the same fid.inception_weights= as when it was made, or make it again"

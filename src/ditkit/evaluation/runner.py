@@ -7,6 +7,7 @@ called on every rank (it all-reduces the statistics at the end).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -111,11 +112,14 @@ def sample_and_score(
     store: PartStore | None = None,
     progress: bool = True,
     keep: int = 0,
+    lockstep: bool = False,
 ) -> torch.Tensor:
     """Sample this rank's share of `plan`, feed `metrics`; returns up to `keep` of its images (k, 3, H, W) uint8.
 
     With a `store`, every batch is written as a part and batches already there are read back instead
     of sampled again (resume). The model runs on `device`; the null class for guidance is num_classes.
+    lockstep: every rank runs as many model batches as the busiest one (a rank with one batch fewer samples
+    a throw-away batch), for sharded (FSDP2) models whose forward is a collective.
     """
     device = torch.device(device)
     labels_all = balanced_labels(plan.num_samples, plan.num_classes, plan.seed)
@@ -149,4 +153,11 @@ def sample_and_score(
             rate = fresh / (time.perf_counter() - t0)
             bar.set_postfix_str(f"{rate * world_size:.2f} img/s on all ranks")
     bar.close()
+    rounds = math.ceil(math.ceil(plan.num_samples / plan.batch_size) / world_size)  # batches of the busiest rank
+    for _ in range(rounds - len(batches) if lockstep else 0):
+        stop = min(plan.batch_size, plan.num_samples)
+        generate_batch(
+            model, objective, lambda z: z, labels_all[:stop].to(device), sample_noise(0, stop, plan.latent_shape, plan.seed).to(device),
+            seed=plan.seed, start=0, null_label=plan.num_classes, sample_kwargs=plan.sample_kwargs, autocast=autocast,
+        )
     return torch.cat(kept)[:keep] if kept else torch.zeros(0, dtype=torch.uint8)

@@ -68,8 +68,12 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
-    """logits: (N, 1008) unbiased Inception logits -> IS mean and std over `splits` (Salimans et al. 2016)."""
-    out = isc_features_to_metric(logits.cpu(), splits=min(splits, logits.shape[0]), shuffle=True, rng_seed=2020)
+    """logits: (N, 1008) unbiased Inception logits -> IS mean and std over `splits` (Salimans et al. 2016).
+
+    Fewer splits when N < 2 * splits: a split of one sample always scores exactly 1.
+    """
+    splits = max(1, min(splits, logits.shape[0] // 2))
+    out = isc_features_to_metric(logits.cpu(), splits=splits, shuffle=True, rng_seed=2020)
     return out["inception_score_mean"], out["inception_score_std"]
 
 

@@ -1,0 +1,208 @@
+"""Score a checkpoint: sample N images on every rank, stream them through Inception, write FID / IS.
+
+    python evaluate.py ckpt=outputs/<run>/checkpoints/last.ckpt fid.reference=/data/in256-ref.npz
+    python evaluate.py ckpt=DiT-XL-2-256x256.pt cfg_scale=1.5 guidance_channels=3 fid.reference=VIRTUAL_imagenet256_labeled.npz
+    python evaluate.py ckpt=... devices=8 precision=bf16-mixed          # or start it with torchrun / srun
+
+Outputs in the run folder (${output_dir}/<overrides>): metrics.json, samples.npz (ADM format: arr_0 uint8
+NHWC, arr_1 labels), samples.png; logged to W&B. Every finished batch is kept in <run>/parts until the end,
+so rerunning an interrupted command continues where it stopped.
+"""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+REPO = Path(__file__).resolve().parent
+# FID protocol of each objective's papers: DiT 250 ancestral DDPM steps, SiT 250 Euler-Maruyama (SDE) steps.
+DEFAULT_SAMPLER = {"ddpm": "ddpm", "flow": "sde"}
+OFFICIAL_VAE = "stabilityai/sd-vae-ft-ema"  # DiT's sample_ddp.py default
+
+
+def run_name(overrides: str) -> str:
+    """The run folder's name: the overrides that define the samples, "/" made safe, long ones hashed."""
+    name = (overrides or "default").replace("/", "_")
+    if len(name) > 120:
+        name = f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+    return name
+
+
+OmegaConf.register_new_resolver("ditkit.eval_run_name", run_name, replace=True)
+
+
+def _checkpoint_file(ckpt: str, run_dir: Path) -> Path:
+    """`ckpt`, or for a sharded (FSDP) checkpoint folder its consolidated copy in the run folder."""
+    path = Path(ckpt)
+    if not path.is_dir() or not (path / ".metadata").is_file():
+        return path
+    from ditkit.training import consolidate_checkpoint
+
+    out = run_dir / "consolidated.ckpt"
+    if not out.is_file():  # made once, before the other ranks start
+        run_dir.mkdir(parents=True, exist_ok=True)
+        consolidate_checkpoint(path, out)
+    return out
+
+
+def build(cfg: DictConfig, ckpt):
+    """(model, objective, vae, data image size or None) for a read checkpoint, with clear errors for misfits."""
+    from hydra.utils import instantiate
+
+    from ditkit.checkpoints import dit_config_from_state_dict
+    from ditkit.data.vae import load_vae
+    from ditkit.evaluation.decoding import run_vae
+    from ditkit.models import DiT
+
+    vae_cfg = cfg.get("vae")
+    if ckpt.kind == "ditkit":
+        run = ckpt.run_config
+        model = instantiate(run["model"])
+        objective_cfg = cfg.objective if cfg.get("objective") is not None else run["objective"]
+        vae = run_vae(run["data"], vae_cfg.pretrained if vae_cfg else None, vae_cfg.subfolder if vae_cfg else None,
+                      chosen=vae_cfg is not None)
+        image_size = run["data"].get("image_size")
+    else:
+        config = dit_config_from_state_dict(ckpt.state_dict)
+        config["num_heads"] = cfg.num_heads or config["num_heads"]
+        if config["num_heads"] is None:
+            raise ValueError(f"ckpt={cfg.ckpt}: width {config['hidden_size']} is not a published DiT variant; pass num_heads=")
+        model = DiT(**config)
+        objective_cfg = cfg.objective if cfg.get("objective") is not None else {"_target_": "ditkit.objectives.GaussianDiffusion"}
+        pretrained = vae_cfg.pretrained if vae_cfg else OFFICIAL_VAE
+        vae = load_vae(pretrained or "identity", vae_cfg.subfolder if vae_cfg else None)
+        image_size = None
+    if getattr(model, "num_classes", None) is None:
+        raise ValueError(f"ckpt={cfg.ckpt}: evaluate.py scores class-conditional models; this one ({type(model).__name__}) has no classes")
+    try:
+        model.load_state_dict(ckpt.state_dict, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"ckpt={cfg.ckpt}: the weights do not fit the model it describes: {err}") from err
+    objective_cfg = OmegaConf.create(OmegaConf.to_container(objective_cfg) if isinstance(objective_cfg, DictConfig) else dict(objective_cfg))
+    if "learn_sigma" in objective_cfg or objective_cfg["_target_"].endswith("GaussianDiffusion"):
+        objective_cfg.learn_sigma = bool(model.learn_sigma)  # follows the model (objective/ddpm.yaml interpolates it)
+    return model.eval(), instantiate(objective_cfg), vae, image_size
+
+
+def sampler_settings(cfg: DictConfig, objective) -> dict:
+    """objective.sample keyword arguments from the sampler group (default: by objective) and the guidance keys."""
+    sampler = cfg.get("sampler")
+    if sampler is None:
+        sampler = OmegaConf.load(REPO / "conf" / "sampler" / f"{DEFAULT_SAMPLER[objective.name]}.yaml")
+    objective.check_sampler(sampler.name, sampler.get("objective"))
+    interval, options = cfg.guidance_interval, sampler.get("options")
+    return {
+        "sampler": sampler.name, "steps": sampler.steps, **(OmegaConf.to_container(options) if options is not None else {}),
+        "cfg_scale": float(cfg.cfg_scale), "guidance_channels": cfg.guidance_channels,
+        "guidance_interval": None if interval is None else [float(v) for v in interval],
+    }
+
+
+def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
+    """Everything that can be wrong is checked before the first sample; returns the metrics (on every rank)."""
+    import lightning as L
+    import torch
+
+    from ditkit.evaluation import (
+        METRICS, InceptionMetrics, PartStore, SamplingPlan, check_reference, inception_fingerprint, load_inception,
+        load_reference, plan_batches, sample_and_score, save_grid, write_adm_npz,
+    )
+    from ditkit.evaluation.decoding import make_decoder
+    from ditkit.evaluation.loading import read_checkpoint
+
+    metrics = list(cfg.metrics)
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"metrics={metrics}: unknown {sorted(unknown)}; choose from {list(METRICS)}")
+    needs_reference = bool({"fid", "kid", "prc"} & set(metrics))
+    if needs_reference and cfg.fid.reference is None:
+        raise ValueError(f"metrics={metrics} need fid.reference=FILE.npz (make one with python -m data_pipelines.fid_reference)")
+    reference = load_reference(cfg.fid.reference) if needs_reference else None
+    if reference is not None and {"kid", "prc"} & set(metrics) and reference.features is None:
+        raise ValueError(f"metrics kid / prc need reference features: make {cfg.fid.reference} again with features=10000")
+    ckpt = read_checkpoint(_checkpoint_file(cfg.ckpt, run_dir), cfg.weights)
+    model, objective, vae, data_image_size = build(cfg, ckpt)
+    sample_kwargs = sampler_settings(cfg, objective)
+    image_size = model.input_size * vae.downsample
+    if data_image_size is not None and data_image_size != image_size:
+        raise ValueError(f"the model samples {image_size} px images but was trained on {data_image_size} px: check vae=")
+    if reference is not None:
+        check_reference(reference, cfg.fid.reference, image_size)
+
+    fabric = L.Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, precision=cfg.precision)
+    fabric.launch()
+    device, rank, world = fabric.device, fabric.global_rank, fabric.world_size
+    extractor = load_inception(cfg.fid.inception_weights, device)
+    if reference is not None:
+        check_reference(reference, cfg.fid.reference, image_size, inception_fingerprint(extractor))
+    model = model.to(device)
+    plan = SamplingPlan(
+        num_samples=cfg.num_samples, batch_size=cfg.batch_size, num_classes=model.num_classes,
+        latent_shape=(model.in_channels, model.input_size, model.input_size), seed=cfg.seed, sample_kwargs=sample_kwargs,
+    )
+    settings = {"ckpt": str(Path(cfg.ckpt).resolve()), "weights": cfg.weights, "num_samples": cfg.num_samples,
+                "batch_size": cfg.batch_size, "seed": cfg.seed, "precision": cfg.precision, "vae": vae.name,
+                "image_size": image_size, **sample_kwargs}
+    store = PartStore(run_dir / "parts", settings) if rank == 0 else None
+    wandb_run = start_wandb(cfg, run_dir) if rank == 0 else None
+    fabric.barrier()  # rank 0 checked / wrote plan.json first
+    store = store or PartStore(run_dir / "parts", settings)
+    scores = InceptionMetrics(metrics)
+    kept = sample_and_score(
+        model, objective, make_decoder(vae, device), extractor, plan, scores, rank=rank, world_size=world,
+        device=device, autocast=fabric.autocast, store=store, progress=cfg.progress, keep=cfg.grid_images,
+    )
+    result = scores.compute(reference, device)
+    fabric.barrier()  # every part is on disk
+    if rank == 0:
+        result = {**result, "reference": cfg.fid.reference, "settings": settings}
+        write_adm_npz(run_dir / "samples.npz", store, [s for s, _ in plan_batches(cfg.num_samples, cfg.batch_size)])
+        save_grid(run_dir / "samples.png", kept)
+        (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        log_wandb(wandb_run, run_dir, result, kept)
+        shutil.rmtree(run_dir / "parts")
+        print(json.dumps({k: result[k] for k in ("fid", "is", "kid", "precision", "recall") if k in result}))
+    fabric.barrier()
+    return result
+
+
+def start_wandb(cfg: DictConfig, run_dir: Path):
+    """A W&B run (rank 0, at the start so that a bad setting fails before sampling); offline without an API key."""
+    if not cfg.wandb.enabled:
+        return None
+    import wandb
+
+    kwargs = dict(project=cfg.wandb.project, name=cfg.wandb.name or run_dir.name, dir=str(run_dir), tags=list(cfg.wandb.tags),
+                  job_type="evaluate", config=OmegaConf.to_container(cfg, resolve=True))
+    try:
+        return wandb.init(**kwargs)
+    except wandb.errors.UsageError as err:  # no account here: keep the run, upload later with `wandb sync`
+        print(f"W&B: {err}; logging offline to {run_dir}/wandb (upload with `wandb sync`)")
+        return wandb.init(mode="offline", **kwargs)
+
+
+def log_wandb(run, run_dir: Path, result: dict, grid_images) -> None:
+    if run is None:
+        return
+    import wandb
+
+    from ditkit.evaluation.samples_io import image_grid
+
+    run.log({**{f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))},
+             "eval/samples": wandb.Image(image_grid(grid_images))})
+    run.save(str(run_dir / "metrics.json"), base_path=str(run_dir))
+    run.finish()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

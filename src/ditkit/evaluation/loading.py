@@ -1,0 +1,90 @@
+"""What `evaluate.py ckpt=...` can read, told apart early, with an error that says what to pass instead.
+
+Kinds:
+  ditkit    a Lightning checkpoint written by train.py: `state_dict` holds `model.*` (raw) and `ema.*`
+            (EMA) weights, `ditkit_config` the run's resolved config (model, objective, data).
+  official  a released DiT `.pt` (bare EMA state_dict) or a reference-training checkpoint {"model", "ema", ...}.
+  weights   a `.safetensors` of a DiT state_dict (e.g. EMA weights exported from a ditkit checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+WEIGHTS = ("ema", "raw")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """state_dict in the model's own layout; run_config: the ditkit run's config (plain dict) or None."""
+
+    kind: str
+    state_dict: dict[str, torch.Tensor]
+    run_config: dict | None = None
+
+
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def read_checkpoint(path: str | os.PathLike, weights: str = "ema") -> LoadedCheckpoint:
+    """Classify and read `path`; weights: "ema" (default, what DiT reports) or "raw" (the trained weights)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights}: choose ema or raw")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"ckpt={path} is a folder; a sharded (FSDP) checkpoint is consolidated by evaluate.py itself, "
+            "anything else must be a .ckpt, .pt or .safetensors file"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt={path}: no such file (a ditkit .ckpt, an official DiT .pt or a .safetensors)")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if weights == "raw":
+            raise ValueError(f"weights=raw: {path} holds one set of weights; drop weights=raw")
+        try:
+            return LoadedCheckpoint("weights", load_file(path))
+        except SafetensorError as err:
+            raise ValueError(f"ckpt={path} is not a readable safetensors file ({err}); export it again") from err
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise ValueError(
+            f"ckpt={path} is not a checkpoint that loads with weights_only=True ({type(err).__name__}: {err}); "
+            "pass a ditkit .ckpt, an official DiT .pt or a .safetensors"
+        ) from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"ckpt={path} holds a {type(obj).__name__}, not a checkpoint dict")
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        if "ditkit_config" not in obj:
+            raise ValueError(
+                f"ckpt={path} is a Lightning checkpoint without `ditkit_config`: not written by ditkit's train.py, "
+                "so the model cannot be rebuilt; export its DiT weights to .safetensors and pass that"
+            )
+        prefix = "ema." if weights == "ema" else "model."
+        state = _strip(obj["state_dict"], prefix)
+        if not state:
+            raise ValueError(f"ckpt={path} has no `{prefix}*` weights in its state_dict")
+        return LoadedCheckpoint("ditkit", state, obj["ditkit_config"])
+    if weights == "raw" and "model" not in obj:
+        raise ValueError(f"weights=raw: {path} holds only EMA weights (official release); drop weights=raw")
+    return LoadedCheckpoint("official", _official_state(obj, path, weights))
+
+
+def _official_state(obj: dict, path: Path, weights: str) -> dict[str, torch.Tensor]:
+    """The tensors of a released file (bare state_dict) or of a reference-training dict ("ema" / "model")."""
+    key = "ema" if weights == "ema" else "model"
+    if isinstance(obj.get(key), dict):
+        obj = obj[key]
+    if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"ckpt={path} holds no state_dict of tensors (keys: {list(obj)[:8]})")
+    return obj
