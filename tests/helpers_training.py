@@ -6,10 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import webdataset as wds
 
 from ditkit.data.format import FORMAT, MANIFEST, VERSION, encode_sample, shard_name
+from ditkit.training.ema import local
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,10 +72,33 @@ def train_cmd(*overrides: str) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), *overrides]
 
 
-def run_train(*overrides: str, timeout: float = 240, check: bool = True, env=None) -> subprocess.CompletedProcess:
-    """Run train.py in a fresh process (from the repo root); on failure, show its output."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **(env or {})}
-    proc = subprocess.run(train_cmd(*overrides), cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+def torchrun_cmd(nproc: int, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(REPO / "train.py"), *overrides]
+
+
+def run_train(*overrides: str, timeout: float = 240, check: bool = True, env=None, cmd=None) -> subprocess.CompletedProcess:
+    """Run train.py (or `cmd`) in a fresh process from the repo root, one intra-op thread per process,
+    helpers_training importable (for Hydra targets); on failure, show its output."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    cmd = cmd or train_cmd(*overrides)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+
+class NaNGradOnRank(L.Callback):
+    """Writes a NaN into one local gradient of one rank at one step, after DDP's all-reduce (Hydra builds it
+    in train.py subprocesses: +callbacks.nan._target_=helpers_training.NaNGradOnRank): only that rank sees
+    the NaN, so the ranks stay in step only if they agree on skipping."""
+
+    def __init__(self, rank: int = 1, step: int = 2):
+        self.rank, self.step = rank, step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            grad = next(p.grad for p in pl_module.model.parameters() if p.grad is not None)
+            local(grad).view(-1)[0] = float("nan")

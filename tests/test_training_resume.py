@@ -34,7 +34,7 @@ def overrides(out: Path, shards: Path, name: str, steps: int, every: int = N) ->
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, shards):
     out = tmp_path_factory.mktemp("runs")
-    run_train(*overrides(out, shards, "straight", 2 * N), env=ENV)
+    run_train(*overrides(out, shards, "straight", 2 * N))
     return out / "straight"
 
 
@@ -67,9 +67,9 @@ def assert_same_state(a: Path, b: Path) -> None:
 
 def test_resume_in_a_new_process_is_exact(straight, shards):
     out = straight.parent
-    run_train(*overrides(out, shards, "resumed", N), env=ENV)
+    run_train(*overrides(out, shards, "resumed", N))
     assert torch.load(out / "resumed/checkpoints/last.ckpt", weights_only=True)["global_step"] == N
-    run_train(*overrides(out, shards, "resumed", 2 * N), env=ENV)  # same folder: resume=auto continues it
+    run_train(*overrides(out, shards, "resumed", 2 * N))  # same folder: resume=auto continues it
 
     full, resumed = losses(straight), losses(out / "resumed")
     assert sorted(full) == sorted(resumed) == list(range(2 * N))
@@ -100,7 +100,7 @@ def test_sigkill_then_the_same_command_resumes_to_the_same_weights(straight, sha
     proc.communicate()
     committed = torch.load(straight.parent / "killed/checkpoints/last.ckpt", weights_only=True)["global_step"]
     assert 2 <= committed < 2 * N
-    run_train(*args, env=ENV)  # the very same command
+    run_train(*args)  # the very same command
     restarts = sorted((straight.parent / "killed/csv").glob("version_*/metrics.csv"))
     assert len(restarts) == 2
     with open(restarts[1]) as f:
@@ -120,7 +120,7 @@ def test_sigterm_saves_exits_cleanly_and_the_rerun_matches(straight, shards):
     saved = torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"]
     assert 2 <= saved < 2 * N  # written by the preemption handler (the regular cadence is 1000 steps)
     assert f"received SIGTERM; saving last.ckpt at step {saved}" in stdout + stderr
-    run_train(*args, "callbacks.archive.every_n_train_steps=2", env=ENV)
+    run_train(*args, "callbacks.archive.every_n_train_steps=2")
     assert_same_state(straight, straight.parent / "preempted")
 
 

@@ -1,6 +1,6 @@
 """FSDP2 sharding, torch.compile and consolidation of sharded checkpoints.
 
-FSDP2 runs through Lightning's `ModelParallelStrategy` (conf/strategy/fsdp.yaml), which hands
+FSDP2 runs through Lightning's `ModelParallelStrategy` (`FSDP2Strategy`, conf/strategy/fsdp.yaml), which hands
 `DiffusionModule.configure_model` a device mesh; `shard_blocks` applies `fully_shard` per
 transformer block and then to the root (the torchtitan recipe: each block's parameters are
 all-gathered just before it runs and freed after). Sharded checkpoints are folders written with
@@ -11,9 +11,26 @@ into a single ordinary `.ckpt` file (for one process, evaluate.py, or export).
 from pathlib import Path
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy as pure FSDP2: one data-parallel mesh over every rank, no tensor
+    parallelism. (Its "auto" data-parallel size is the node count, which assumes TP inside a node.)
+
+    save_distributed_checkpoint: True writes a folder of per-rank shards (fast, any world size can
+    reload it); False gathers a single file on rank 0."""
+
+    def __init__(self, save_distributed_checkpoint: bool = True, **kwargs):
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
 
 
 def shard_blocks(model: nn.Module, mesh: DeviceMesh) -> None:
@@ -55,8 +72,8 @@ def consolidate_checkpoint(folder: str | Path, output: str | Path | None = None)
 
 
 def _index_keyed(optim_state: dict) -> dict:
-    """A sharded checkpoint keys optimizer state by parameter name; torch.optim wants positions in
-    param_groups order. (N.B. the order of `params` in each group is the optimizer's own order.)"""
+    """A sharded checkpoint keys optimizer state by parameter name; torch.optim wants positions, in the
+    order the names appear in param_groups (the optimizer's own parameter order)."""
     order = [name for group in optim_state["param_groups"] for name in group["params"]]
     index = {name: i for i, name in enumerate(order)}
     groups, start = [], 0

@@ -1,0 +1,109 @@
+"""train.py's configs: every experiment composes and fits its data, bad configs fail before any work with
+a message that names the key and the fix (RELIABILITY row 13), run folders are named by the overrides."""
+
+import time
+
+import pytest
+from helpers_training import REPO, run_train
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from ditkit.training.checks import ConfigError, check_model_fits_data
+
+EXPERIMENTS = ["quickstart", "dit_xl2_in256", "sit_xl2_in256", "lightningdit_xl1_in256"]
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def check(*overrides: str) -> None:
+    cfg = composed(*overrides)
+    check_model_fits_data(OmegaConf.to_container(cfg.model, resolve=True),
+                          OmegaConf.to_container(cfg.data, resolve=True))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiments_compose_and_fit_their_data(experiment):
+    check(f"experiment={experiment}")
+
+
+def test_experiment_recipes():
+    dit = composed("experiment=dit_xl2_in256")
+    assert (dit.model.variant, dit.model.patch_size, dit.model.learn_sigma) == ("XL", 2, True)
+    assert dit.objective._target_ == "ditkit.objectives.GaussianDiffusion"
+    assert (dit.module.lr, dit.module.weight_decay, dit.module.ema_decay) == (1e-4, 0.0, 0.9999)
+    assert dit.data.batch_size * 8 == 256 and dit.trainer.max_steps == 400_000
+    sit = composed("experiment=sit_xl2_in256")
+    assert sit.objective._target_ == "ditkit.objectives.RectifiedFlow" and sit.objective.time_sampling == "uniform"
+    modern = composed("experiment=lightningdit_xl1_in256")
+    assert (modern.model.norm, modern.model.mlp, modern.model.rope, modern.model.patch_size) == ("rmsnorm", "swiglu",
+                                                                                                 True, 1)
+    assert modern.objective.cosine_loss_weight == 1.0 and modern.trainer.gradient_clip_val == 1.0
+    assert modern.trainer.strategy._target_ == "ditkit.training.parallel.FSDP2Strategy"
+    quick = composed("experiment=quickstart")
+    assert quick.trainer.accelerator == "cpu" and quick.data._target_.endswith("LatentShardsDataModule")
+    assert quick.data.builtin == "digits" and quick.callbacks.digits_score.per_class == 20
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.patch_size=3"], r"model.patch_size=3 does not divide the latent size 32 .*use model.patch_size=1\|2\|4"),
+        (["model.input_size=64"], r"model.input_size=64 but the data has latent_size=32.*Drop the model.input_size"),
+        (["model.in_channels=3"], r"model.in_channels=3 but the data has latent_channels=4"),
+        (["data=digits", "model.num_classes=1000"], r"model.num_classes=1000 but the data has num_classes=10"),
+        (["model=dit_s", "model.num_heads=5"], r"model.hidden_size=384 is not divisible by model.num_heads=5"),
+        (["model.depth=abc"], r"model.depth='abc' must be an integer"),
+    ],
+)
+def test_model_that_does_not_fit_the_data_is_refused_with_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        check(*overrides)
+
+
+def test_misspelt_key_is_refused_by_hydra():
+    with pytest.raises(ConfigCompositionException, match="dpeth"):
+        composed("model.dpeth=3")
+
+
+def test_unknown_model_fails_in_seconds_listing_the_choices():
+    start = time.time()
+    proc = run_train("model=dit_xxl", check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "Could not find 'model/dit_xxl'" in proc.stderr
+    assert all(f"\t{name}\n" in proc.stderr for name in ("dit_s", "dit_b", "dit_l", "dit_xl"))
+    assert "Seed set" not in proc.stdout + proc.stderr  # nothing was built
+    print(f"train.py model=dit_xxl failed after {time.time() - start:.1f} s")
+
+
+def test_patch_size_error_comes_from_train_py_before_building(tmp_path):
+    proc = run_train("data=digits", "model.patch_size=3", f"paths.output_dir={tmp_path}", "logger=csv",
+                     check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "model.patch_size=3 does not divide the latent size 16" in proc.stderr
+    assert not list(tmp_path.glob("*/checkpoints")) and not (REPO / "data" / "digits16.building").exists()
+
+
+def test_run_folder_is_named_by_the_overrides():
+    import train
+
+    assert train.run_name("") == "default"
+    assert train.run_name("model=dit_b,objective=flow") == "model=dit_b,objective=flow"
+    assert train.run_name("data.urls=/a/b") == "data.urls=_a_b"
+    long = ",".join(f"model.k{i}={i}" for i in range(40))
+    assert len(train.run_name(long)) == 111 and train.run_name(long) != train.run_name(long + ",x=1")
+    hydra_cfg = OmegaConf.load(REPO / "conf/hydra/default.yaml")
+    assert "trainer.max_steps" in hydra_cfg.job.config.override_dirname.exclude_keys  # "train longer" = same run
+
+
+def test_submitit_launcher_config():
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hydra/launcher=submitit_slurm", "trainer.num_nodes=4"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.nodes == 4 and launcher.tasks_per_node == launcher.gpus_per_node == 8
+    assert launcher.signal_delay_s == 120

@@ -1,0 +1,80 @@
+"""DDP and FSDP2 with 2 gloo processes (torchrun), NaN on one rank only (RELIABILITY row 9), sharded
+checkpoints consolidated and reloaded on 1 process, and resumed on another world size."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_training import (
+    TINY_MODEL, data_overrides, run_overrides, run_train, torchrun_cmd, write_synthetic_shards,
+)
+
+from ditkit.models import DiT
+from ditkit.objectives import GaussianDiffusion
+from ditkit.training import DiffusionModule, consolidate_checkpoint
+
+pytestmark = pytest.mark.slow
+STEPS = 4
+
+
+def overrides(out: Path, shards: Path, name: str, strategy: str, steps: int = STEPS) -> list[str]:
+    return [
+        *TINY_MODEL, *data_overrides(shards), *run_overrides(out, steps, 2), f"run_name={name}",
+        f"strategy={strategy}", "trainer.devices=2", "module.lr=1e-3", "module.ema_decay=0.5",
+        # rank 1 alone gets a NaN gradient at step 2 (after the DDP all-reduce): both ranks must skip it
+        "+callbacks.nan._target_=helpers_training.NaNGradOnRank", "+callbacks.nan.rank=1", "+callbacks.nan.step=2",
+    ]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    shards = write_synthetic_shards(tmp_path_factory.mktemp("shards"))
+    out = tmp_path_factory.mktemp("runs")
+    for strategy in ("ddp", "fsdp"):
+        run_train(cmd=torchrun_cmd(2, *overrides(out, shards, strategy, strategy)), timeout=300)
+    return out, shards
+
+
+def tiny_module() -> DiffusionModule:
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    return DiffusionModule(model, GaussianDiffusion())
+
+
+def test_ddp_and_fsdp2_agree_and_skip_the_one_rank_nan_together(runs):
+    out, _ = runs
+    ddp = torch.load(out / "ddp/checkpoints/last.ckpt", weights_only=True)
+    folder = out / "fsdp/checkpoints/last.ckpt"
+    assert folder.is_dir() and (folder / ".metadata").is_file()  # one shard file per rank
+    assert len(list(folder.glob("*.distcp"))) == 2
+    fsdp = torch.load(consolidate_checkpoint(folder), weights_only=True)
+
+    for ckpt in (ddp, fsdp):
+        assert ckpt["global_step"] == STEPS
+        # Rank 0's gradients were finite at step 2: it skipped only because rank 1 told it to.
+        assert ckpt["state_dict"]["skipped_steps"].item() == 1
+        assert ckpt["state_dict"]["ema_updates"].item() == STEPS - 1
+    assert ddp["state_dict"].keys() == fsdp["state_dict"].keys()
+    for key, value in ddp["state_dict"].items():  # same data, seeds and maths: all-reduce vs reduce-scatter
+        torch.testing.assert_close(fsdp["state_dict"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+    for i, state in ddp["optimizer_states"][0]["state"].items():
+        for moment in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(fsdp["optimizer_states"][0]["state"][i][moment], state[moment],
+                                       rtol=1e-4, atol=1e-8)
+
+    # The consolidated checkpoint loads strictly into a plain single-process module, EMA included.
+    module = tiny_module()
+    module.load_state_dict(fsdp["state_dict"], strict=True)
+    for name, p in module.ema.named_parameters():
+        assert torch.equal(p, fsdp["state_dict"][f"ema.{name}"])
+        torch.testing.assert_close(p, ddp["state_dict"][f"ema.{name}"], rtol=1e-4, atol=1e-6)
+
+
+def test_sharded_checkpoint_resumes_on_another_world_size(runs):
+    """2 FSDP ranks -> 1 FSDP rank: torch.distributed.checkpoint reshards on load."""
+    out, shards = runs
+    args = [a for a in overrides(out, shards, "fsdp", "fsdp", steps=STEPS + 2) if a != "trainer.devices=2"]
+    run_train(*args, "trainer.devices=1", "ckpt_path=" + str(out / "fsdp/checkpoints/last.ckpt"))
+    fsdp = torch.load(consolidate_checkpoint(out / "fsdp/checkpoints/last.ckpt", out / "after.ckpt"),
+                      weights_only=True)
+    assert fsdp["global_step"] == STEPS + 2
+    assert fsdp["state_dict"]["ema_updates"].item() == STEPS + 1
