@@ -55,8 +55,29 @@ def _decoder(trainer: "L.Trainer", vae: str | None):
     return decode
 
 
+def conditions(trainer: "L.Trainer", labels: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor | dict:
+    """The labels, or for captioned data (text-to-image, MMDiT) the text condition {"context", "pooled"} of
+    `prompts` (cycled over the labels' positions) or else of the labels' class captions, embedded by the
+    text encoders named in the shards' manifest."""
+    datamodule = trainer.datamodule
+    if getattr(datamodule, "text", None) is None:
+        return labels
+    from ditkit.data.text import class_prompts, text_encoders_from_manifest
+
+    datamodule.setup()
+    texts = [prompts[i % len(prompts)] for i in range(len(labels))] if prompts else class_prompts(datamodule.manifest, labels)
+    context, pooled = text_encoders_from_manifest(datamodule.manifest)(texts)
+    return {"context": context, "pooled": pooled}
+
+
+def _rows(condition: torch.Tensor | dict, start: int, stop: int, device) -> torch.Tensor | dict:
+    if isinstance(condition, dict):
+        return {k: v[start:stop].to(device) for k, v in condition.items()}
+    return condition[start:stop].to(device)
+
+
 def _sample(pl_module, noise, labels, sampler, steps, cfg_scale, batch_size) -> torch.Tensor:
-    """EMA samples in chunks, on the module's device, with fixed inputs."""
+    """EMA samples in chunks, on the module's device, with fixed inputs (labels: (N,) or a text condition dict)."""
     objective = pl_module.objective
     sampler, steps = (sampler, steps) if sampler else DEFAULT_SAMPLER[objective.name]
     out = []
@@ -64,7 +85,7 @@ def _sample(pl_module, noise, labels, sampler, steps, cfg_scale, batch_size) -> 
         torch.manual_seed(0)  # stochastic samplers (ancestral DDPM, SDE) draw the same noise every time
         for i in range(0, len(noise), batch_size):
             x = noise[i : i + batch_size].to(pl_module.device)
-            y = labels[i : i + batch_size].to(pl_module.device)
+            y = _rows(labels, i, i + batch_size, pl_module.device)
             out.append(pl_module.sample(x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale).float())
     return torch.cat(out)
 
@@ -74,20 +95,22 @@ class SampleGrid(Callback):
     write <run>/samples/step_XXXXXXX.png and log it as `samples` to loggers that take images (W&B).
 
     labels: the classes to show (cycled); default `num_images` classes spread over [0, num_classes).
+    prompts: for captioned data, the captions to show (cycled); default the labels' class captions.
     sampler / steps: default ddim 50 (ddpm) or euler 50 (flow). vae: override of the manifest's VAE.
     """
 
     def __init__(self, every_n_steps: int = 10000, num_images: int = 16, num_classes: int = 1000,
                  labels: list[int] | None = None, sampler: str | None = None, steps: int | None = None,
                  cfg_scale: float = 4.0, seed: int = 0, batch_size: int = 64, vae: str | None = None,
-                 output_dir: str | None = None):
+                 output_dir: str | None = None, prompts: list[str] | None = None):
         if every_n_steps < 1:
             raise ValueError(f"callbacks.sample_grid.every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps, self.num_images, self.cfg_scale = every_n_steps, num_images, cfg_scale
         self.labels = list(labels) if labels else [int(i * num_classes / num_images) for i in range(num_images)]
         self.sampler, self.steps, self.seed, self.batch_size = sampler, steps, seed, batch_size
-        self.vae, self.output_dir = vae, output_dir
+        self.vae, self.output_dir, self.prompts = vae, output_dir, list(prompts) if prompts else None
         self._decode = None
+        self._condition = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -96,7 +119,9 @@ class SampleGrid(Callback):
         model = pl_module.model
         noise, labels = fixed_inputs(self.num_images, (model.in_channels, model.input_size, model.input_size),
                                      self.labels, self.seed)
-        latents = _sample(pl_module, noise, labels, self.sampler, self.steps, self.cfg_scale, self.batch_size)
+        if self._condition is None:
+            self._condition = conditions(trainer, labels, self.prompts)
+        latents = _sample(pl_module, noise, self._condition, self.sampler, self.steps, self.cfg_scale, self.batch_size)
         if not trainer.is_global_zero:
             return  # every rank samples (FSDP2 all-gathers in the forward); rank 0 decodes and logs
         if self._decode is None:
@@ -107,7 +132,8 @@ class SampleGrid(Callback):
         Image.fromarray(grid).save(folder / f"step_{step:07d}.png")
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image(key="samples", images=[grid], step=step, caption=[f"labels {self.labels}"])
+                caption = f"prompts {self.prompts}" if self.prompts and isinstance(self._condition, dict) else f"labels {self.labels}"
+                logger.log_image(key="samples", images=[grid], step=step, caption=[caption])
 
 
 def real_digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -127,8 +153,9 @@ def digits_features(images: np.ndarray) -> np.ndarray:
 
 class DigitsScore(Callback):
     """At the end of training (built-in digits only): sample `per_class` images of each digit with the EMA
-    model and guidance, and report the share that an SVM trained on the real digits assigns to the class
-    that was asked for (`samples/digits_accuracy`, also written to <run>/digits_score.json)."""
+    model and guidance (captioned digits: prompted "a handwritten <digit>"), and report the share that an
+    SVM trained on the real digits assigns to the class that was asked for (`samples/digits_accuracy`,
+    also written to <run>/digits_score.json)."""
 
     def __init__(self, per_class: int = 20, cfg_scale: float = 4.0, sampler: str | None = None,
                  steps: int | None = None, seed: int = 0, batch_size: int = 200):
@@ -143,7 +170,8 @@ class DigitsScore(Callback):
         model = pl_module.model
         size = model.input_size
         noise, labels = fixed_inputs(10 * self.per_class, (model.in_channels, size, size), list(range(10)), self.seed)
-        samples = _sample(pl_module, noise, labels, self.sampler, self.steps, self.cfg_scale, self.batch_size)
+        condition = conditions(trainer, labels)  # captioned digits: "a handwritten seven" for 7
+        samples = _sample(pl_module, noise, condition, self.sampler, self.steps, self.cfg_scale, self.batch_size)
         if not trainer.is_global_zero:
             return
         images, targets = real_digits(size)
