@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers_training import TINY_MODEL, data_overrides, run_overrides, run_train, write_synthetic_shards
 from omegaconf import OmegaConf
+from PIL import Image
 from wandb.proto import wandb_internal_pb2
 
 pytestmark = pytest.mark.slow
@@ -55,9 +56,11 @@ def read_offline_run(run_dir: Path) -> dict:
 def test_two_job_sweep_with_offline_wandb(tmp_path):
     shards = write_synthetic_shards(tmp_path / "shards")
     out = tmp_path / "runs"
-    overrides = [o for o in run_overrides(out, STEPS, 2) if o != "logger=csv"]
-    proc = run_train("-m", *TINY_MODEL, *data_overrides(shards), *overrides, "logger=wandb", "objective=ddpm,flow",
-                     "model.learn_sigma=false", timeout=300)
+    overrides = [o for o in run_overrides(out, STEPS, 2) if o not in ("logger=csv", "~callbacks.sample_grid")]
+    grid = [f"callbacks.sample_grid.every_n_steps={STEPS}", "callbacks.sample_grid.num_images=4",
+            "callbacks.sample_grid.steps=2"]
+    proc = run_train("-m", *TINY_MODEL, *data_overrides(shards), *overrides, *grid, "logger=wandb",
+                     "objective=ddpm,flow", "model.learn_sigma=false", timeout=300)
     assert "#0 : " in proc.stdout + proc.stderr and "#1 : " in proc.stdout + proc.stderr  # Hydra's job list
 
     runs = {}
@@ -80,4 +83,8 @@ def test_two_job_sweep_with_offline_wandb(tmp_path):
         assert wb["config"]["model"]["depth"] == 2 and wb["config"]["run_name"] == run_dir.name
         assert sorted(wb["losses"]) == list(range(STEPS))  # this job's steps only, each once
         assert all(0 < loss < 10 for loss in wb["losses"].values())
+        # The sample grid of the EMA model: 4 images of 8x8 in a 2x2 grid, as a PNG and as a W&B image.
+        (png,) = (run_dir / "samples").glob("*.png")
+        assert png.name == f"step_{STEPS:07d}.png" and Image.open(png).size == (16, 16)
+        assert len(list(run_dir.glob("wandb/offline-run-*/files/media/images/samples_*.png"))) == 1
     assert len(ids) == 2

@@ -175,3 +175,44 @@ def test_peak_flops_table():
     assert peak_flops("NVIDIA H200", "bf16-true") == 989e12
     assert peak_flops("NVIDIA A100-SXM4-80GB", "32-true") is None  # no fp32 MFU
     assert peak_flops("Some Future GPU", "bf16-mixed") is None
+
+
+def test_ema_stays_fp32_under_bf16_true():
+    module = DiffusionModule(tiny_dit(), RectifiedFlow(), ema_decay=0.5)
+    fit(module, 2, precision="bf16-true")
+    assert next(module.model.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in module.ema.parameters())
+    assert module.ema_updates.item() == 2
+
+
+def test_compile_switch_compiles_every_block_in_place():
+    module = DiffusionModule(tiny_dit(), RectifiedFlow(), compile=True)
+    keys = set(module.state_dict())
+    module.configure_model()
+    assert all(block._compiled_call_impl is not None for block in module.model.blocks)
+    assert all(block._compiled_call_impl is None for block in module.ema.blocks)  # sampling stays eager
+    assert set(module.state_dict()) == keys  # checkpoints of compiled and eager runs are interchangeable
+
+
+def test_throughput_and_mfu_arithmetic(monkeypatch):
+    from types import SimpleNamespace
+
+    from ditkit.training import Throughput
+    from ditkit.training import throughput as tp
+
+    clock = iter([100.0, 102.0, 102.0])  # 2 s from the end of the first step to the end of step 3
+    monkeypatch.setattr(tp.time, "perf_counter", lambda: next(clock))
+    logged = {}
+    model = tiny_dit()
+    pl_module = SimpleNamespace(model=model, device=torch.device("cpu"), log_dict=lambda m, **k: logged.update(m))
+    trainer = SimpleNamespace(precision="bf16-mixed", accumulate_grad_batches=1, world_size=2, global_step=1)
+    callback = Throughput(log_every_n_steps=3)
+    callback.on_train_start(trainer, pl_module)
+    callback._peak = 1e12  # as if on a GPU with a 1 TFLOP/s peak
+    batch = (torch.zeros(8, 4, 8, 8), torch.zeros(8))
+    for step in (1, 2, 3):
+        trainer.global_step = step
+        callback.on_train_batch_end(trainer, pl_module, None, batch, step - 1)
+    # steps 2 and 3 after the first: 2 x 8 images per rank x 2 ranks in 2 s
+    assert logged["perf/imgs_per_sec"] == 16.0
+    assert logged["perf/mfu"] == pytest.approx(16.0 * 3 * model.forward_flops(1) / (1e12 * 2))

@@ -107,6 +107,11 @@ class DiffusionModule(L.LightningModule):
         if self.compile_blocks:
             compile_blocks(self.model)
 
+    def on_fit_start(self) -> None:
+        # "bf16-true" / "16-true" convert the whole LightningModule; the EMA must stay an fp32 average.
+        if any(p.dtype != torch.float32 for p in self.ema.parameters()):
+            self.ema.float()
+
     def configure_optimizers(self):
         opt = torch.optim.AdamW(
             self.model.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, eps=self.eps

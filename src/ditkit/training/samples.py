@@ -78,8 +78,8 @@ def _rows(condition: torch.Tensor | dict, start: int, stop: int, device) -> torc
 
 def _sample(pl_module, noise, labels, sampler, steps, cfg_scale, batch_size) -> torch.Tensor:
     """EMA samples in chunks, on the module's device, with fixed inputs (labels: (N,) or a text condition dict)."""
-    objective = pl_module.objective
-    sampler, steps = (sampler, steps) if sampler else DEFAULT_SAMPLER[objective.name]
+    default_sampler, default_steps = DEFAULT_SAMPLER[pl_module.objective.name]
+    sampler, steps = sampler or default_sampler, steps or default_steps
     out = []
     with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
         torch.manual_seed(0)  # stochastic samplers (ancestral DDPM, SDE) draw the same noise every time
