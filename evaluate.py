@@ -3,10 +3,13 @@
     python evaluate.py ckpt=outputs/<run>/checkpoints/last.ckpt fid.reference=/data/in256-ref.npz
     python evaluate.py ckpt=DiT-XL-2-256x256.pt cfg_scale=1.5 guidance_channels=3 fid.reference=VIRTUAL_imagenet256_labeled.npz
     python evaluate.py ckpt=... devices=8 precision=bf16-mixed          # or start it with torchrun / srun
+    python evaluate.py ckpt=<text-to-image run>/checkpoints/last.ckpt prompts=prompts.txt sampler=euler
 
 Outputs in the run folder (${output_dir}/<overrides>): metrics.json, samples.npz (ADM format: arr_0 uint8
 NHWC, arr_1 labels), samples.png; logged to W&B. Every finished batch is kept in <run>/parts until the end,
-so rerunning an interrupted command continues where it stopped.
+so rerunning an interrupted command continues where it stopped. With prompts=FILE (one prompt per line, a
+text-to-image checkpoint): per_prompt samples of each prompt in prompts.png (one row per prompt) and
+prompts.npz (arr_0 uint8 NHWC, prompts), no scores.
 """
 
 import hashlib
@@ -75,8 +78,9 @@ def build(cfg: DictConfig, ckpt):
         pretrained = vae_cfg.pretrained if vae_cfg else OFFICIAL_VAE
         vae = load_vae(pretrained or "identity", vae_cfg.subfolder if vae_cfg else None)
         image_size = None
-    if getattr(model, "num_classes", None) is None:
-        raise ValueError(f"ckpt={cfg.ckpt}: evaluate.py scores class-conditional models; this one ({type(model).__name__}) has no classes")
+    if getattr(model, "num_classes", None) is None and cfg.get("prompts") is None:
+        raise ValueError(f"ckpt={cfg.ckpt}: evaluate.py scores class-conditional models; this one ({type(model).__name__}) has "
+                         "no classes (a text-to-image model samples from prompts=FILE)")
     try:
         model.load_state_dict(ckpt.state_dict, strict=True)
     except RuntimeError as err:
@@ -101,8 +105,50 @@ def sampler_settings(cfg: DictConfig, objective) -> dict:
     }
 
 
+def evaluate_prompts(cfg: DictConfig, run_dir: Path) -> dict:
+    """prompts=FILE: per_prompt samples of each prompt from a text-to-image (MMDiT) checkpoint, the prompts embedded
+    by the text encoders its training shards' manifest names; one process. Writes prompts.png and prompts.npz."""
+    import lightning as L
+    import numpy as np
+    from PIL import Image
+
+    from ditkit.data.text import text_encoders_from_manifest
+    from ditkit.evaluation.decoding import make_decoder, read_run_manifest
+    from ditkit.evaluation.loading import read_checkpoint
+    from ditkit.evaluation.prompts import read_prompts, sample_prompts
+    from ditkit.evaluation.samples_io import image_grid
+
+    prompts = read_prompts(cfg.prompts)
+    ckpt = read_checkpoint(_checkpoint_file(cfg.ckpt, run_dir), cfg.weights)
+    if ckpt.kind != "ditkit":
+        raise ValueError(f"prompts= needs a ditkit checkpoint of a text-to-image model (MMDiT); ckpt={cfg.ckpt} is not one")
+    model, objective, vae, _ = build(cfg, ckpt)
+    if not hasattr(model, "null_condition"):
+        raise ValueError(f"prompts= needs a text-to-image model (MMDiT); ckpt={cfg.ckpt} holds a {type(model).__name__}")
+    data = ckpt.run_config["data"]
+    manifest = read_run_manifest(data)
+    if manifest is None:
+        raise FileNotFoundError(f"the checkpoint's training shards ({data.get('root')}) are not readable here: their "
+                                "manifest names the text encoders that embed the prompts")
+    fabric = L.Fabric(accelerator=cfg.accelerator, devices=1, precision=cfg.precision)
+    images = sample_prompts(
+        model.to(fabric.device), objective, make_decoder(vae, fabric.device),
+        text_encoders_from_manifest(manifest).to(fabric.device), prompts, cfg.per_prompt, seed=cfg.seed,
+        batch_size=cfg.batch_size, sample_kwargs=sampler_settings(cfg, objective), device=fabric.device,
+        autocast=fabric.autocast, progress=cfg.progress,
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image_grid(images, nrow=cfg.per_prompt)).save(run_dir / "prompts.png")
+    np.savez(run_dir / "prompts.npz", arr_0=images.permute(0, 2, 3, 1).numpy(), prompts=np.array(prompts))
+    result = {"grid": str(run_dir / "prompts.png"), "prompts": len(prompts), "per_prompt": cfg.per_prompt}
+    print(json.dumps(result))
+    return result
+
+
 def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     """Everything that can be wrong is checked before the first sample; returns the metrics (on every rank)."""
+    if cfg.get("prompts") is not None:
+        return evaluate_prompts(cfg, run_dir)
     import lightning as L
     import torch
 
