@@ -261,3 +261,18 @@ def test_guidance_pairs_the_text_with_the_zero_null_condition():
         v_text = model(x, t, ctx, pooled)
         v_null = model(x, t, torch.zeros_like(ctx), torch.zeros_like(pooled))
     torch.testing.assert_close(got, x - (v_null + 3.0 * (v_text - v_null)), rtol=1e-5, atol=1e-5)
+
+
+def test_config_errors_name_the_fix():
+    """MMDiT on data without text, and a label model on data with text, fail before any work."""
+    from hydra.errors import InstantiationException
+
+    from ditkit.training.checks import ConfigError, check_model_fits_data
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(overrides=["+model=mmdit_d12", "+data.latent_size=16", "+data.latent_channels=3"])
+    with pytest.raises(InstantiationException, match="train it on captioned shards"):
+        instantiate(cfg.model)
+    with pytest.raises(ConfigError, match="use a text-to-image model"):
+        check_model_fits_data({"_target_": "ditkit.models.build_dit", "variant": "S"}, {"context_dim": 32})
+    check_model_fits_data({"_target_": "ditkit.models.MMDiT", "context_dim": 32}, {"context_dim": 32})

@@ -103,9 +103,9 @@ class MMDiT(nn.Module):
         num_heads: int | None = None,
         head_dim: int = 64,
         mlp_ratio: float = 4.0,
-        context_dim: int = 4096,
-        pooled_dim: int = 2048,
-        context_len: int = 154,
+        context_dim: int | None = 4096,
+        pooled_dim: int | None = 2048,
+        context_len: int | None = 154,
         pos_embed_max_size: int | None = None,
         qk_norm: bool = False,
         learn_sigma: bool = False,
@@ -119,6 +119,12 @@ class MMDiT(nn.Module):
             )
         if depth < 1:
             raise ValueError(f"model.depth must be >= 1, got {depth}")
+        if context_dim is None or pooled_dim is None or context_len is None:
+            raise ValueError(
+                "MMDiT needs the text embeddings' shape (context_len, context_dim, pooled_dim) and the data gives none: "
+                "train it on captioned shards (data=digits_t2i, or data.context_len/context_dim/pooled_dim as printed "
+                "by python -m data_pipelines.extract_text_embeddings)"
+            )
         if not 0.0 <= caption_dropout_prob < 1.0:
             raise ValueError(f"caption_dropout_prob must lie in [0, 1), got {caption_dropout_prob}")
         num_heads = depth if num_heads is None else num_heads

@@ -39,6 +39,12 @@ def check_model_fits_data(model: Mapping[str, Any], data: Mapping[str, Any]) -> 
                 f"model.patch_size={patch} does not divide the latent size {size} (data.latent_size); "
                 f"use model.patch_size={'|'.join(map(str, valid))} or data whose latent size it divides"
             )
+    if data.get("context_dim") is not None and "context_dim" not in model:
+        raise ConfigError(
+            f"the data yields text embeddings (data.context_dim={data['context_dim']}) but model "
+            f"{model.get('_target_')} takes class labels: use a text-to-image model (model=mmdit_d12|mmdit_d24), "
+            "or data without text (unset data.context_len/context_dim/pooled_dim to train on the labels)"
+        )
     for model_key, data_key in (("input_size", "latent_size"), ("in_channels", "latent_channels"),
                                 ("num_classes", "num_classes")):
         if model.get(model_key) is not None and data.get(data_key) is not None and model[model_key] != data[data_key]:
