@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from helpers_training import run_train
 from hydra.utils import instantiate
 
 from ditkit.models import UNet, build_dit
@@ -162,3 +163,39 @@ def test_config_follows_the_data():
 def test_bad_sizes_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         UNet(**{**TINY, **overrides})
+
+
+def test_quickstart_sizes_each_backbone():
+    """`-m model=dit_s,unet_s experiment=quickstart`: each model gets the experiment's size for it
+    (conf/experiment_model/quickstart/), both near the same compute on the 16x16x3 digits."""
+    def quickstart(model: str):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=["experiment=quickstart", f"model={model}"])
+        with torch.device("meta"):
+            return instantiate(cfg.model)
+
+    dit, unet = quickstart("dit_s"), quickstart("unet_s")
+    assert (dit.depth, dit.hidden_size, dit.learn_sigma) == (4, 128, False)
+    assert isinstance(unet, UNet) and (unet.input_size, unet.in_channels, unet.out_channels) == (16, 3, 3)
+    assert abs(unet.forward_flops() / dit.forward_flops() - 1) < 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["flow", "ddpm"])
+def test_train_py_trains_the_unet_on_the_quickstart(tmp_path, objective):
+    out = tmp_path / "outputs"
+    run_train("experiment=quickstart", "model=unet_s", f"objective={objective}", "trainer.max_steps=3",
+              "trainer.log_every_n_steps=1", "logger=csv", f"paths.output_dir={out}",
+              f"paths.data_dir={tmp_path / 'data'}", "data.batch_size=8", "data.num_workers=0",
+              "~callbacks.sample_grid", "~callbacks.digits_score", "~callbacks.progress",
+              "trainer.enable_progress_bar=false", timeout=600)
+    (metrics,) = out.glob("*/csv/version_0/metrics.csv")
+    rows = [line.split(",") for line in metrics.read_text().splitlines()]
+    steps = [int(r[rows[0].index("step")]) for r in rows[1:] if r[rows[0].index("train/loss")]]
+    assert steps == [0, 1, 2]
+    (ckpt,) = out.glob("*/checkpoints/last.ckpt")
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")
+    assert state["global_step"] == 3
+    conv_out = [v for k, v in state["state_dict"].items() if k.endswith("unet.conv_out.weight")]
+    assert conv_out and all(v.shape == (3, 24, 3, 3) for v in conv_out)  # 3 channels: no learned sigma
+    assert all(v.abs().sum() > 0 for v in conv_out)  # trained away from its zero init
