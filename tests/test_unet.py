@@ -8,6 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from helpers_training import run_train
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from ditkit.models import UNet, build_dit
 from ditkit.objectives import GaussianDiffusion, RectifiedFlow
@@ -175,7 +176,8 @@ def test_quickstart_sizes_each_backbone():
             return instantiate(cfg.model)
 
     dit, unet = quickstart("dit_s"), quickstart("unet_s")
-    assert (dit.depth, dit.hidden_size, dit.learn_sigma) == (4, 128, False)
+    preset = OmegaConf.load(CONF / "experiment_model/quickstart/dit_s.yaml")
+    assert all(getattr(dit, key) == value for key, value in preset.items()), preset
     assert isinstance(unet, UNet) and (unet.input_size, unet.in_channels, unet.out_channels) == (16, 3, 3)
     assert abs(unet.forward_flops() / dit.forward_flops() - 1) < 0.05
 
