@@ -198,6 +198,7 @@ def test_train_py_trains_the_unet_on_the_quickstart(tmp_path, objective):
     (ckpt,) = out.glob("*/checkpoints/last.ckpt")
     state = torch.load(ckpt, weights_only=True, map_location="cpu")
     assert state["global_step"] == 3
+    width = OmegaConf.load(CONF / "experiment_model/quickstart/unet_s.yaml").block_out_channels[0]
     conv_out = [v for k, v in state["state_dict"].items() if k.endswith("unet.conv_out.weight")]
-    assert conv_out and all(v.shape == (3, 24, 3, 3) for v in conv_out)  # 3 channels: no learned sigma
+    assert conv_out and all(v.shape == (3, width, 3, 3) for v in conv_out)  # 3 channels: no learned sigma
     assert all(v.abs().sum() > 0 for v in conv_out)  # trained away from its zero init
