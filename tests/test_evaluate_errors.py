@@ -77,6 +77,8 @@ def test_checkpoints_of_the_wrong_kind(files, tmp_path):
         run(files, f"ckpt={text}")
     with pytest.raises(FileNotFoundError, match="no such file"):
         run(files, f"ckpt={tmp_path / 'missing.ckpt'}")
+    with pytest.raises(ValueError, match="is a folder"):
+        run(files, f"ckpt={tmp_path}")
     with pytest.raises(ValueError, match="holds only EMA weights"):
         run(files, "weights=raw")
 

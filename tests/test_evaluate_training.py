@@ -49,7 +49,8 @@ def test_fid_callback_logs_and_equals_evaluate_on_the_checkpoint(trained, tmp_pa
     assert float(rows[-1]["val/is"]) == pytest.approx(logged["is"], rel=1e-6)
 
     out = tmp_path / "eval"
-    run_evaluate(f"ckpt={trained['run'] / 'checkpoints' / 'last.ckpt'}", f"fid.reference={trained['ref']}",
+    # Run folders are named by their overrides ("=" and ","): Hydra needs the path quoted.
+    run_evaluate(f"ckpt='{trained['run'] / 'checkpoints' / 'last.ckpt'}'", f"fid.reference={trained['ref']}",
                  f"fid.inception_weights={trained['weights']}", f"num_samples={SAMPLING['num_samples']}",
                  f"batch_size={SAMPLING['batch_size']}", f"sampler={SAMPLING['sampler']}", f"sampler.steps={SAMPLING['steps']}",
                  "accelerator=cpu", "progress=false", f"hydra.run.dir={out}")

@@ -1,5 +1,7 @@
 """FID machinery without Inception: statistics, closed-form metrics, reference files, sampling plan, ADM npz."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,7 @@ from ditkit.evaluation import (
     write_adm_npz,
 )
 from ditkit.evaluation.samples_io import image_grid
+from ditkit.evaluation.sampling import generate_batch
 
 
 def test_feature_stats_equal_numpy_mean_and_cov():
@@ -54,6 +57,22 @@ def test_frechet_distance_closed_form():
     expected = 1 + 0 + 4 + (1 - 2) ** 2 + 0 + (3 - 1) ** 2
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-12)
     assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("n", [200, 10])  # full rank, and rank-deficient as with few samples
+def test_frechet_distance_equals_torch_fidelity_formula(n):
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    rng = np.random.default_rng(n)
+    x, y = rng.standard_normal((n, 64)) + 0.5, rng.standard_normal((n + 3, 64)) @ rng.standard_normal((64, 64)) / 8
+    s1 = {"mu": x.mean(0), "sigma": np.cov(x, rowvar=False)}
+    s2 = {"mu": y.mean(0), "sigma": np.cov(y, rowvar=False)}
+    theirs = fid_statistics_to_metric(s1, s2, verbose=False)["frechet_inception_distance"]
+    ours = frechet_distance(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"])
+    assert ours == pytest.approx(theirs, rel=1e-9 if n == 200 else 1e-6)
+    ref = Reference(s2["mu"], s2["sigma"], 8, n + 3, "", "test")
+    assert ref.fid(s1["mu"], s1["sigma"]) == pytest.approx(ours, rel=1e-12)  # with the square root made once
+    np.testing.assert_allclose(ref.sigma_sqrt @ ref.sigma_sqrt, s2["sigma"], atol=1e-12)
 
 
 def test_inception_score_closed_form():
@@ -97,11 +116,13 @@ def test_to_uint8_maps_the_range_ends_and_rounds():
 
 
 def test_reference_round_trip_and_clear_errors(tmp_path):
-    ref = Reference(np.arange(3.0), np.eye(3), image_size=32, num_images=10, fingerprint="abc", source="test")
+    ref = Reference(np.arange(3.0), np.diag([4.0, 1, 9]), image_size=32, num_images=10, fingerprint="abc", source="test")
+    ref.fid(np.zeros(3), np.eye(3))  # computes and keeps sigma's square root
     save_reference(tmp_path / "ref.npz", ref)
     back = load_reference(tmp_path / "ref.npz")
     np.testing.assert_array_equal(back.mu, ref.mu)
     np.testing.assert_array_equal(back.sigma, ref.sigma)
+    np.testing.assert_allclose(back.sigma_sqrt, np.diag([2.0, 1, 3]), atol=1e-12)
     assert (back.image_size, back.num_images, back.fingerprint, back.features) == (32, 10, "abc", None)
     check_reference(back, "ref.npz", 32, "abc")
     with pytest.raises(ValueError, match="image_size=64"):
@@ -153,3 +174,27 @@ def test_image_grid_places_images_row_by_row():
     grid = image_grid(imgs)  # 3 per row, 2 rows
     assert grid.shape == (4, 6, 3)
     assert grid[0, 2, 0] == 10 and grid[2, 2, 0] == 40 and grid[3, 5, 0] == 0
+
+
+class _NoisyObjective:
+    """A stand-in objective whose sampler draws from the global RNG, like ancestral DDPM."""
+
+    def sample(self, model, x_T, model_kwargs, null_label, **kwargs):
+        return x_T + 0.1 * torch.randn_like(x_T)
+
+
+def test_sampling_leaves_the_training_rng_untouched_and_is_reproducible():
+    """The FID callback samples mid-training: the global RNG must be where it was (exact resume), and a batch
+    must not depend on it."""
+    kwargs = dict(seed=3, start=8, null_label=10, sample_kwargs={}, autocast=contextlib.nullcontext)
+    noise, labels = sample_noise(8, 12, (3, 4, 4), seed=3), torch.arange(4)
+    torch.manual_seed(123)
+    a = generate_batch(None, _NoisyObjective(), lambda z: z, labels, noise, **kwargs)
+    after = torch.rand(3)
+    torch.manual_seed(999)  # another global state: same images
+    b = generate_batch(None, _NoisyObjective(), lambda z: z, labels, noise, **kwargs)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), after)
+    assert torch.equal(a, b) and a.dtype == torch.uint8
+    c = generate_batch(None, _NoisyObjective(), lambda z: z, labels, noise, **{**kwargs, "start": 12})
+    assert not torch.equal(a, c)  # the sampler's draws depend on the batch's place in the plan

@@ -1,6 +1,8 @@
-"""Evaluation: sampling at scale, Inception features streamed into FID / IS / KID / precision-recall, ADM `.npz`."""
+"""Evaluation: sampling at scale, Inception features streamed into FID / IS / KID / precision-recall, ADM `.npz`.
 
-from .callback import FIDCallback
+The training-time callback is `ditkit.evaluation.callback.FIDCallback` (not imported here: it needs Lightning).
+"""
+
 from .inception import inception_features, inception_fingerprint, load_inception
 from .reference import Reference, check_reference, load_reference, read_adm_reference, save_reference
 from .runner import METRICS, InceptionMetrics, SamplingPlan, sample_and_score
@@ -10,7 +12,6 @@ from .stats import FeatureStats, frechet_distance, inception_score
 
 __all__ = [
     "METRICS",
-    "FIDCallback",
     "FeatureStats",
     "InceptionMetrics",
     "PartStore",

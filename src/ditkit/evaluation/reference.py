@@ -2,6 +2,7 @@
 
 A ditkit reference holds `mu` (2048,) and `sigma` (2048, 2048) float64, `image_size`, `num_images`,
 `feature_extractor`, `inception_fingerprint` (hash of the Inception weights used), `source`, and
+`sigma_sqrt` (sigma's square root, so that a FID against it costs one eigendecomposition), and
 optionally `features` (M, 2048) float32 for KID and precision/recall. The ADM evaluation suite's
 reference batches (e.g. VIRTUAL_imagenet256_labeled.npz) hold `mu`/`sigma` (and `arr_0`, the images,
 whose shape gives the image size); they are read as they are.
@@ -19,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .inception import FEATURE_EXTRACTOR, inception_features, inception_fingerprint
-from .stats import FeatureStats
+from .stats import FeatureStats, frechet_distance, sqrtm_psd
 
 FORMAT_VERSION = 1
 MAKE_ONE = "make one with `python -m data_pipelines.fid_reference source=... image_size=... out=FILE.npz`"
@@ -27,7 +28,10 @@ MAKE_ONE = "make one with `python -m data_pipelines.fid_reference source=... ima
 
 @dataclass
 class Reference:
-    """mu: (D,), sigma: (D, D) float64; features: (M, D) float32 or None; fingerprint "" when unknown (ADM)."""
+    """mu: (D,), sigma: (D, D) float64; features: (M, D) float32 or None; fingerprint "" when unknown (ADM).
+
+    sigma_sqrt: sigma^(1/2), stored by fid_reference so that each FID against it needs one eigvalsh only.
+    """
 
     mu: np.ndarray
     sigma: np.ndarray
@@ -36,6 +40,13 @@ class Reference:
     fingerprint: str
     source: str
     features: np.ndarray | None = None
+    sigma_sqrt: np.ndarray | None = None
+
+    def fid(self, mu: np.ndarray, sigma: np.ndarray) -> float:
+        """FID of statistics mu (D,), sigma (D, D) against this reference (its square root made once, kept)."""
+        if self.sigma_sqrt is None:
+            self.sigma_sqrt = sqrtm_psd(self.sigma)
+        return frechet_distance(mu, sigma, self.mu, self.sigma, self.sigma_sqrt)
 
 
 def save_reference(path: str | Path, ref: Reference) -> None:
@@ -43,6 +54,8 @@ def save_reference(path: str | Path, ref: Reference) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = {} if ref.features is None else {"features": np.asarray(ref.features, np.float32)}
+    if ref.sigma_sqrt is not None:
+        extra["sigma_sqrt"] = np.asarray(ref.sigma_sqrt, np.float64)
     with open(path, "wb") as f:  # an open file keeps np.savez from appending ".npz" to other suffixes
         np.savez(
             f, mu=np.asarray(ref.mu, np.float64), sigma=np.asarray(ref.sigma, np.float64),
@@ -103,6 +116,7 @@ def load_reference(path: str | Path) -> Reference:
             mu=z["mu"], sigma=z["sigma"], image_size=int(z["image_size"]), num_images=int(z["num_images"]),
             fingerprint=str(z["inception_fingerprint"]), source=str(z["source"]),
             features=z["features"] if "features" in z.files else None,
+            sigma_sqrt=z["sigma_sqrt"] if "sigma_sqrt" in z.files else None,
         )
 
 
@@ -158,5 +172,5 @@ def compute_reference(
     mu, sigma = stats.mean_cov()
     return Reference(
         mu, sigma, image_size, stats.count, inception_fingerprint(extractor), source,
-        features=torch.cat(kept).numpy() if features else None,
+        features=torch.cat(kept).numpy() if features else None, sigma_sqrt=sqrtm_psd(sigma),
     )

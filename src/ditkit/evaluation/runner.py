@@ -23,7 +23,6 @@ from .sampling import balanced_labels, generate_batch, plan_batches, sample_nois
 from .stats import (
     FeatureStats,
     all_gather_rows,
-    frechet_distance,
     inception_score,
     kernel_inception_distance,
     precision_recall,
@@ -63,14 +62,22 @@ class InceptionMetrics:
         self.stats = FeatureStats()
         self.logits: list[torch.Tensor] = []
         self.pool: list[torch.Tensor] = []
+        self.index: list[torch.Tensor] = []
 
-    def add(self, pool: torch.Tensor, logits: torch.Tensor) -> None:
-        """pool: (n, 2048), logits: (n, 1008)."""
+    def add(self, pool: torch.Tensor, logits: torch.Tensor, start: int) -> None:
+        """pool: (n, 2048), logits: (n, 1008) of the global samples start..start+n-1."""
         self.stats.update(pool)
+        self.index.append(torch.arange(start, start + pool.shape[0]))
         if "is" in self.metrics:
             self.logits.append(logits.detach().float().cpu())
         if "kid" in self.metrics or "prc" in self.metrics:
             self.pool.append(pool.detach().float().cpu())
+
+    def _gather(self, chunks: list[torch.Tensor], dim: int, device: torch.device | str) -> torch.Tensor:
+        """This rank's rows -> every rank's rows in global sample order (IS splits and KID subsets depend on it)."""
+        rows = all_gather_rows(_rows(chunks, dim), device)
+        index = all_gather_rows(torch.cat(self.index) if self.index else torch.zeros(0, dtype=torch.int64), device)
+        return rows[torch.argsort(index)]
 
     def compute(self, reference: Reference | None, device: torch.device | str = "cpu") -> dict[str, float]:
         """Merge the ranks (collective: call on every rank) and score against `reference`."""
@@ -81,12 +88,12 @@ class InceptionMetrics:
         out: dict[str, float] = {"num_samples": self.stats.count}
         if "fid" in self.metrics:
             mu, sigma = self.stats.mean_cov()
-            out["fid"] = frechet_distance(mu, sigma, reference.mu, reference.sigma)
+            out["fid"] = reference.fid(mu, sigma)
         if "is" in self.metrics:
-            logits = all_gather_rows(_rows(self.logits, 1008), device)
+            logits = self._gather(self.logits, 1008, device)
             out["is"], out["is_std"] = inception_score(logits)
         if "kid" in self.metrics or "prc" in self.metrics:
-            fake = all_gather_rows(_rows(self.pool, 2048), device)
+            fake = self._gather(self.pool, 2048, device)
             if reference.features is None:
                 raise ValueError("kid / prc need reference features: make the reference with features=N (e.g. 10000)")
             real = torch.from_numpy(reference.features)
@@ -145,7 +152,7 @@ def sample_and_score(
                 hwc = images.permute(0, 2, 3, 1).numpy()
                 store.save(start, hwc, labels.numpy().astype(np.int64), pool.numpy(), logits.numpy())
             fresh += stop - start
-        metrics.add(pool, logits)
+        metrics.add(pool, logits, start)
         if sum(k.shape[0] for k in kept) < keep:
             kept.append(images)
         bar.update(stop - start)
