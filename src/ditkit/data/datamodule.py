@@ -104,6 +104,8 @@ class LatentShardsDataModule(L.LightningDataModule):
         val_root: a held-out shard set for `val_dataloader`; default the training shards.
         builtin: ``"digits"`` builds the built-in set at ``root`` in `prepare_data` when it is missing.
         return_keys: batches gain a third item, the sample keys (tests and debugging).
+        flip: train on the mirror image half the time (DiT's augmentation); off for data whose mirror image is
+            something else, such as digits.
         context_len, context_dim, pooled_dim: set all three (as the manifest's ``text`` section says) to train
             on captioned shards: batches then carry ``{"context": (B, L, D), "pooled": (B, P)}`` float32 text
             embeddings in place of the labels (see docs/text_to_image.md).
@@ -126,6 +128,7 @@ class LatentShardsDataModule(L.LightningDataModule):
         val_root: str | None = None,
         builtin: str | None = None,
         return_keys: bool = False,
+        flip: bool = True,
         context_len: int | None = None,
         context_dim: int | None = None,
         pooled_dim: int | None = None,
@@ -149,6 +152,7 @@ class LatentShardsDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.shuffle_buffer, self.samples_per_epoch = shuffle_buffer, samples_per_epoch
         self.val_root, self.builtin, self.return_keys = val_root, builtin, return_keys
+        self.flip = flip
         self.manifest: dict[str, Any] | None = None
         self._counter: SkipCounter | None = None
         self._train_loader: ResumableLoader | None = None
@@ -279,7 +283,8 @@ class LatentShardsDataModule(L.LightningDataModule):
         self.setup()
         # A rebuilt loader (Trainer(reload_dataloaders_every_n_epochs=...)) continues where the old one was.
         state = self._resume if self._resume is not None else self.state_dict() or None
-        stream = TrainStream(**self._stream_args(self.shard_urls, self.manifest), shuffle_buffer=self.shuffle_buffer)
+        stream = TrainStream(**self._stream_args(self.shard_urls, self.manifest), shuffle_buffer=self.shuffle_buffer,
+                             flip=self.flip)
         self._train_loader = ResumableLoader(stream, self.batches_per_epoch, self.num_workers, self._trainer_consumed)
         if state is not None:
             self._train_loader.load_state_dict(state)

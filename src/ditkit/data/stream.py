@@ -155,9 +155,9 @@ class TrainStream(_LatentStream):
     uninterrupted run.
     """
 
-    def __init__(self, *args: Any, shuffle_buffer: int = 1000, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, shuffle_buffer: int = 1000, flip: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer, self.flip = shuffle_buffer, flip
         self.epoch = 0
         self.start_batch = 0
 
@@ -184,9 +184,10 @@ class TrainStream(_LatentStream):
         return islice(iter(pipeline), done, None)
 
     def _pick(self, samples: Iterator[dict[str, Any]], flips: np.random.Generator) -> Iterator[tuple]:
-        """Decode the image's or the mirror's moments (a fair coin per read)."""
+        """Decode the image's or the mirror's moments (a fair coin per read; always the image without flip)."""
         for sample in samples:
-            decoded = self._decode(sample, MOMENTS_FLIP if flips.random() < 0.5 else MOMENTS)
+            mirror = flips.random() < 0.5 and self.flip
+            decoded = self._decode(sample, MOMENTS_FLIP if mirror else MOMENTS)
             if decoded is not None:
                 label, moments = decoded
                 yield sample["__key__"], moments, label
