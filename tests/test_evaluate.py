@@ -72,7 +72,7 @@ def test_official_layout_end_to_end_equals_torch_fidelity_on_samples_npz(officia
 
 @pytest.mark.slow
 def test_two_gloo_processes_give_the_samples_and_fid_of_one(official, tmp_path):
-    run_evaluate(*official_overrides(official, tmp_path / "run2", "devices=2"))
+    run_evaluate(*official_overrides(official, tmp_path / "run2", "devices=2", "wandb.enabled=false"))
     one, two = read_run(official["run"]), read_run(tmp_path / "run2")
     np.testing.assert_array_equal(one[1], two[1])  # the very same images, in the same order
     np.testing.assert_array_equal(one[2], two[2])
@@ -92,7 +92,7 @@ def test_rerun_resumes_from_the_parts_an_interrupted_run_left(official, tmp_path
     fake = {"images": np.zeros((2, 64, 64, 3), np.uint8), "labels": np.array([3, 9]),
             "pool": np.zeros((2, 2048), np.float32), "logits": np.zeros((2, 1008), np.float32)}
     np.savez(out / "parts" / "part-000000002.npz", **fake)  # the batch of samples 2..3, "finished before the kill"
-    run_evaluate(*official_overrides(official, out))
+    run_evaluate(*official_overrides(official, out, "wandb.enabled=false"))
     metrics, images, labels = read_run(out)
     _, full_images, full_labels = read_run(official["run"])
     np.testing.assert_array_equal(images[2:4], 0)

@@ -53,7 +53,7 @@ def test_fid_callback_logs_and_equals_evaluate_on_the_checkpoint(trained, tmp_pa
     run_evaluate(f"ckpt='{trained['run'] / 'checkpoints' / 'last.ckpt'}'", f"fid.reference={trained['ref']}",
                  f"fid.inception_weights={trained['weights']}", f"num_samples={SAMPLING['num_samples']}",
                  f"batch_size={SAMPLING['batch_size']}", f"sampler={SAMPLING['sampler']}", f"sampler.steps={SAMPLING['steps']}",
-                 "accelerator=cpu", "progress=false", f"hydra.run.dir={out}")
+                 "accelerator=cpu", "progress=false", "wandb.enabled=false", f"hydra.run.dir={out}")
     metrics = json.loads((out / "metrics.json").read_text())
     # Same EMA weights, labels, noise and sampler draws: the same images, so the same FID.
     assert metrics["fid"] == pytest.approx(logged["fid"], rel=1e-6)

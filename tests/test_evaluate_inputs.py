@@ -1,7 +1,8 @@
-"""evaluate.py refuses what cannot give a meaningful number, before any sampling, with a message that says what to fix.
+"""What evaluate.py accepts: checkpoint kinds, sampler and guidance settings; and what it refuses before any
+sampling, with a message that says what to fix.
 
-These run evaluate() in process on configs composed from conf/evaluate.yaml; every case fails before
-Lightning starts or Inception loads.
+These run evaluate() / build() in process on configs composed from conf/evaluate.yaml; every error case
+fails before Lightning starts or Inception loads.
 """
 
 import importlib.util
@@ -98,3 +99,31 @@ def test_ditkit_checkpoint_gives_ema_or_raw_weights(tmp_path):
     assert read_checkpoint(path).kind == "ditkit" and read_checkpoint(path).run_config == {"model": {}}
     with pytest.raises(ValueError, match="choose ema or raw"):
         read_checkpoint(path, "best")
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="evaluate", overrides=list(overrides))
+
+
+def test_safetensors_weights_build_the_model_and_settings_follow_the_config(tmp_path):
+    from ditkit.checkpoints import export_weights
+    from ditkit.models import DiT
+
+    model = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    export_weights(model.state_dict(), tmp_path / "ema.safetensors")
+    cfg = _compose(f"ckpt={tmp_path / 'ema.safetensors'}", "num_heads=2", "vae=identity", "cfg_scale=4.0",
+                   "guidance_channels=3", "guidance_interval=[0,700]", "sampler=ddim", "sampler.steps=10")
+    built, objective, vae, _ = evaluate_entry.build(cfg, read_checkpoint(cfg.ckpt))
+    for key, value in model.state_dict().items():
+        assert torch.equal(built.state_dict()[key], value), key
+    assert (objective.name, objective.learn_sigma, vae.name, vae.downsample) == ("ddpm", True, "identity", 1)
+    assert evaluate_entry.sampler_settings(cfg, objective) == {
+        "sampler": "ddim", "steps": 10, "eta": 0.0, "cfg_scale": 4.0, "guidance_channels": 3, "guidance_interval": [0.0, 700.0]}
+    # A flow model's weights: objective=flow, and the default sampler follows the objective (SiT's SDE, 250 steps).
+    cfg = _compose(f"ckpt={tmp_path / 'ema.safetensors'}", "num_heads=2", "vae=identity", "objective=flow")
+    _, objective, _, _ = evaluate_entry.build(cfg, read_checkpoint(cfg.ckpt))
+    settings = evaluate_entry.sampler_settings(cfg, objective)
+    assert (objective.name, settings["sampler"], settings["steps"]) == ("flow", "sde", 250)
+    with pytest.raises(ValueError, match="drop weights=raw"):
+        read_checkpoint(cfg.ckpt, "raw")
