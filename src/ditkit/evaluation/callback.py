@@ -75,8 +75,8 @@ class FIDCallback(Callback):
             check_reference(self.reference, f"callbacks.fid.reference={self.reference_path}", image_size,
                             inception_fingerprint(self.extractor))
         objective = pl_module.objective
-        default = DEFAULT_SAMPLER[objective.name]
-        sampler, steps = (self.sampler, self.steps or default[1]) if self.sampler else default
+        default_sampler, default_steps = DEFAULT_SAMPLER[objective.name]
+        sampler, steps = self.sampler or default_sampler, self.steps or default_steps
         objective.check_sampler(sampler)
         self.sample_kwargs = {"sampler": sampler, "steps": steps, **self.sampler_options, **self.guidance}
 
@@ -85,8 +85,9 @@ class FIDCallback(Callback):
         if step == 0 or step % self.every_n_steps or (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
         result, grid = self.score(trainer, pl_module)
+        # Every rank holds the same merged numbers: logged without a sync, and usable as a checkpoint monitor.
         pl_module.log_dict({f"val/{k}": float(v) for k, v in result.items() if k != "num_samples"},
-                           on_step=True, on_epoch=False, rank_zero_only=True)
+                           on_step=True, on_epoch=False)
         if trainer.is_global_zero:
             folder = Path(trainer.default_root_dir) / "fid"
             folder.mkdir(parents=True, exist_ok=True)
