@@ -44,6 +44,7 @@ def train(cfg: DictConfig) -> Path:
     """Build everything from the composed config and fit; returns the run folder."""
     # Heavy imports here, after Hydra has composed and checked the config: config errors come first.
     import lightning as L
+    import torch
     from hydra.utils import instantiate
     from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
@@ -55,6 +56,8 @@ def train(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.paths.run_dir)
     check_resume(cfg.resume, cfg.ckpt_path, cfg.paths.checkpoint_dir)
 
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)

@@ -77,11 +77,14 @@ def torchrun_cmd(nproc: int, *overrides: str) -> list[str]:
             str(REPO / "train.py"), *overrides]
 
 
-def run_train(*overrides: str, timeout: float = 240, check: bool = True, env=None, cmd=None) -> subprocess.CompletedProcess:
-    """Run train.py (or `cmd`) in a fresh process from the repo root, one intra-op thread per process,
-    helpers_training importable (for Hydra targets); on failure, show its output."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+def run_train(*overrides: str, timeout: float = 240, check: bool = True, env=None, cmd=None,
+              one_thread: bool = True) -> subprocess.CompletedProcess:
+    """Run train.py (or `cmd`) in a fresh process from the repo root, helpers_training importable (for Hydra
+    targets), by default with one intra-op thread per process (2 shared cores); on failure, show its output."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    if one_thread:
+        env["OMP_NUM_THREADS"] = "1"
     cmd = cmd or train_cmd(*overrides)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
