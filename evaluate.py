@@ -150,7 +150,6 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.get("prompts") is not None:
         return evaluate_prompts(cfg, run_dir)
     import lightning as L
-    import torch
 
     from ditkit.evaluation import (
         METRICS, InceptionMetrics, PartStore, SamplingPlan, check_reference, inception_fingerprint, load_inception,
