@@ -205,7 +205,8 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     if rank == 0:
         result = {**result, "reference": cfg.fid.reference, "settings": settings}
         write_adm_npz(run_dir / "samples.npz", store, [s for s, _ in plan_batches(cfg.num_samples, cfg.batch_size)])
-        save_grid(run_dir / "samples.png", kept)
+        if len(kept):  # grid_images=0: no grid
+            save_grid(run_dir / "samples.png", kept)
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
         log_wandb(wandb_run, run_dir, result, kept)
         shutil.rmtree(run_dir / "parts")
@@ -236,8 +237,8 @@ def log_wandb(run, run_dir: Path, result: dict, grid_images) -> None:
 
     from ditkit.evaluation.samples_io import image_grid
 
-    run.log({**{f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))},
-             "eval/samples": wandb.Image(image_grid(grid_images))})
+    images = {"eval/samples": wandb.Image(image_grid(grid_images))} if len(grid_images) else {}
+    run.log({**{f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, **images})
     run.save(str(run_dir / "metrics.json"), base_path=str(run_dir))
     run.finish()
 
