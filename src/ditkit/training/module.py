@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -231,6 +232,12 @@ class DiffusionModule(L.LightningModule):
             )
         finally:
             net.train(was_training)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        step, max_steps = checkpoint.get("global_step", 0), self.trainer.max_steps
+        if 0 < max_steps <= step:
+            rank_zero_info(f"ditkit: this run already reached step {step} (trainer.max_steps={max_steps}): nothing to "
+                           f"train; raise trainer.max_steps to train longer")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
