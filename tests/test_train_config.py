@@ -1,6 +1,7 @@
 """train.py's configs: every experiment composes and fits its data, bad configs fail before any work with
 a message that names the key and the fix (RELIABILITY row 13), run folders are named by the overrides."""
 
+import importlib.util
 import time
 
 import pytest
@@ -88,7 +89,9 @@ def test_patch_size_error_comes_from_train_py_before_building(tmp_path):
 
 
 def test_run_folder_is_named_by_the_overrides():
-    import train
+    spec = importlib.util.spec_from_file_location("train", REPO / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
 
     assert train.run_name("") == "default"
     assert train.run_name("model=dit_b,objective=flow") == "model=dit_b,objective=flow"

@@ -2,7 +2,6 @@
 EMA), EMA arithmetic, warm-up, NaN skipping, MFU table."""
 
 import copy
-import math
 
 import lightning as L
 import pytest
