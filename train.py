@@ -60,6 +60,7 @@ def train(cfg: DictConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")  # reads the shards' manifest now: shards that do not fit the config fail here
     model = instantiate(cfg.model)
     objective = instantiate(cfg.objective)
     module = instantiate(cfg.module)(

@@ -5,7 +5,7 @@ import importlib.util
 import time
 
 import pytest
-from helpers_training import REPO, run_train
+from helpers_training import REPO, run_train, write_synthetic_shards
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -86,6 +86,17 @@ def test_patch_size_error_comes_from_train_py_before_building(tmp_path):
     assert proc.returncode != 0
     assert "model.patch_size=3 does not divide the latent size 16" in proc.stderr
     assert not list(tmp_path.glob("*/checkpoints")) and not (REPO / "data" / "digits16.building").exists()
+
+
+def test_shards_that_do_not_fit_fail_before_the_model_is_built(tmp_path):
+    """DiT-XL (seconds to build on a CPU) is never built: the manifest is read first."""
+    shards = write_synthetic_shards(tmp_path / "shards")  # 4 x 8 x 8 latents; data.latent_size defaults to 32
+    proc = run_train("model=dit_xl", "data=imagenet_latents", f"data.root={shards}", "logger=csv",
+                     f"paths.output_dir={tmp_path / 'out'}", check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "The shards hold latents of shape [4, 8, 8] (C, H, W)" in proc.stderr
+    assert "Set data.latent_channels=4 data.latent_size=8" in proc.stderr
+    assert "Total params" not in proc.stdout + proc.stderr  # no model summary: nothing was built
 
 
 def test_run_folder_is_named_by_the_overrides():
