@@ -83,7 +83,7 @@ def wait_for_checkpoint(proc: subprocess.Popen, path: Path, timeout: float = 180
     while not path.exists():
         assert proc.poll() is None, f"train.py ended before writing {path}:\n{proc.communicate()[1][-3000:]}"
         assert time.time() < deadline, f"no {path} after {timeout} s"
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
 def start(args: list[str]) -> subprocess.Popen:
