@@ -10,11 +10,14 @@ Each run lives in ${paths.output_dir}/<run name> (the overrides); rerunning a co
 
 import hashlib
 import secrets
+import warnings
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+# The EMA copy of the model is in eval mode on purpose (it only samples); Lightning warns about it.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def run_name(overrides: str) -> str:
