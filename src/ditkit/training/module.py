@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .ema import ema_decay, local, make_shadow, update_ema
-from .parallel import compile_blocks, shard_blocks
+from .parallel import compile_blocks, reshard, shard_blocks
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -211,6 +211,7 @@ class DiffusionModule(L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self._step_taken:
             decay = ema_decay(self.ema_decay, int(self.ema_updates.item()), self.ema_warmup)
+            reshard(self.ema)  # sampling callbacks run forwards on it between steps
             update_ema(list(self.ema.parameters()), list(self.model.parameters()), decay)
             self.ema_updates += 1
 

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -40,6 +40,16 @@ def shard_blocks(model: nn.Module, mesh: DeviceMesh) -> None:
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered parameters of every FSDP2 unit of `model` (a no-op for unsharded models).
+
+    FSDP2 keeps the root's parameters gathered after a forward, expecting a backward; a forward without
+    one (sampling with the EMA copy) would leave full tensors where the EMA update expects shards."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def compile_blocks(model: nn.Module) -> None:
