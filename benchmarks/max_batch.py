@@ -9,7 +9,7 @@ Prints one JSON line: model, precision, grad_checkpointing, max_batch, peak_mem_
 import torch
 
 from common import PRECISIONS, device_of, emit, parse_args, peak_memory_mb
-from train_step import build
+from train_step import build_from_args
 
 
 def fits(model, objective, batch: int, latent_size: int, dtype, device) -> bool:
@@ -33,10 +33,7 @@ def main() -> None:
     args = parse_args(dict(model="dit_xl", objective="ddpm", precision="bf16-mixed", grad_checkpointing=False,
                            latent_size=32, depth=None, start=8, limit=4096, device="auto"))
     device = device_of(args["device"])
-    overrides = [f"model.grad_checkpointing={args['grad_checkpointing']}"]
-    if args["depth"] is not None:
-        overrides.append(f"model.depth={args['depth']}")
-    model, objective = build(args["model"], args["objective"], args["latent_size"], overrides)
+    model, objective = build_from_args(args)
     model.to(device).train()
     # Adam's two moments and the fp32 EMA take 3x the weights' memory in a real run: hold them here too.
     reserved = [torch.zeros_like(p) for p in model.parameters() for _ in range(3)]  # noqa: F841

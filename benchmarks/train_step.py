@@ -29,15 +29,20 @@ def build(model: str, objective: str, latent_size: int, overrides: list[str]):
     return instantiate(cfg.model), instantiate(cfg.objective)
 
 
+def build_from_args(args: dict):
+    """build() for the scripts' common keys: model, objective, latent_size, grad_checkpointing, depth."""
+    overrides = [f"model.grad_checkpointing={args['grad_checkpointing']}"]
+    if args["depth"] is not None:
+        overrides.append(f"model.depth={args['depth']}")
+    return build(args["model"], args["objective"], args["latent_size"], overrides)
+
+
 def main() -> None:
     args = parse_args(dict(model="dit_s", objective="ddpm", batch_size=8, precision="32-true", compile=False,
                            grad_checkpointing=False, steps=10, warmup=3, latent_size=32, depth=None, device="auto",
                            peak_matmul=0))  # 0: the default size for the device
     device = device_of(args["device"])
-    overrides = [f"model.grad_checkpointing={args['grad_checkpointing']}"]
-    if args["depth"] is not None:
-        overrides.append(f"model.depth={args['depth']}")
-    model, objective = build(args["model"], args["objective"], args["latent_size"], overrides)
+    model, objective = build_from_args(args)
     model.to(device).train()
     ema = [p.detach().float().clone() for p in model.parameters()]
     step_model = torch.compile(model) if args["compile"] else model
