@@ -171,7 +171,7 @@ def build_captioned_digits(root: str, image_size: int = 16, progress: bool = Tru
     captioned "a handwritten seven" etc. and embedded by tiny random CLIP + T5 text encoders made offline in
     ``text_encoders_tiny`` beside it (width 32, 8 tokens each: context (16, 32), pooled (32,)). Built in a
     temporary folder and renamed, like the digits themselves. Returns ``root``."""
-    from ditkit.data.digits import build_digits
+    from ditkit.data.digits import build_digits, publish
     from ditkit.data.text import TextEncoders, build_tiny_text_encoders
 
     root = os.path.abspath(os.path.expanduser(root))
@@ -196,12 +196,4 @@ def build_captioned_digits(root: str, image_size: int = 16, progress: bool = Tru
     tmp = f"{root}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     add_text_embeddings(source, tmp, TextEncoders(specs), caption, record, batch_size=256, progress=progress)
-    try:
-        if os.path.isdir(root) and not os.listdir(root):
-            os.rmdir(root)  # an empty folder may be replaced
-        os.rename(tmp, root)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isfile(os.path.join(root, MANIFEST)):
-            raise
-    return root
+    return publish(tmp, root)

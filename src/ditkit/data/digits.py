@@ -31,12 +31,17 @@ def build_digits(root: str, image_size: int = 16, progress: bool = True) -> str:
         batch_size=256, num_workers=0, progress=progress,
     )
     merge_manifest(tmp)
+    return publish(tmp, root)
+
+
+def publish(tmp: str, root: str) -> str:
+    """Move a finished data set folder `tmp` to `root` atomically (an empty `root` may be replaced).
+    If another process published first, keep its copy, which holds the same data."""
     try:
-        if os.path.isdir(root):
-            os.rmdir(root)  # an empty folder (checked above) may be replaced
+        if os.path.isdir(root) and not os.listdir(root):
+            os.rmdir(root)
         os.rename(tmp, root)
     except OSError:
-        # Another process finished first: keep its copy, which is the same data.
         shutil.rmtree(tmp, ignore_errors=True)
         if not os.path.isfile(os.path.join(root, MANIFEST)):
             raise
