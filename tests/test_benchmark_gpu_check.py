@@ -1,7 +1,9 @@
 """benchmarks/gpu_check.sh --dry-run: every step of the GPU check runs on a tiny model on CPU."""
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ ROOT = Path(__file__).parents[1]
 @pytest.mark.slow
 def test_gpu_check_dry_run_prints_every_measurement():
     out = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout
+                         capture_output=True, text=True, env={**os.environ, "PY": sys.executable}).stdout
     records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     steps = [r for r in records if "step_s" in r]
     assert [(r["compile"], r["grad_checkpointing"]) for r in steps] == [(False, False), (False, True)]
