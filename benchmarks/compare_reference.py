@@ -45,7 +45,7 @@ def ditkit_step(variant, patch, state, x, y, dtype, device):
     ema = [p.detach().float().clone() for p in model.parameters()]
     params = list(model.parameters())
     objective = GaussianDiffusion()
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0)
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0, fused=True)  # as DiffusionModule
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

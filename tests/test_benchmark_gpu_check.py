@@ -21,5 +21,6 @@ def test_gpu_check_dry_run_prints_every_measurement():
     assert all(r["precision"] == "bf16-mixed" and r["imgs_per_sec"] > 0 for r in steps)
     batches = [r for r in records if "max_batch" in r]
     assert [r["max_batch"] for r in batches] == [4, 4]  # the dry run's cap: limit=4
-    (sample,) = [r for r in records if "sampler" in r]
-    assert sample["sampler"] == "ddpm" and sample["model_evals"] == 3 and sample["batch"] == 4  # guided: 2N
+    ddpm_250, big_batch = [r for r in records if "sampler" in r]
+    assert ddpm_250["sampler"] == "ddpm" and ddpm_250["model_evals"] == 3 and ddpm_250["batch"] == 4  # guided: 2N
+    assert big_batch["model_evals"] == 2 and big_batch["batch"] == 8
