@@ -6,7 +6,8 @@
 Both steps are the whole training step as each codebase runs it: model forward through the objective's
 loss (DDPM, learned sigma, hybrid loss), backward, AdamW, EMA update. Both models hold the same weights
 (ditkit's state_dict is the official layout) and see the same batch. Timings alternate between the two
-so that machine noise hits both alike. Prints a table and one JSON line per precision.
+so that machine noise hits both alike. compile=true compiles ditkit's blocks as training's
+`module.compile=true` does (the reference has no such option). Prints a table and one JSON line per precision.
 """
 
 import copy
@@ -18,6 +19,7 @@ from common import PRECISIONS, device_of, emit, matmul_peak_flops, parse_args, s
 from ditkit.models import build_dit
 from ditkit.objectives import GaussianDiffusion
 from ditkit.training.ema import update_ema
+from ditkit.training.parallel import compile_blocks
 
 
 def reference_step(ref_models, ref_diffusion, ref_train, name, state, x, y, dtype, device):
@@ -39,9 +41,11 @@ def reference_step(ref_models, ref_diffusion, ref_train, name, state, x, y, dtyp
     return model, step
 
 
-def ditkit_step(variant, patch, state, x, y, dtype, device):
+def ditkit_step(variant, patch, state, x, y, dtype, device, compile_model):
     model = build_dit(variant, patch, input_size=x.shape[-1]).to(device).train()
     model.load_state_dict(state)
+    if compile_model:
+        compile_blocks(model)  # as training's `module.compile=true`
     ema = [p.detach().float().clone() for p in model.parameters()]
     params = list(model.parameters())
     objective = GaussianDiffusion()
@@ -60,7 +64,8 @@ def ditkit_step(variant, patch, state, x, y, dtype, device):
 
 def main() -> None:
     args = parse_args(dict(reference=None, model="S/2", batch_size=8, steps=10, warmup=2, rounds=3,
-                           latent_size=32, precisions="32-true,bf16-mixed", device="auto", peak_matmul=0))
+                           latent_size=32, precisions="32-true,bf16-mixed", compile=False, device="auto",
+                           peak_matmul=0))
     if args["reference"] is None:
         raise SystemExit("pass reference=/path/to/facebookresearch/DiT (a checkout; it needs `pip install timm`)")
     sys.path.insert(0, args["reference"])
@@ -79,7 +84,7 @@ def main() -> None:
     for precision in args["precisions"].split(","):
         dtype = PRECISIONS[precision]
         ref_model, ref_step = reference_step(ref_models, ref_diffusion, ref_train, name, state, x, y, dtype, device)
-        ours_model, ours_step = ditkit_step(variant, int(patch), state, x, y, dtype, device)
+        ours_model, ours_step = ditkit_step(variant, int(patch), state, x, y, dtype, device, args["compile"])
         ref_times, ours_times = [], []
         for _ in range(args["rounds"]):  # alternate, so drifting machine load hits both
             ref_times += time_calls(ref_step, args["steps"], args["warmup"], device)
@@ -87,12 +92,13 @@ def main() -> None:
         ref_s, ours_s = summarize(ref_times), summarize(ours_times)
         flops = 3 * ours_model.forward_flops(b)
         peak = matmul_peak_flops(device, dtype or torch.float32, args["peak_matmul"] or None)
-        record = dict(model=name, batch_size=b, precision=precision, device=str(device),
-                      threads=torch.get_num_threads(), reference_step_s=round(ref_s, 4), ditkit_step_s=round(ours_s, 4),
+        record = dict(model=name, batch_size=b, precision=precision, ditkit_compile=args["compile"],
+                      device=str(device), threads=torch.get_num_threads(), reference_step_s=round(ref_s, 4), ditkit_step_s=round(ours_s, 4),
                       reference_imgs_per_sec=round(b / ref_s, 2), ditkit_imgs_per_sec=round(b / ours_s, 2),
                       speedup=round(ref_s / ours_s, 3), peak_gflops=round(peak / 1e9, 1),
                       reference_mfu=round(flops / ref_s / peak, 4), ditkit_mfu=round(flops / ours_s / peak, 4))
-        print(f"| {name} | {b} | {precision} | reference {b / ref_s:.2f} img/s | ditkit {b / ours_s:.2f} img/s | "
+        setting = precision + (", ditkit compiled" if args["compile"] else "")
+        print(f"| {name} | {b} | {setting} | reference {b / ref_s:.2f} img/s | ditkit {b / ours_s:.2f} img/s | "
               f"x{ref_s / ours_s:.2f} | MFU {record['reference_mfu']:.1%} -> {record['ditkit_mfu']:.1%} |")
         emit(record)
         del ref_model, ours_model

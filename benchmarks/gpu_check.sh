@@ -16,9 +16,9 @@ if [[ "${1:-}" == "--dry-run" ]]; then
   SAMPLE_256="tiny=true num_samples=4 steps=2 repeats=1 device=cpu"
   COMPILE=false  # a CPU compile of even a tiny model takes minutes
 else
-  TRAIN="model=dit_xl batch_size=128 steps=20 warmup=5"
+  TRAIN="model=dit_xl batch_size=128 steps=10 warmup=3"
   MAXB="model=dit_xl start=64 limit=2048"
-  SAMPLE="model=dit_xl num_samples=64 repeats=1"
+  SAMPLE="model=dit_xl num_samples=32 repeats=1"
   SAMPLE_256="model=dit_xl num_samples=128 steps=10 repeats=1"
   COMPILE=true
 fi

@@ -6,7 +6,8 @@
 Prints one JSON line per sampler (conf/sampler/*.yaml: its objective and default steps; steps=N
 overrides them): steps, model_evals (model calls, a guided call being one batch of 2N), seconds
 (the whole sampler), forward_seconds (the same sequence of model calls on prepared inputs, nothing
-else), and overhead = seconds / forward_seconds - 1, the sampler's own cost (target: < 5%).
+else), and overhead = seconds / forward_seconds - 1, the sampler's own cost (target: < 5%), images/s, the model's
+FLOP/s and MFU against a matmul in the same precision measured here, and peak memory.
 Each time is the best of `repeats` interleaved runs; threads=N sets torch's CPU threads.
 """
 
@@ -17,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from common import PRECISIONS, device_of, emit, parse_args, sync
+from common import PRECISIONS, device_of, emit, matmul_peak_flops, parse_args, peak_memory_mb, sync
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2"]
@@ -36,15 +37,18 @@ def build(args: dict, sampler: str):
 
 
 class CountingModel(torch.nn.Module):
-    """The model, recording the batch size of every call."""
+    """The model, recording the batch size of every call. dry=True returns zeros of the output's shape
+    instead of calling it: the sampler's sequence of calls, recorded without the model's cost."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
-        self.model, self.batches = model, []
+        self.model, self.batches, self.dry = model, [], False
         self.num_classes = model.num_classes
 
     def forward(self, x, t, y):
         self.batches.append(x.shape[0])
+        if self.dry:
+            return x.new_zeros(x.shape[0], self.model.out_channels, *x.shape[2:])
         return self.model(x, t, y)
 
 
@@ -73,36 +77,42 @@ def bench(args: dict, sampler: str, device: torch.device) -> dict:
             objective.sample(counter, x_T, {"y": y}, sampler=scfg.name, steps=steps, cfg_scale=args["cfg_scale"],
                              **scfg.options)
 
-    run_sampler()  # warm-up; also records the calls the bare run must repeat
+    counter.dry = True
+    run_sampler()  # records the calls the bare run must repeat, at no model cost
+    counter.dry = False
     batches = list(counter.batches)
     inputs = {b: (torch.randn(b, c, s, s, device=device), torch.full((b,), 500.0, device=device),
                   torch.randint(0, model.num_classes, (b,), device=device)) for b in set(batches)}
 
     @torch.no_grad()
-    def run_forwards():
+    def run_forwards(calls: list[int]):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            for b in batches:
+            for b in calls:
                 model(*inputs[b])
 
-    run_forwards()
+    run_forwards(sorted(set(batches)))  # warm-up: one call per batch size
     # Interleaved, best of `repeats`: a machine busy with other work slows both alike.
     seconds = forward_seconds = float("inf")
     for _ in range(args["repeats"]):
         seconds = min(seconds, timed(run_sampler, device))
-        forward_seconds = min(forward_seconds, timed(run_forwards, device))
+        forward_seconds = min(forward_seconds, timed(lambda: run_forwards(batches), device))
+    flops = sum(model.forward_flops(b) for b in batches)
+    peak = matmul_peak_flops(device, dtype or torch.float32, args["peak_matmul"] or None)
     return dict(
         sampler=scfg.name, objective=objective.name, steps=steps, model_evals=len(batches),
         batch=max(batches), num_samples=n, cfg_scale=args["cfg_scale"],
         model=args["model"] + ("(tiny)" if args["tiny"] else ""), latent=[c, s, s], precision=args["precision"],
         device=str(device), seconds=round(seconds, 6), forward_seconds=round(forward_seconds, 6),
-        overhead=round(seconds / forward_seconds - 1, 4),
+        overhead=round(seconds / forward_seconds - 1, 4), imgs_per_sec=round(n / seconds, 3),
+        gflops_per_sec=round(flops / seconds / 1e9, 2), peak_gflops=round(peak / 1e9, 1),
+        mfu=round(flops / seconds / peak, 4), peak_mem_mb=round(peak_memory_mb(device), 1),
     )
 
 
 def main() -> None:
     args = parse_args(dict(model="dit_xl", tiny=False, latent_size=32, num_classes=1000, num_samples=32,
                            samplers="ddpm,ddim,euler,heun,sde", steps=0, cfg_scale=1.5, precision="32-true",
-                           device="auto", repeats=3, threads=0))
+                           device="auto", repeats=3, threads=0, peak_matmul=0))  # 0: the device's default size
     if args["tiny"]:
         args.update(model="dit_s", latent_size=8, num_classes=10)
     device = device_of(args["device"])

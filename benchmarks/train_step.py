@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 
 from common import PRECISIONS, device_of, emit, matmul_peak_flops, parse_args, peak_memory_mb, summarize, time_calls
 from ditkit.training.ema import update_ema
+from ditkit.training.parallel import compile_blocks
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -45,7 +46,8 @@ def main() -> None:
     model, objective = build_from_args(args)
     model.to(device).train()
     ema = [p.detach().float().clone() for p in model.parameters()]
-    step_model = torch.compile(model) if args["compile"] else model
+    if args["compile"]:
+        compile_blocks(model)  # as training's `module.compile=true`: each block, compiled once for all
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)  # as DiffusionModule
     dtype = PRECISIONS[args["precision"]]
     b, s = args["batch_size"], args["latent_size"]
@@ -54,7 +56,7 @@ def main() -> None:
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = objective.training_losses(step_model, x, model_kwargs={"y": y})["loss"].mean()
+            loss = objective.training_losses(model, x, model_kwargs={"y": y})["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ditkit.models import DiT
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -23,7 +25,9 @@ def run_bench(monkeypatch, capsys, *args):
 
 
 def test_one_line_per_sampler_with_counts(monkeypatch, capsys):
-    lines = run_bench(monkeypatch, capsys, "num_samples=3", "steps=4", "cfg_scale=4.0")
+    lines = run_bench(monkeypatch, capsys, "num_samples=3", "steps=4", "cfg_scale=4.0", "peak_matmul=256")
+    with torch.device("meta"):  # the tiny model of sample.py: depth 2, width 32, 8x8 latents
+        forward_flops_per_call = DiT(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=10).forward_flops(6)
     assert [r["sampler"] for r in lines] == ["ddpm", "ddim", "euler", "heun", "sde"]
     assert [r["objective"] for r in lines] == ["ddpm", "ddpm", "flow", "flow", "flow"]
     assert [r["model_evals"] for r in lines] == [4, 4, 4, 8, 4]  # Heun: two calls per step
@@ -32,6 +36,10 @@ def test_one_line_per_sampler_with_counts(monkeypatch, capsys):
         assert r["latent"] == [4, 8, 8]
         assert r["seconds"] > 0 and r["forward_seconds"] > 0
         assert r["overhead"] == pytest.approx(r["seconds"] / r["forward_seconds"] - 1, abs=1e-3)
+        assert r["imgs_per_sec"] == pytest.approx(3 / r["seconds"], rel=1e-3)
+        flops = r["model_evals"] * forward_flops_per_call
+        assert r["gflops_per_sec"] == pytest.approx(flops / r["seconds"] / 1e9, rel=1e-2, abs=0.01)
+        assert r["mfu"] == pytest.approx(r["gflops_per_sec"] / r["peak_gflops"], abs=1e-3)
 
 
 def test_default_steps_come_from_the_sampler_configs(monkeypatch, capsys):

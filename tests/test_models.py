@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 
 from ditkit.checkpoints import load_official_dit, read_state_dict
 from ditkit.models import DiT, build_dit
-from ditkit.models.attention import apply_rope
+from ditkit.models.attention import apply_rope, attention, gelu_tanh
 from ditkit.models.embeddings import rope_2d
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -164,6 +164,33 @@ def test_grad_checkpointing_gives_identical_gradients():
         m(x, t, y).square().sum().backward()
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_matches_exact_softmax_attention(dtype):
+    """Outputs and gradients against float64 SDPA; bf16 on CPU takes the matmul + softmax path, whose
+    error must stay at bf16 rounding (~4e-3 relative), not at a wrong scale or softmax axis."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 48, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    g = torch.randn(2, 3, 48, 16, dtype=torch.float64)
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    exact_grads = torch.autograd.grad(exact, (q, k, v), g)
+    low = [a.detach().to(dtype).requires_grad_() for a in (q, k, v)]
+    out = attention(*low)
+    grads = torch.autograd.grad(out, low, g.to(dtype))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for got, want in zip((out, *grads), (exact, *exact_grads)):
+        assert got.dtype == dtype
+        assert (got.double() - want).norm() / want.norm() < tol
+
+
+def test_gelu_tanh_compiled_form_is_the_same_function(monkeypatch):
+    """Under torch.compile, x * sigmoid(2z) stands in for 0.5 x (1 + tanh z): equal to rounding in fp64."""
+    x = torch.linspace(-8, 8, 10001, dtype=torch.float64)
+    eager = gelu_tanh(x)
+    torch.testing.assert_close(eager, torch.nn.functional.gelu(x, approximate="tanh"), rtol=0, atol=0)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(gelu_tanh(x), eager, rtol=1e-12, atol=1e-12)
 
 
 def test_rope_attention_depends_only_on_relative_position():

@@ -105,8 +105,8 @@ def test_run_folder_is_named_by_the_overrides():
     spec.loader.exec_module(train)
 
     assert train.run_name("") == "default"
-    assert train.run_name("model=dit_b,objective=flow") == "model=dit_b,objective=flow"
-    assert train.run_name("data.urls=/a/b") == "data.urls=_a_b"
+    assert train.run_name("model-dit_b+objective-flow") == "model-dit_b+objective-flow"
+    assert train.run_name("data.urls-/a/b") == "data.urls-_a_b"
     long = ",".join(f"model.k{i}={i}" for i in range(40))
     assert len(train.run_name(long)) == 111 and train.run_name(long) != train.run_name(long + ",x=1")
     hydra_cfg = OmegaConf.load(REPO / "conf/hydra/default.yaml")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_training import TINY_MODEL, data_overrides, run_overrides, run_train, write_synthetic_shards
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from PIL import Image
 from wandb.proto import wandb_internal_pb2
@@ -70,6 +71,10 @@ def test_two_job_sweep_with_offline_wandb(tmp_path):
         runs[cfg.objective._target_.rsplit(".", 1)[1]] = (config_file.parent.parent, cfg)
     assert sorted(runs) == ["GaussianDiffusion", "RectifiedFlow"]  # one folder per job
     assert len({run_dir.name for run_dir, _ in runs.values()}) == 2
+    for run_dir, _ in runs.values():  # `evaluate.py ckpt=<run>/checkpoints/last.ckpt` needs no quotes
+        assert "every_n_train_steps-2+" in run_dir.name and not {"=", ","} & set(run_dir.name)
+        ckpt = f"{run_dir}/checkpoints/last.ckpt"
+        assert OverridesParser.create().parse_override(f"ckpt={ckpt}").value() == ckpt
 
     ids = set()
     for target, (run_dir, cfg) in runs.items():

@@ -73,7 +73,7 @@ def test_steps_equal_a_hand_written_loop(objective):
     fit(module, steps)
 
     ema = copy.deepcopy(reference).requires_grad_(False)
-    opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8, fused=True)
     for step, (x, y) in zip(range(steps), DataLoader(tiny_data(), batch_size=4)):
         torch.manual_seed(step_seed(seed, step, 0, 0))
         loss = objective.training_losses(reference, x, model_kwargs={"y": y})["loss"].mean()
@@ -96,7 +96,7 @@ def test_clipping_uses_the_global_norm_and_warmup_scales_lr():
     module = DiffusionModule(copy.deepcopy(reference), objective, lr=1e-3, warmup_steps=warmup)
     trainer = fit(module, steps, gradient_clip_val=clip)
 
-    opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     norms = []
     for step, (x, y) in zip(range(steps), DataLoader(tiny_data(), batch_size=4)):

@@ -14,10 +14,9 @@ builds it for the sampler.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention, make_mlp, make_norm
+from .attention import Attention, attention, make_mlp, make_norm
 from .dit import FinalLayer, modulate
 from .embeddings import PatchEmbed, TimestepEmbedder, sincos_2d
 
@@ -32,7 +31,7 @@ def joint_attention(
     """
     t = image_qkv[0].shape[2]
     q, k, v = (torch.cat([a, b], dim=2) for a, b in zip(image_qkv, text_qkv))
-    out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T + L, hd)
+    out = attention(q, k, v)  # (N, heads, T + L, hd)
     out = out.transpose(1, 2).flatten(2)  # (N, T + L, D)
     return out[:, :t], out[:, t:]
 

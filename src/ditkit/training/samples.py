@@ -187,7 +187,7 @@ class DigitsScore(Callback):
         }
         Path(trainer.default_root_dir).mkdir(parents=True, exist_ok=True)
         (Path(trainer.default_root_dir) / "digits_score.json").write_text(json.dumps(result, indent=2))
-        Image.fromarray(to_grid(samples[:100], nrow=10)).save(  # row r: digits 0..9 (labels cycle)
+        Image.fromarray(to_grid(samples[:100], nrow=10)).save(  # labels cycle 0..9: column c holds digit c
             Path(trainer.default_root_dir) / "digits_samples.png"
         )
         for logger in trainer.loggers:

@@ -1,0 +1,139 @@
+"""The memory that per-block activation checkpointing and FSDP2 sharding save.
+
+    python benchmarks/memory.py model=dit_b batch_size=8 world_size=2
+
+Activations: the bytes one training forward leaves held for its backward (on CPU, glibc's count of
+heap bytes in use, `mallinfo2`; on a GPU, the allocator's), with and without `grad_checkpointing`.
+Training state: the bytes one rank holds for weights, gradients, AdamW's two moments and the fp32 EMA
+after one optimizer step, unsharded against `world_size` gloo processes under FSDP2 (`shard_blocks`,
+as DiffusionModule does). Prints a table and one JSON line per measurement.
+"""
+
+import ctypes
+import os
+import socket
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from common import PRECISIONS, device_of, emit, parse_args
+from ditkit.training.ema import make_shadow
+from ditkit.training.parallel import shard_blocks
+from train_step import build_from_args
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def bytes_in_use(device: torch.device) -> int:
+    """Bytes allocated now: the CUDA allocator's count, or glibc's heap plus mmap-ed blocks on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        raise SystemExit("activation memory on CPU needs glibc >= 2.33 (mallinfo2); run on Linux or a GPU")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def activation_bytes(args: dict, grad_checkpointing: bool, device: torch.device) -> int:
+    """Bytes held between the end of a training forward and its backward."""
+    torch.manual_seed(0)
+    model, objective = build_from_args({**args, "grad_checkpointing": grad_checkpointing})
+    model.to(device).train()
+    b, s = args["batch_size"], args["latent_size"]
+    x = torch.randn(b, 4, s, s, device=device)
+    y = torch.randint(0, 1000, (b,), device=device)
+    dtype = PRECISIONS[args["precision"]]
+    before = bytes_in_use(device)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        loss = objective.training_losses(model, x, model_kwargs={"y": y})["loss"].mean()
+    held = bytes_in_use(device) - before
+    loss.backward()
+    return held
+
+
+def state_bytes(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """This rank's bytes of weights, gradients, AdamW moments and EMA (local shards of DTensors)."""
+
+    def nbytes(tensors) -> int:
+        local = (t.to_local() if isinstance(t, DTensor) else t for t in tensors)
+        return sum(t.numel() * t.element_size() for t in local)
+
+    params = list(model.parameters())
+    moments = [state[k] for state in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    return dict(weights=nbytes(params), grads=nbytes(p.grad for p in params if p.grad is not None),
+                adam_moments=nbytes(moments), ema=nbytes(ema.parameters()))
+
+
+def training_state(args: dict, mesh=None) -> dict:
+    """Build, optionally shard (model and EMA alike), take one AdamW step, count this rank's state."""
+    torch.manual_seed(0)
+    model, objective = build_from_args({**args, "grad_checkpointing": False})
+    model.train()
+    ema = make_shadow(model)
+    if mesh is not None:
+        shard_blocks(model, mesh)
+        shard_blocks(ema, mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    s = args["latent_size"]
+    loss = objective.training_losses(model, torch.randn(2, 4, s, s), model_kwargs={"y": torch.tensor([1, 2])})["loss"]
+    loss.mean().backward()
+    opt.step()
+    return state_bytes(model, ema, opt)
+
+
+def _sharded_rank(rank: int, world_size: int, port: int, args: dict, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        mesh = init_device_mesh("cpu", (world_size,))
+        torch.save(training_state(args, mesh), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def sharded_state(args: dict) -> list[dict]:
+    """training_state on each of `world_size` CPU processes (gloo) under FSDP2."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_sharded_rank, args=(args["world_size"], port, args, out_dir), nprocs=args["world_size"])
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(args["world_size"])]
+
+
+def mb(n: float) -> float:
+    return round(n / 2**20, 1)
+
+
+def main() -> None:
+    args = parse_args(dict(model="dit_b", objective="ddpm", batch_size=8, precision="32-true", latent_size=32,
+                           depth=None, world_size=2, device="auto"))
+    device = device_of(args["device"])
+    plain = activation_bytes(args, False, device)
+    ckpt = activation_bytes(args, True, device)
+    full = training_state(args)
+    ranks = sharded_state(args)
+    total, per_rank = sum(full.values()), [sum(r.values()) for r in ranks]
+    print(f"| {args['model']} | activations, batch {args['batch_size']} | {mb(plain)} MB -> {mb(ckpt)} MB with "
+          f"per-block checkpointing |\n| {args['model']} | weights + grads + AdamW + EMA | {mb(total)} MB -> "
+          f"{mb(max(per_rank))} MB per rank under FSDP2 x{len(ranks)} |")
+    emit(dict(measure="activations", model=args["model"], batch_size=args["batch_size"], precision=args["precision"],
+              device=str(device), plain_mb=mb(plain), checkpointed_mb=mb(ckpt), saved_mb=mb(plain - ckpt),
+              saved_fraction=round(1 - ckpt / plain, 4)))
+    emit(dict(measure="training_state", model=args["model"], world_size=len(ranks), unsharded_mb=mb(total),
+              per_rank_mb=[mb(b) for b in per_rank], ideal_per_rank_mb=mb(total / len(ranks)),
+              saved_mb=mb(total - max(per_rank)), unsharded=full, ranks=ranks))
+
+
+if __name__ == "__main__":
+    main()
