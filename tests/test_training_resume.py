@@ -1,5 +1,5 @@
 """Exact resume across processes (RELIABILITY rows 4-6): N steps + resume in a new process + N steps equals
-2N steps straight, bit for bit, with 2 loader workers and an epoch boundary in between; a SIGKILLed run
+2N steps straight, bit for bit, with 2 loader workers and with none, an epoch boundary in between; a SIGKILLed run
 rerun with the same command, and a SIGTERMed (preempted) one, end on the same weights too."""
 
 import csv
@@ -26,8 +26,8 @@ def shards(tmp_path_factory):
     return write_synthetic_shards(tmp_path_factory.mktemp("shards"))
 
 
-def overrides(out: Path, shards: Path, name: str, steps: int, every: int = N) -> list[str]:
-    return [*TINY_MODEL, *data_overrides(shards, num_workers=2), *run_overrides(out, steps, every),
+def overrides(out: Path, shards: Path, name: str, steps: int, every: int = N, workers: int = 2) -> list[str]:
+    return [*TINY_MODEL, *data_overrides(shards, num_workers=workers), *run_overrides(out, steps, every),
             f"run_name={name}", "objective=ddpm", "seed=3"]
 
 
@@ -76,6 +76,17 @@ def test_resume_in_a_new_process_is_exact(straight, shards):
     assert [resumed[s] for s in range(N, 2 * N)] == [full[s] for s in range(N, 2 * N)]
     assert len(list((out / "resumed/csv").glob("version_*/metrics.csv"))) == 2  # two processes
     assert_same_state(straight, out / "resumed")
+
+
+def test_resume_without_loader_workers_is_exact(tmp_path, shards):
+    """The same with the data read in the training process (num_workers=0, RELIABILITY row 4)."""
+    run_train(*overrides(tmp_path, shards, "straight", 2 * N, workers=0))
+    run_train(*overrides(tmp_path, shards, "resumed", N, workers=0))
+    run_train(*overrides(tmp_path, shards, "resumed", 2 * N, workers=0))
+    full, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(full) == sorted(resumed) == list(range(2 * N))
+    assert [resumed[s] for s in range(N, 2 * N)] == [full[s] for s in range(N, 2 * N)]
+    assert_same_state(tmp_path / "straight", tmp_path / "resumed")
 
 
 def wait_for_checkpoint(proc: subprocess.Popen, path: Path, timeout: float = 180) -> None:
