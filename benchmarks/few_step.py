@@ -72,7 +72,7 @@ def score(model, objective, sampler: str, steps: int, args: dict, classifier, re
     return dict(objective=objective.name, sampler=sampler, steps=steps, nfe=counter.calls, num_samples=len(images),
                 cfg_scale=args["cfg_scale"], accuracy=round(accuracy, 4),
                 fd_pixels=round(float(frechet_distance(mu, sigma, *real_stats)), 3),
-                seconds=round(seconds, 3), imgs_per_sec=round(len(images) / seconds, 2))
+                seconds=round(seconds, 6), imgs_per_sec=round(len(images) / seconds, 2))
 
 
 def main() -> None:
