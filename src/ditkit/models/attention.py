@@ -27,7 +27,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """softmax(q k^T / sqrt(hd)) v. q: (N, heads, T, hd), k and v: (N, heads, S, hd) -> (N, heads, T, hd).
 
     F.scaled_dot_product_attention everywhere (flash attention on GPUs), except bf16 on CPU for
-    sequences up to 1024 tokens: there PyTorch's CPU flash-attention backward is 2.5x slower than two
+    sequences up to 1024 tokens: there PyTorch's CPU flash attention is about 2x slower than two
     bf16 matmuls and a softmax (DiT-S/2, batch 8, 256 tokens: 17.3 vs 9.0 ms forward + backward per
     block; benchmarks/README.md). The softmax accumulates in fp32 inside the kernel either way.
     """
