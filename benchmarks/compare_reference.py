@@ -93,7 +93,8 @@ def main() -> None:
         flops = 3 * ours_model.forward_flops(b)
         peak = matmul_peak_flops(device, dtype or torch.float32, args["peak_matmul"] or None)
         record = dict(model=name, batch_size=b, precision=precision, ditkit_compile=args["compile"],
-                      device=str(device), threads=torch.get_num_threads(), reference_step_s=round(ref_s, 4), ditkit_step_s=round(ours_s, 4),
+                      device=str(device), threads=torch.get_num_threads(),
+                      reference_step_s=round(ref_s, 4), ditkit_step_s=round(ours_s, 4),
                       reference_imgs_per_sec=round(b / ref_s, 2), ditkit_imgs_per_sec=round(b / ours_s, 2),
                       speedup=round(ref_s / ours_s, 3), peak_gflops=round(peak / 1e9, 1),
                       reference_mfu=round(flops / ref_s / peak, 4), ditkit_mfu=round(flops / ours_s / peak, 4))

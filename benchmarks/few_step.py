@@ -24,21 +24,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from common import emit, parse_args
+from sample import CountingModel
 from ditkit.evaluation.loading import read_checkpoint
 from ditkit.evaluation.stats import frechet_distance
 from ditkit.training.samples import digits_features, fixed_inputs, real_digits
-
-
-class CountingModel(torch.nn.Module):
-    """The model, counting its calls (a guided call is one batch of 2N)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model, self.calls, self.num_classes = model, 0, model.num_classes
-
-    def forward(self, x, t, y):
-        self.calls += 1
-        return self.model(x, t, y)
 
 
 def load(path: str):
@@ -69,7 +58,7 @@ def score(model, objective, sampler: str, steps: int, args: dict, classifier, re
     images = samples.float().clamp(-1, 1).numpy()
     accuracy = float((classifier.predict(digits_features(images)) == labels.numpy()).mean())
     mu, sigma = pixel_stats(images)
-    return dict(objective=objective.name, sampler=sampler, steps=steps, nfe=counter.calls, num_samples=len(images),
+    return dict(objective=objective.name, sampler=sampler, steps=steps, nfe=len(counter.batches), num_samples=len(images),
                 cfg_scale=args["cfg_scale"], accuracy=round(accuracy, 4),
                 fd_pixels=round(float(frechet_distance(mu, sigma, *real_stats)), 3),
                 seconds=round(seconds, 6), imgs_per_sec=round(len(images) / seconds, 2))
