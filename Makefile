@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-fast bench clean
+.PHONY: install train test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -25,6 +25,15 @@ test: $(STAMP)
 ## Unit tests only (skips the slow multi-process / end-to-end ones).
 test-fast: $(STAMP)
 	WANDB_MODE=offline $(BIN)/python -m pytest -q -m "not slow"
+
+## Style: ruff's formatter and linter (configured in pyproject.toml); `make format` rewrites in place.
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py model=dit_s batch_size=8 precision=32-true steps=10

@@ -65,29 +65,49 @@ def build(cfg: DictConfig, ckpt):
         run = ckpt.run_config
         model = instantiate(run["model"])
         objective_cfg = cfg.objective if cfg.get("objective") is not None else run["objective"]
-        vae = run_vae(run["data"], vae_cfg.pretrained if vae_cfg else None, vae_cfg.subfolder if vae_cfg else None,
-                      chosen=vae_cfg is not None)
+        vae = run_vae(
+            run["data"],
+            vae_cfg.pretrained if vae_cfg else None,
+            vae_cfg.subfolder if vae_cfg else None,
+            chosen=vae_cfg is not None,
+        )
         image_size = run["data"].get("image_size")
     else:
         config = dit_config_from_state_dict(ckpt.state_dict)
         config["num_heads"] = cfg.num_heads or config["num_heads"]
         if config["num_heads"] is None:
-            raise ValueError(f"ckpt={cfg.ckpt}: width {config['hidden_size']} is not a published DiT variant; pass num_heads=")
+            raise ValueError(
+                f"ckpt={cfg.ckpt}: width {config['hidden_size']} is not a published DiT variant; pass num_heads="
+            )
         model = DiT(**config)
-        objective_cfg = cfg.objective if cfg.get("objective") is not None else {"_target_": "ditkit.objectives.GaussianDiffusion"}
+        objective_cfg = (
+            cfg.objective
+            if cfg.get("objective") is not None
+            else {"_target_": "ditkit.objectives.GaussianDiffusion"}
+        )
         pretrained = vae_cfg.pretrained if vae_cfg else OFFICIAL_VAE
         vae = load_vae(pretrained or "identity", vae_cfg.subfolder if vae_cfg else None)
         image_size = None
     if getattr(model, "num_classes", None) is None and cfg.get("prompts") is None:
-        raise ValueError(f"ckpt={cfg.ckpt}: evaluate.py scores class-conditional models; this one ({type(model).__name__}) has "
-                         "no classes (a text-to-image model samples from prompts=FILE)")
+        raise ValueError(
+            f"ckpt={cfg.ckpt}: evaluate.py scores class-conditional models; this one ({type(model).__name__}) has "
+            "no classes (a text-to-image model samples from prompts=FILE)"
+        )
     try:
         model.load_state_dict(ckpt.state_dict, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"ckpt={cfg.ckpt}: the weights do not fit the model it describes: {err}") from err
-    objective_cfg = OmegaConf.create(OmegaConf.to_container(objective_cfg) if isinstance(objective_cfg, DictConfig) else dict(objective_cfg))
+        raise ValueError(
+            f"ckpt={cfg.ckpt}: the weights do not fit the model it describes: {err}"
+        ) from err
+    objective_cfg = OmegaConf.create(
+        OmegaConf.to_container(objective_cfg)
+        if isinstance(objective_cfg, DictConfig)
+        else dict(objective_cfg)
+    )
     if "learn_sigma" in objective_cfg or objective_cfg["_target_"].endswith("GaussianDiffusion"):
-        objective_cfg.learn_sigma = bool(model.learn_sigma)  # follows the model (objective/ddpm.yaml interpolates it)
+        objective_cfg.learn_sigma = bool(
+            model.learn_sigma
+        )  # follows the model (objective/ddpm.yaml interpolates it)
     return model.eval(), instantiate(objective_cfg), vae, image_size
 
 
@@ -95,12 +115,17 @@ def sampler_settings(cfg: DictConfig, objective) -> dict:
     """objective.sample keyword arguments from the sampler group (default: by objective) and the guidance keys."""
     sampler = cfg.get("sampler")
     if sampler is None:
-        sampler = OmegaConf.load(REPO / "conf" / "sampler" / f"{DEFAULT_SAMPLER[objective.name]}.yaml")
+        sampler = OmegaConf.load(
+            REPO / "conf" / "sampler" / f"{DEFAULT_SAMPLER[objective.name]}.yaml"
+        )
     objective.check_sampler(sampler.name, sampler.get("objective"))
     interval, options = cfg.guidance_interval, sampler.get("options")
     return {
-        "sampler": sampler.name, "steps": sampler.steps, **(OmegaConf.to_container(options) if options is not None else {}),
-        "cfg_scale": float(cfg.cfg_scale), "guidance_channels": cfg.guidance_channels,
+        "sampler": sampler.name,
+        "steps": sampler.steps,
+        **(OmegaConf.to_container(options) if options is not None else {}),
+        "cfg_scale": float(cfg.cfg_scale),
+        "guidance_channels": cfg.guidance_channels,
         "guidance_interval": None if interval is None else [float(v) for v in interval],
     }
 
@@ -121,26 +146,46 @@ def evaluate_prompts(cfg: DictConfig, run_dir: Path) -> dict:
     prompts = read_prompts(cfg.prompts)
     ckpt = read_checkpoint(_checkpoint_file(cfg.ckpt, run_dir), cfg.weights)
     if ckpt.kind != "ditkit":
-        raise ValueError(f"prompts= needs a ditkit checkpoint of a text-to-image model (MMDiT); ckpt={cfg.ckpt} is not one")
+        raise ValueError(
+            f"prompts= needs a ditkit checkpoint of a text-to-image model (MMDiT); ckpt={cfg.ckpt} is not one"
+        )
     model, objective, vae, _ = build(cfg, ckpt)
     if not hasattr(model, "null_condition"):
-        raise ValueError(f"prompts= needs a text-to-image model (MMDiT); ckpt={cfg.ckpt} holds a {type(model).__name__}")
+        raise ValueError(
+            f"prompts= needs a text-to-image model (MMDiT); ckpt={cfg.ckpt} holds a {type(model).__name__}"
+        )
     data = ckpt.run_config["data"]
     manifest = read_run_manifest(data)
     if manifest is None:
-        raise FileNotFoundError(f"the checkpoint's training shards ({data.get('root')}) are not readable here: their "
-                                "manifest names the text encoders that embed the prompts")
+        raise FileNotFoundError(
+            f"the checkpoint's training shards ({data.get('root')}) are not readable here: their "
+            "manifest names the text encoders that embed the prompts"
+        )
     fabric = L.Fabric(accelerator=cfg.accelerator, devices=1, precision=cfg.precision)
     images = sample_prompts(
-        model.to(fabric.device), objective, make_decoder(vae, fabric.device),
-        text_encoders_from_manifest(manifest).to(fabric.device), prompts, cfg.per_prompt, seed=cfg.seed,
-        batch_size=cfg.batch_size, sample_kwargs=sampler_settings(cfg, objective), device=fabric.device,
-        autocast=fabric.autocast, progress=cfg.progress,
+        model.to(fabric.device),
+        objective,
+        make_decoder(vae, fabric.device),
+        text_encoders_from_manifest(manifest).to(fabric.device),
+        prompts,
+        cfg.per_prompt,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        sample_kwargs=sampler_settings(cfg, objective),
+        device=fabric.device,
+        autocast=fabric.autocast,
+        progress=cfg.progress,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image_grid(images, nrow=cfg.per_prompt)).save(run_dir / "prompts.png")
-    np.savez(run_dir / "prompts.npz", arr_0=images.permute(0, 2, 3, 1).numpy(), prompts=np.array(prompts))
-    result = {"grid": str(run_dir / "prompts.png"), "prompts": len(prompts), "per_prompt": cfg.per_prompt}
+    np.savez(
+        run_dir / "prompts.npz", arr_0=images.permute(0, 2, 3, 1).numpy(), prompts=np.array(prompts)
+    )
+    result = {
+        "grid": str(run_dir / "prompts.png"),
+        "prompts": len(prompts),
+        "per_prompt": cfg.per_prompt,
+    }
     print(json.dumps(result))
     return result
 
@@ -152,8 +197,18 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     import lightning as L
 
     from ditkit.evaluation import (
-        METRICS, InceptionMetrics, PartStore, SamplingPlan, check_reference, inception_fingerprint, load_inception,
-        load_reference, plan_batches, sample_and_score, save_grid, write_adm_npz,
+        METRICS,
+        InceptionMetrics,
+        PartStore,
+        SamplingPlan,
+        check_reference,
+        inception_fingerprint,
+        load_inception,
+        load_reference,
+        plan_batches,
+        sample_and_score,
+        save_grid,
+        write_adm_npz,
     )
     from ditkit.evaluation.decoding import make_decoder
     from ditkit.evaluation.loading import read_checkpoint
@@ -161,23 +216,36 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     metrics = list(cfg.metrics)
     unknown = set(metrics) - set(METRICS)
     if unknown:
-        raise ValueError(f"metrics={metrics}: unknown {sorted(unknown)}; choose from {list(METRICS)}")
+        raise ValueError(
+            f"metrics={metrics}: unknown {sorted(unknown)}; choose from {list(METRICS)}"
+        )
     needs_reference = bool({"fid", "kid", "prc"} & set(metrics))
     if needs_reference and cfg.fid.reference is None:
-        raise ValueError(f"metrics={metrics} need fid.reference=FILE.npz (make one with python -m data_pipelines.fid_reference)")
+        raise ValueError(
+            f"metrics={metrics} need fid.reference=FILE.npz (make one with python -m data_pipelines.fid_reference)"
+        )
     reference = load_reference(cfg.fid.reference) if needs_reference else None
     if reference is not None and {"kid", "prc"} & set(metrics) and reference.features is None:
-        raise ValueError(f"metrics kid / prc need reference features: make {cfg.fid.reference} again with features=10000")
+        raise ValueError(
+            f"metrics kid / prc need reference features: make {cfg.fid.reference} again with features=10000"
+        )
     ckpt = read_checkpoint(_checkpoint_file(cfg.ckpt, run_dir), cfg.weights)
     model, objective, vae, data_image_size = build(cfg, ckpt)
     sample_kwargs = sampler_settings(cfg, objective)
     image_size = model.input_size * vae.downsample
     if data_image_size is not None and data_image_size != image_size:
-        raise ValueError(f"the model samples {image_size} px images but was trained on {data_image_size} px: check vae=")
+        raise ValueError(
+            f"the model samples {image_size} px images but was trained on {data_image_size} px: check vae="
+        )
     if reference is not None:
         check_reference(reference, cfg.fid.reference, image_size)
 
-    fabric = L.Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, precision=cfg.precision)
+    fabric = L.Fabric(
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        precision=cfg.precision,
+    )
     fabric.launch()
     device, rank, world = fabric.device, fabric.global_rank, fabric.world_size
     extractor = load_inception(cfg.fid.inception_weights, device)
@@ -185,32 +253,63 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         check_reference(reference, cfg.fid.reference, image_size, inception_fingerprint(extractor))
     model = model.to(device)
     plan = SamplingPlan(
-        num_samples=cfg.num_samples, batch_size=cfg.batch_size, num_classes=model.num_classes,
-        latent_shape=(model.in_channels, model.input_size, model.input_size), seed=cfg.seed, sample_kwargs=sample_kwargs,
+        num_samples=cfg.num_samples,
+        batch_size=cfg.batch_size,
+        num_classes=model.num_classes,
+        latent_shape=(model.in_channels, model.input_size, model.input_size),
+        seed=cfg.seed,
+        sample_kwargs=sample_kwargs,
     )
-    settings = {"ckpt": str(Path(cfg.ckpt).resolve()), "weights": cfg.weights, "num_samples": cfg.num_samples,
-                "batch_size": cfg.batch_size, "seed": cfg.seed, "precision": cfg.precision, "vae": vae.name,
-                "image_size": image_size, **sample_kwargs}
+    settings = {
+        "ckpt": str(Path(cfg.ckpt).resolve()),
+        "weights": cfg.weights,
+        "num_samples": cfg.num_samples,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "precision": cfg.precision,
+        "vae": vae.name,
+        "image_size": image_size,
+        **sample_kwargs,
+    }
     store = PartStore(run_dir / "parts", settings) if rank == 0 else None
     wandb_run = start_wandb(cfg, run_dir) if rank == 0 else None
     fabric.barrier()  # rank 0 checked / wrote plan.json first
     store = store or PartStore(run_dir / "parts", settings)
     scores = InceptionMetrics(metrics)
     kept = sample_and_score(
-        model, objective, make_decoder(vae, device), extractor, plan, scores, rank=rank, world_size=world,
-        device=device, autocast=fabric.autocast, store=store, progress=cfg.progress, keep=cfg.grid_images,
+        model,
+        objective,
+        make_decoder(vae, device),
+        extractor,
+        plan,
+        scores,
+        rank=rank,
+        world_size=world,
+        device=device,
+        autocast=fabric.autocast,
+        store=store,
+        progress=cfg.progress,
+        keep=cfg.grid_images,
     )
     result = scores.compute(reference, device)
     fabric.barrier()  # every part is on disk
     if rank == 0:
         result = {**result, "reference": cfg.fid.reference, "settings": settings}
-        write_adm_npz(run_dir / "samples.npz", store, [s for s, _ in plan_batches(cfg.num_samples, cfg.batch_size)])
+        write_adm_npz(
+            run_dir / "samples.npz",
+            store,
+            [s for s, _ in plan_batches(cfg.num_samples, cfg.batch_size)],
+        )
         if len(kept):  # grid_images=0: no grid
             save_grid(run_dir / "samples.png", kept)
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
         log_wandb(wandb_run, run_dir, result, kept)
         shutil.rmtree(run_dir / "parts")
-        print(json.dumps({k: result[k] for k in ("fid", "is", "kid", "precision", "recall") if k in result}))
+        print(
+            json.dumps(
+                {k: result[k] for k in ("fid", "is", "kid", "precision", "recall") if k in result}
+            )
+        )
     fabric.barrier()
     return result
 
@@ -221,11 +320,19 @@ def start_wandb(cfg: DictConfig, run_dir: Path):
         return None
     import wandb
 
-    kwargs = dict(project=cfg.wandb.project, name=cfg.wandb.name or run_dir.name, dir=str(run_dir), tags=list(cfg.wandb.tags),
-                  job_type="evaluate", config=OmegaConf.to_container(cfg, resolve=True))
+    kwargs = dict(
+        project=cfg.wandb.project,
+        name=cfg.wandb.name or run_dir.name,
+        dir=str(run_dir),
+        tags=list(cfg.wandb.tags),
+        job_type="evaluate",
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
     try:
         return wandb.init(**kwargs)
-    except wandb.errors.UsageError as err:  # no account here: keep the run, upload later with `wandb sync`
+    except (
+        wandb.errors.UsageError
+    ) as err:  # no account here: keep the run, upload later with `wandb sync`
         print(f"W&B: {err}; logging offline to {run_dir}/wandb (upload with `wandb sync`)")
         return wandb.init(mode="offline", **kwargs)
 
@@ -238,7 +345,9 @@ def log_wandb(run, run_dir: Path, result: dict, grid_images) -> None:
     from ditkit.evaluation.samples_io import image_grid
 
     images = {"eval/samples": wandb.Image(image_grid(grid_images))} if len(grid_images) else {}
-    run.log({**{f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, **images})
+    run.log(
+        {**{f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, **images}
+    )
     run.save(str(run_dir / "metrics.json"), base_path=str(run_dir))
     run.finish()
 

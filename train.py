@@ -55,7 +55,10 @@ def train(cfg: DictConfig) -> Path:
     from ditkit.training.checks import check_model_fits_data, check_resume
 
     rank_zero_info(OmegaConf.to_yaml(cfg, resolve=True))
-    check_model_fits_data(OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.data, resolve=True))
+    check_model_fits_data(
+        OmegaConf.to_container(cfg.model, resolve=True),
+        OmegaConf.to_container(cfg.data, resolve=True),
+    )
     run_dir = Path(cfg.paths.run_dir)
     check_resume(cfg.resume, cfg.ckpt_path, cfg.paths.checkpoint_dir)
 
@@ -63,16 +66,23 @@ def train(cfg: DictConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")  # reads the shards' manifest now: shards that do not fit the config fail here
+    datamodule.setup(
+        "fit"
+    )  # reads the shards' manifest now: shards that do not fit the config fail here
     model = instantiate(cfg.model)
     objective = instantiate(cfg.objective)
     module = instantiate(cfg.module)(
         model=model, objective=objective, run_config=OmegaConf.to_container(cfg, resolve=True)
     )
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
+    callbacks = [
+        instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c
+    ]
     logger_cfg = cfg.logger
-    if str(logger_cfg.get("_target_", "")).endswith("WandbLogger") and logger_cfg.get("id") is None \
-            and rank_zero_only.rank == 0:  # only rank 0 talks to W&B
+    if (
+        str(logger_cfg.get("_target_", "")).endswith("WandbLogger")
+        and logger_cfg.get("id") is None
+        and rank_zero_only.rank == 0
+    ):  # only rank 0 talks to W&B
         logger_cfg = OmegaConf.merge(logger_cfg, {"id": wandb_run_id(run_dir)})
     logger = instantiate(logger_cfg)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)

@@ -17,7 +17,9 @@ def parse_args(defaults: dict) -> dict:
     for item in sys.argv[1:]:
         key, sep, value = item.partition("=")
         if not sep or key not in defaults:
-            raise SystemExit(f"unknown argument {item!r}; valid: {', '.join(f'{k}=' for k in defaults)}")
+            raise SystemExit(
+                f"unknown argument {item!r}; valid: {', '.join(f'{k}=' for k in defaults)}"
+            )
         default = defaults[key]
         if isinstance(default, bool):
             args[key] = value.lower() in ("1", "true", "yes")
@@ -31,7 +33,11 @@ def parse_args(defaults: dict) -> dict:
 
 
 def device_of(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    return torch.device(
+        "cuda"
+        if name == "auto" and torch.cuda.is_available()
+        else ("cpu" if name == "auto" else name)
+    )
 
 
 def sync(device: torch.device) -> None:
@@ -53,7 +59,9 @@ def time_calls(fn, steps: int, warmup: int, device: torch.device) -> list[float]
     return times
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 5) -> float:
+def matmul_peak_flops(
+    device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 5
+) -> float:
     """Achievable dense FLOP/s measured on the spot: the best of `reps` n x n matmuls in `dtype`."""
     n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -65,7 +73,9 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = 
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; whole process
+    return (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )  # Linux reports KiB; whole process
 
 
 def summarize(times: list[float]) -> float:

@@ -14,8 +14,8 @@ import copy
 import sys
 
 import torch
-
 from common import PRECISIONS, device_of, emit, matmul_peak_flops, parse_args, summarize, time_calls
+
 from ditkit.models import build_dit
 from ditkit.objectives import GaussianDiffusion
 from ditkit.training.ema import update_ema
@@ -63,14 +63,29 @@ def ditkit_step(variant, patch, state, x, y, dtype, device, compile_model):
 
 
 def main() -> None:
-    args = parse_args(dict(reference=None, model="S/2", batch_size=8, steps=10, warmup=2, rounds=3,
-                           latent_size=32, precisions="32-true,bf16-mixed", compile=False, device="auto",
-                           peak_matmul=0))
+    args = parse_args(
+        dict(
+            reference=None,
+            model="S/2",
+            batch_size=8,
+            steps=10,
+            warmup=2,
+            rounds=3,
+            latent_size=32,
+            precisions="32-true,bf16-mixed",
+            compile=False,
+            device="auto",
+            peak_matmul=0,
+        )
+    )
     if args["reference"] is None:
-        raise SystemExit("pass reference=/path/to/facebookresearch/DiT (a checkout; it needs `pip install timm`)")
+        raise SystemExit(
+            "pass reference=/path/to/facebookresearch/DiT (a checkout; it needs `pip install timm`)"
+        )
     sys.path.insert(0, args["reference"])
     import diffusion as ref_diffusion  # noqa: E402  (the reference checkout's packages)
     import models as ref_models  # noqa: E402
+
     import train as ref_train  # noqa: E402
 
     device = device_of(args["device"])
@@ -83,8 +98,12 @@ def main() -> None:
     name = f"DiT-{args['model']}"
     for precision in args["precisions"].split(","):
         dtype = PRECISIONS[precision]
-        ref_model, ref_step = reference_step(ref_models, ref_diffusion, ref_train, name, state, x, y, dtype, device)
-        ours_model, ours_step = ditkit_step(variant, int(patch), state, x, y, dtype, device, args["compile"])
+        ref_model, ref_step = reference_step(
+            ref_models, ref_diffusion, ref_train, name, state, x, y, dtype, device
+        )
+        ours_model, ours_step = ditkit_step(
+            variant, int(patch), state, x, y, dtype, device, args["compile"]
+        )
         ref_times, ours_times = [], []
         for _ in range(args["rounds"]):  # alternate, so drifting machine load hits both
             ref_times += time_calls(ref_step, args["steps"], args["warmup"], device)
@@ -92,15 +111,27 @@ def main() -> None:
         ref_s, ours_s = summarize(ref_times), summarize(ours_times)
         flops = 3 * ours_model.forward_flops(b)
         peak = matmul_peak_flops(device, dtype or torch.float32, args["peak_matmul"] or None)
-        record = dict(model=name, batch_size=b, precision=precision, ditkit_compile=args["compile"],
-                      device=str(device), threads=torch.get_num_threads(),
-                      reference_step_s=round(ref_s, 4), ditkit_step_s=round(ours_s, 4),
-                      reference_imgs_per_sec=round(b / ref_s, 2), ditkit_imgs_per_sec=round(b / ours_s, 2),
-                      speedup=round(ref_s / ours_s, 3), peak_gflops=round(peak / 1e9, 1),
-                      reference_mfu=round(flops / ref_s / peak, 4), ditkit_mfu=round(flops / ours_s / peak, 4))
+        record = dict(
+            model=name,
+            batch_size=b,
+            precision=precision,
+            ditkit_compile=args["compile"],
+            device=str(device),
+            threads=torch.get_num_threads(),
+            reference_step_s=round(ref_s, 4),
+            ditkit_step_s=round(ours_s, 4),
+            reference_imgs_per_sec=round(b / ref_s, 2),
+            ditkit_imgs_per_sec=round(b / ours_s, 2),
+            speedup=round(ref_s / ours_s, 3),
+            peak_gflops=round(peak / 1e9, 1),
+            reference_mfu=round(flops / ref_s / peak, 4),
+            ditkit_mfu=round(flops / ours_s / peak, 4),
+        )
         setting = precision + (", ditkit compiled" if args["compile"] else "")
-        print(f"| {name} | {b} | {setting} | reference {b / ref_s:.2f} img/s | ditkit {b / ours_s:.2f} img/s | "
-              f"x{ref_s / ours_s:.2f} | MFU {record['reference_mfu']:.1%} -> {record['ditkit_mfu']:.1%} |")
+        print(
+            f"| {name} | {b} | {setting} | reference {b / ref_s:.2f} img/s | ditkit {b / ours_s:.2f} img/s | "
+            f"x{ref_s / ours_s:.2f} | MFU {record['reference_mfu']:.1%} -> {record['ditkit_mfu']:.1%} |"
+        )
         emit(record)
         del ref_model, ours_model
 

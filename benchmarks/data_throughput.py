@@ -26,9 +26,20 @@ from omegaconf import OmegaConf
 from ditkit.data import LatentShardsDataModule
 from ditkit.data.format import FORMAT, MANIFEST, VERSION, encode_sample, shard_name, tar_writer
 
-DEFAULTS = dict(root=None, samples=2048, shard_size=256, batch_size=64, batches=40, warmup=2, workers=[0, 1, 2],
-                shuffle_buffer=1000, quick=False)
-QUICK = dict(samples=96, shard_size=32, batch_size=8, batches=4, warmup=1, workers=[0, 1], shuffle_buffer=16)
+DEFAULTS = dict(
+    root=None,
+    samples=2048,
+    shard_size=256,
+    batch_size=64,
+    batches=40,
+    warmup=2,
+    workers=[0, 1, 2],
+    shuffle_buffer=1000,
+    quick=False,
+)
+QUICK = dict(
+    samples=96, shard_size=32, batch_size=8, batches=4, warmup=1, workers=[0, 1], shuffle_buffer=16
+)
 SHAPE = (4, 32, 32)  # ImageNet 256 px through the SD VAE
 
 
@@ -44,13 +55,29 @@ def write_synthetic(root: str, samples: int, shard_size: int, num_classes: int =
                 mean = rng.standard_normal(SHAPE, dtype=np.float32)
                 moments = np.concatenate([mean, np.full(SHAPE, -2.0, np.float32)])
                 flip = np.concatenate([mean[..., ::-1], moments[4:]])
-                tar.write(encode_sample(f"img{i:07d}", int(rng.integers(num_classes)), moments, flip))
+                tar.write(
+                    encode_sample(f"img{i:07d}", int(rng.integers(num_classes)), moments, flip)
+                )
         shards.append({"name": shard_name(s), "num_samples": count})
     manifest = {
-        "format": FORMAT, "version": VERSION, "num_samples": samples, "num_shards": len(shards), "num_skipped": 0,
-        "shards": shards, "latent_shape": list(SHAPE), "dtype": "float16",
-        "vae": {"name": "synthetic", "scale_factor": 0.18215, "latent_channels": 4, "downsample": 8},
-        "image_size": 256, "crop": "adm_center", "num_classes": num_classes, "classes": None,
+        "format": FORMAT,
+        "version": VERSION,
+        "num_samples": samples,
+        "num_shards": len(shards),
+        "num_skipped": 0,
+        "shards": shards,
+        "latent_shape": list(SHAPE),
+        "dtype": "float16",
+        "vae": {
+            "name": "synthetic",
+            "scale_factor": 0.18215,
+            "latent_channels": 4,
+            "downsample": 8,
+        },
+        "image_size": 256,
+        "crop": "adm_center",
+        "num_classes": num_classes,
+        "classes": None,
         "source": {"type": "synthetic"},
     }
     with open(os.path.join(root, MANIFEST), "w") as f:
@@ -78,8 +105,14 @@ def datamodule_rate(root: str, manifest: dict, cfg, workers: int) -> float:
     """Steady-state samples/s of the training stream with `workers` DataLoader workers."""
     c, size, _ = manifest["latent_shape"]
     dm = LatentShardsDataModule(
-        latent_size=size, latent_channels=c, num_classes=manifest["num_classes"], image_size=manifest["image_size"],
-        root=root, batch_size=cfg.batch_size, num_workers=workers, shuffle_buffer=cfg.shuffle_buffer,
+        latent_size=size,
+        latent_channels=c,
+        num_classes=manifest["num_classes"],
+        image_size=manifest["image_size"],
+        root=root,
+        batch_size=cfg.batch_size,
+        num_workers=workers,
+        shuffle_buffer=cfg.shuffle_buffer,
         samples_per_epoch=(cfg.warmup + cfg.batches) * cfg.batch_size,
     )
     iterator = iter(dm.train_dataloader())
@@ -105,18 +138,41 @@ def main() -> None:
         total = cfg.batches * cfg.batch_size
         bare = bare_loop(paths, total)
         results = {"bare": bare}
-        print(json.dumps({"bench": "data_throughput", "loader": "bare", "samples_per_sec": round(bare, 1)}), flush=True)
+        print(
+            json.dumps(
+                {"bench": "data_throughput", "loader": "bare", "samples_per_sec": round(bare, 1)}
+            ),
+            flush=True,
+        )
         for workers in cfg.workers:
             rate = datamodule_rate(root, manifest, cfg, workers)
             results[f"workers_{workers}"] = rate
-            print(json.dumps({"bench": "data_throughput", "loader": "datamodule", "num_workers": workers,
-                              "samples_per_sec": round(rate, 1), "ratio_to_bare": round(rate / bare, 3)}), flush=True)
-    print(json.dumps({
-        "bench": "data_throughput", "summary": True, "batch_size": cfg.batch_size, "samples_timed": total,
-        "latent_shape": manifest["latent_shape"], "cpu_count": os.cpu_count(),
-        **{f"{k}_samples_per_sec": round(v, 1) for k, v in results.items()},
-        **{f"ratio_{k}": round(v / bare, 3) for k, v in results.items() if k != "bare"},
-    }))
+            print(
+                json.dumps(
+                    {
+                        "bench": "data_throughput",
+                        "loader": "datamodule",
+                        "num_workers": workers,
+                        "samples_per_sec": round(rate, 1),
+                        "ratio_to_bare": round(rate / bare, 3),
+                    }
+                ),
+                flush=True,
+            )
+    print(
+        json.dumps(
+            {
+                "bench": "data_throughput",
+                "summary": True,
+                "batch_size": cfg.batch_size,
+                "samples_timed": total,
+                "latent_shape": manifest["latent_shape"],
+                "cpu_count": os.cpu_count(),
+                **{f"{k}_samples_per_sec": round(v, 1) for k, v in results.items()},
+                **{f"ratio_{k}": round(v / bare, 3) for k, v in results.items() if k != "bare"},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -20,11 +20,11 @@ import time
 
 import numpy as np
 import torch
+from common import emit, parse_args
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-from common import emit, parse_args
 from sample import CountingModel
+
 from ditkit.evaluation.loading import read_checkpoint
 from ditkit.evaluation.stats import frechet_distance
 from ditkit.training.samples import digits_features, fixed_inputs, real_digits
@@ -34,7 +34,9 @@ def load(path: str):
     """EMA model and objective of a ditkit checkpoint, built from the run's own config."""
     ckpt = read_checkpoint(path, "ema")
     if ckpt.kind != "ditkit":
-        raise SystemExit(f"{path} is a {ckpt.kind} checkpoint; pass one written by train.py (it holds the run's config)")
+        raise SystemExit(
+            f"{path} is a {ckpt.kind} checkpoint; pass one written by train.py (it holds the run's config)"
+        )
     cfg = OmegaConf.create(ckpt.run_config)
     model = instantiate(cfg.model)
     model.load_state_dict(ckpt.state_dict)
@@ -49,25 +51,46 @@ def pixel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @torch.inference_mode()
 def score(model, objective, sampler: str, steps: int, args: dict, classifier, real_stats) -> dict:
     size = model.input_size
-    noise, labels = fixed_inputs(10 * args["per_class"], (model.in_channels, size, size), list(range(10)), args["seed"])
+    noise, labels = fixed_inputs(
+        10 * args["per_class"], (model.in_channels, size, size), list(range(10)), args["seed"]
+    )
     counter = CountingModel(model)
     torch.manual_seed(args["seed"])  # the ancestral DDPM and SDE samplers draw noise
     start = time.perf_counter()
-    samples = objective.sample(counter, noise, {"y": labels}, sampler=sampler, steps=steps, cfg_scale=args["cfg_scale"])
+    samples = objective.sample(
+        counter, noise, {"y": labels}, sampler=sampler, steps=steps, cfg_scale=args["cfg_scale"]
+    )
     seconds = time.perf_counter() - start
     images = samples.float().clamp(-1, 1).numpy()
     accuracy = float((classifier.predict(digits_features(images)) == labels.numpy()).mean())
     mu, sigma = pixel_stats(images)
-    return dict(objective=objective.name, sampler=sampler, steps=steps, nfe=len(counter.batches), num_samples=len(images),
-                cfg_scale=args["cfg_scale"], accuracy=round(accuracy, 4),
-                fd_pixels=round(float(frechet_distance(mu, sigma, *real_stats)), 3),
-                seconds=round(seconds, 6), imgs_per_sec=round(len(images) / seconds, 2))
+    return dict(
+        objective=objective.name,
+        sampler=sampler,
+        steps=steps,
+        nfe=len(counter.batches),
+        num_samples=len(images),
+        cfg_scale=args["cfg_scale"],
+        accuracy=round(accuracy, 4),
+        fd_pixels=round(float(frechet_distance(mu, sigma, *real_stats)), 3),
+        seconds=round(seconds, 6),
+        imgs_per_sec=round(len(images) / seconds, 2),
+    )
 
 
 def main() -> None:
-    args = parse_args(dict(flow_ckpt=None, ddpm_ckpt=None, settings="ddpm:ddpm:250,ddpm:ddim:50,flow:heun:25,"
-                           "flow:heun:10,flow:heun:5,flow:euler:50,flow:euler:10", per_class=100, cfg_scale=4.0,
-                           seed=0, threads=0))
+    args = parse_args(
+        dict(
+            flow_ckpt=None,
+            ddpm_ckpt=None,
+            settings="ddpm:ddpm:250,ddpm:ddim:50,flow:heun:25,"
+            "flow:heun:10,flow:heun:5,flow:euler:50,flow:euler:10",
+            per_class=100,
+            cfg_scale=4.0,
+            seed=0,
+            threads=0,
+        )
+    )
     if args["threads"]:
         torch.set_num_threads(args["threads"])
     from sklearn.svm import SVC
@@ -76,7 +99,9 @@ def main() -> None:
     paths = {"flow": args["flow_ckpt"], "ddpm": args["ddpm_ckpt"]}
     for objective_name, _, _ in settings:
         if paths.get(objective_name) is None:
-            raise SystemExit(f"settings name objective {objective_name!r}: pass {objective_name}_ckpt=PATH")
+            raise SystemExit(
+                f"settings name objective {objective_name!r}: pass {objective_name}_ckpt=PATH"
+            )
     loaded = {name: load(path) for name, path in paths.items() if path is not None}
     real, targets = real_digits(next(iter(loaded.values()))[0].input_size)
     classifier = SVC().fit(digits_features(real), targets)
@@ -85,13 +110,17 @@ def main() -> None:
     for objective_name, sampler, steps in settings:
         model, objective = loaded[objective_name]
         if objective.name != objective_name:
-            raise SystemExit(f"{paths[objective_name]} was trained with {objective.name}, not {objective_name}")
+            raise SystemExit(
+                f"{paths[objective_name]} was trained with {objective.name}, not {objective_name}"
+            )
         print(f"sampling {objective_name} {sampler}-{steps} ...", file=sys.stderr, flush=True)
         records.append(score(model, objective, sampler, int(steps), args, classifier, real_stats))
     print("| objective | sampler | steps | NFE | digits accuracy | FD (pixels) | images/s |")
     for r in records:
-        print(f"| {r['objective']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['accuracy']:.1%} | "
-              f"{r['fd_pixels']} | {r['imgs_per_sec']} |")
+        print(
+            f"| {r['objective']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['accuracy']:.1%} | "
+            f"{r['fd_pixels']} | {r['imgs_per_sec']} |"
+        )
     for r in records:
         emit(r)
 

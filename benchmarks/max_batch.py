@@ -7,7 +7,6 @@ Prints one JSON line: model, precision, grad_checkpointing, max_batch, peak_mem_
 """
 
 import torch
-
 from common import PRECISIONS, device_of, emit, parse_args, peak_memory_mb
 from train_step import build_from_args
 
@@ -30,8 +29,19 @@ def fits(model, objective, batch: int, latent_size: int, dtype, device) -> bool:
 
 
 def main() -> None:
-    args = parse_args(dict(model="dit_xl", objective="ddpm", precision="bf16-mixed", grad_checkpointing=False,
-                           latent_size=32, depth=None, start=8, limit=4096, device="auto"))
+    args = parse_args(
+        dict(
+            model="dit_xl",
+            objective="ddpm",
+            precision="bf16-mixed",
+            grad_checkpointing=False,
+            latent_size=32,
+            depth=None,
+            start=8,
+            limit=4096,
+            device="auto",
+        )
+    )
     device = device_of(args["device"])
     model, objective = build_from_args(args)
     model.to(device).train()
@@ -40,18 +50,31 @@ def main() -> None:
     dtype = PRECISIONS[args["precision"]]
     ok, bad = 0, None
     batch = args["start"]
-    while batch <= args["limit"] and fits(model, objective, batch, args["latent_size"], dtype, device):
+    while batch <= args["limit"] and fits(
+        model, objective, batch, args["latent_size"], dtype, device
+    ):
         ok, batch = batch, batch * 2
     if batch <= args["limit"]:
         bad = batch
     while bad is not None and bad - ok > max(1, ok // 8):  # bisect to within 1/8 of the answer
         mid = (ok + bad) // 2
-        ok, bad = (mid, bad) if fits(model, objective, mid, args["latent_size"], dtype, device) else (ok, mid)
+        ok, bad = (
+            (mid, bad)
+            if fits(model, objective, mid, args["latent_size"], dtype, device)
+            else (ok, mid)
+        )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         fits(model, objective, ok, args["latent_size"], dtype, device)
-    emit(dict(model=args["model"], precision=args["precision"], grad_checkpointing=args["grad_checkpointing"],
-              max_batch=ok, peak_mem_mb=round(peak_memory_mb(device), 1)))
+    emit(
+        dict(
+            model=args["model"],
+            precision=args["precision"],
+            grad_checkpointing=args["grad_checkpointing"],
+            max_batch=ok,
+            peak_mem_mb=round(peak_memory_mb(device), 1),
+        )
+    )
 
 
 if __name__ == "__main__":

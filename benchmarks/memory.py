@@ -17,18 +17,31 @@ import tempfile
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from common import PRECISIONS, device_of, emit, parse_args
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
+from train_step import build_from_args
 
-from common import PRECISIONS, device_of, emit, parse_args
 from ditkit.training.ema import make_shadow
 from ditkit.training.parallel import shard_blocks
-from train_step import build_from_args
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def bytes_in_use(device: torch.device) -> int:
@@ -37,7 +50,9 @@ def bytes_in_use(device: torch.device) -> int:
         return torch.cuda.memory_allocated(device)
     libc = ctypes.CDLL("libc.so.6")
     if not hasattr(libc, "mallinfo2"):
-        raise SystemExit("activation memory on CPU needs glibc >= 2.33 (mallinfo2); run on Linux or a GPU")
+        raise SystemExit(
+            "activation memory on CPU needs glibc >= 2.33 (mallinfo2); run on Linux or a GPU"
+        )
     libc.mallinfo2.restype = _MallInfo2
     info = libc.mallinfo2()
     return info.uordblks + info.hblkhd
@@ -69,8 +84,12 @@ def state_bytes(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.O
 
     params = list(model.parameters())
     moments = [state[k] for state in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
-    return dict(weights=nbytes(params), grads=nbytes(p.grad for p in params if p.grad is not None),
-                adam_moments=nbytes(moments), ema=nbytes(ema.parameters()))
+    return dict(
+        weights=nbytes(params),
+        grads=nbytes(p.grad for p in params if p.grad is not None),
+        adam_moments=nbytes(moments),
+        ema=nbytes(ema.parameters()),
+    )
 
 
 def training_state(args: dict, mesh=None) -> dict:
@@ -84,7 +103,9 @@ def training_state(args: dict, mesh=None) -> dict:
         shard_blocks(ema, mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     s = args["latent_size"]
-    loss = objective.training_losses(model, torch.randn(2, 4, s, s), model_kwargs={"y": torch.tensor([1, 2])})["loss"]
+    loss = objective.training_losses(
+        model, torch.randn(2, 4, s, s), model_kwargs={"y": torch.tensor([1, 2])}
+    )["loss"]
     loss.mean().backward()
     opt.step()
     return state_bytes(model, ema, opt)
@@ -107,8 +128,13 @@ def sharded_state(args: dict) -> list[dict]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_sharded_rank, args=(args["world_size"], port, args, out_dir), nprocs=args["world_size"])
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(args["world_size"])]
+        mp.spawn(
+            _sharded_rank, args=(args["world_size"], port, args, out_dir), nprocs=args["world_size"]
+        )
+        return [
+            torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True)
+            for r in range(args["world_size"])
+        ]
 
 
 def mb(n: float) -> float:
@@ -116,23 +142,55 @@ def mb(n: float) -> float:
 
 
 def main() -> None:
-    args = parse_args(dict(model="dit_b", objective="ddpm", batch_size=8, precision="32-true", latent_size=32,
-                           depth=None, world_size=2, device="auto"))
+    args = parse_args(
+        dict(
+            model="dit_b",
+            objective="ddpm",
+            batch_size=8,
+            precision="32-true",
+            latent_size=32,
+            depth=None,
+            world_size=2,
+            device="auto",
+        )
+    )
     device = device_of(args["device"])
     plain = activation_bytes(args, False, device)
     ckpt = activation_bytes(args, True, device)
     full = training_state(args)
     ranks = sharded_state(args)
     total, per_rank = sum(full.values()), [sum(r.values()) for r in ranks]
-    print(f"| {args['model']} | activations, batch {args['batch_size']} | {mb(plain)} MB -> {mb(ckpt)} MB with "
-          f"per-block checkpointing |\n| {args['model']} | weights + grads + AdamW + EMA | {mb(total)} MB -> "
-          f"{mb(max(per_rank))} MB per rank under FSDP2 x{len(ranks)} |")
-    emit(dict(measure="activations", model=args["model"], batch_size=args["batch_size"], precision=args["precision"],
-              device=str(device), plain_mb=mb(plain), checkpointed_mb=mb(ckpt), saved_mb=mb(plain - ckpt),
-              saved_fraction=round(1 - ckpt / plain, 4)))
-    emit(dict(measure="training_state", model=args["model"], world_size=len(ranks), unsharded_mb=mb(total),
-              per_rank_mb=[mb(b) for b in per_rank], ideal_per_rank_mb=mb(total / len(ranks)),
-              saved_mb=mb(total - max(per_rank)), unsharded=full, ranks=ranks))
+    print(
+        f"| {args['model']} | activations, batch {args['batch_size']} | {mb(plain)} MB -> {mb(ckpt)} MB with "
+        f"per-block checkpointing |\n| {args['model']} | weights + grads + AdamW + EMA | {mb(total)} MB -> "
+        f"{mb(max(per_rank))} MB per rank under FSDP2 x{len(ranks)} |"
+    )
+    emit(
+        dict(
+            measure="activations",
+            model=args["model"],
+            batch_size=args["batch_size"],
+            precision=args["precision"],
+            device=str(device),
+            plain_mb=mb(plain),
+            checkpointed_mb=mb(ckpt),
+            saved_mb=mb(plain - ckpt),
+            saved_fraction=round(1 - ckpt / plain, 4),
+        )
+    )
+    emit(
+        dict(
+            measure="training_state",
+            model=args["model"],
+            world_size=len(ranks),
+            unsharded_mb=mb(total),
+            per_rank_mb=[mb(b) for b in per_rank],
+            ideal_per_rank_mb=mb(total / len(ranks)),
+            saved_mb=mb(total - max(per_rank)),
+            unsharded=full,
+            ranks=ranks,
+        )
+    )
 
 
 if __name__ == "__main__":

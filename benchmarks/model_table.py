@@ -14,11 +14,11 @@ import inspect
 from pathlib import Path
 
 import torch
+from common import parse_args
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from tqdm import tqdm
 
-from common import parse_args
 from ditkit.models import DiT, MMDiT
 from ditkit.models.flops import forward_flops
 
@@ -40,8 +40,15 @@ def settings() -> list[tuple[str, list[str]]]:
 def build(name: str, overrides: list[str], latent_size: int) -> torch.nn.Module:
     """A model from its config, on meta, for ImageNet latents; text widths (MMDiT) are the class defaults."""
     text = inspect.signature(MMDiT).parameters
-    data = [f"+data.latent_size={latent_size}", "+data.latent_channels=4", "+data.num_classes=1000",
-            *(f"+data.{key}={text[key].default}" for key in ("context_dim", "pooled_dim", "context_len"))]
+    data = [
+        f"+data.latent_size={latent_size}",
+        "+data.latent_channels=4",
+        "+data.num_classes=1000",
+        *(
+            f"+data.{key}={text[key].default}"
+            for key in ("context_dim", "pooled_dim", "context_len")
+        ),
+    ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(overrides=[f"+model={name}", *data, *overrides])
     with torch.device("meta"):
@@ -53,14 +60,23 @@ def example_inputs(model: torch.nn.Module, latent_size: int) -> tuple[torch.Tens
     with torch.device("meta"):
         x, t = torch.empty(1, model.in_channels, latent_size, latent_size), torch.empty(1)
         if isinstance(model, MMDiT):
-            return x, t, torch.empty(1, model.context_len, model.context_dim), torch.empty(1, model.pooled_dim)
+            return (
+                x,
+                t,
+                torch.empty(1, model.context_len, model.context_dim),
+                torch.empty(1, model.pooled_dim),
+            )
         return x, t, torch.zeros(1, dtype=torch.long)
 
 
 def label(name: str, model: torch.nn.Module) -> str:
     if isinstance(model, DiT):
         paper = f"DiT-{name.removeprefix('dit_').upper()}/{model.patch_size}"
-        return f"`{name}` `model.patch_size={model.patch_size}` ({paper})" if model.patch_size != 2 else f"`{name}` ({paper})"
+        return (
+            f"`{name}` `model.patch_size={model.patch_size}` ({paper})"
+            if model.patch_size != 2
+            else f"`{name}` ({paper})"
+        )
     return f"`{name}`"
 
 
@@ -84,7 +100,9 @@ def main() -> None:
     # families in the order DiT, MMDiT, U-Net; within one, configs by the cost of their first row (S before B)
     order = sorted(groups, key=lambda n: (family_rank(n), groups[n][0][0]))
     lines += [line for name in order for _, line in groups[name]]
-    print(f"Per image at {8 * size} px (latents 4 x {size} x {size}); GMACs = the DiT paper's \"Gflops\".\n")
+    print(
+        f'Per image at {8 * size} px (latents 4 x {size} x {size}); GMACs = the DiT paper\'s "Gflops".\n'
+    )
     print("\n".join(lines))
 
 

@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import PRECISIONS, device_of, emit, matmul_peak_flops, parse_args, peak_memory_mb, sync
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-
-from common import PRECISIONS, device_of, emit, matmul_peak_flops, parse_args, peak_memory_mb, sync
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2"]
@@ -26,8 +25,13 @@ TINY = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2"]
 
 def build(args: dict, sampler: str):
     """Model, objective (the sampler's) and sampler config from the real Hydra configs."""
-    overrides = [f"+model={args['model']}", f"+sampler={sampler}", f"+data.latent_size={args['latent_size']}",
-                 "+data.latent_channels=4", f"+data.num_classes={args['num_classes']}"]
+    overrides = [
+        f"+model={args['model']}",
+        f"+sampler={sampler}",
+        f"+data.latent_size={args['latent_size']}",
+        "+data.latent_channels=4",
+        f"+data.num_classes={args['num_classes']}",
+    ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(overrides=overrides + (TINY if args["tiny"] else []))
         cfg_obj = compose(overrides=overrides + [f"+objective={cfg.sampler.objective}"])
@@ -74,15 +78,28 @@ def bench(args: dict, sampler: str, device: torch.device) -> dict:
     def run_sampler():
         counter.batches.clear()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            objective.sample(counter, x_T, {"y": y}, sampler=scfg.name, steps=steps, cfg_scale=args["cfg_scale"],
-                             **scfg.options)
+            objective.sample(
+                counter,
+                x_T,
+                {"y": y},
+                sampler=scfg.name,
+                steps=steps,
+                cfg_scale=args["cfg_scale"],
+                **scfg.options,
+            )
 
     counter.dry = True
     run_sampler()  # records the calls the bare run must repeat, at no model cost
     counter.dry = False
     batches = list(counter.batches)
-    inputs = {b: (torch.randn(b, c, s, s, device=device), torch.full((b,), 500.0, device=device),
-                  torch.randint(0, model.num_classes, (b,), device=device)) for b in set(batches)}
+    inputs = {
+        b: (
+            torch.randn(b, c, s, s, device=device),
+            torch.full((b,), 500.0, device=device),
+            torch.randint(0, model.num_classes, (b,), device=device),
+        )
+        for b in set(batches)
+    }
 
     @torch.no_grad()
     def run_forwards(calls: list[int]):
@@ -99,20 +116,46 @@ def bench(args: dict, sampler: str, device: torch.device) -> dict:
     flops = sum(model.forward_flops(b) for b in batches)
     peak = matmul_peak_flops(device, dtype or torch.float32, args["peak_matmul"] or None)
     return dict(
-        sampler=scfg.name, objective=objective.name, steps=steps, model_evals=len(batches),
-        batch=max(batches), num_samples=n, cfg_scale=args["cfg_scale"],
-        model=args["model"] + ("(tiny)" if args["tiny"] else ""), latent=[c, s, s], precision=args["precision"],
-        device=str(device), seconds=round(seconds, 6), forward_seconds=round(forward_seconds, 6),
-        overhead=round(seconds / forward_seconds - 1, 4), imgs_per_sec=round(n / seconds, 3),
-        gflops_per_sec=round(flops / seconds / 1e9, 2), peak_gflops=round(peak / 1e9, 1),
-        mfu=round(flops / seconds / peak, 4), peak_mem_mb=round(peak_memory_mb(device), 1),
+        sampler=scfg.name,
+        objective=objective.name,
+        steps=steps,
+        model_evals=len(batches),
+        batch=max(batches),
+        num_samples=n,
+        cfg_scale=args["cfg_scale"],
+        model=args["model"] + ("(tiny)" if args["tiny"] else ""),
+        latent=[c, s, s],
+        precision=args["precision"],
+        device=str(device),
+        seconds=round(seconds, 6),
+        forward_seconds=round(forward_seconds, 6),
+        overhead=round(seconds / forward_seconds - 1, 4),
+        imgs_per_sec=round(n / seconds, 3),
+        gflops_per_sec=round(flops / seconds / 1e9, 2),
+        peak_gflops=round(peak / 1e9, 1),
+        mfu=round(flops / seconds / peak, 4),
+        peak_mem_mb=round(peak_memory_mb(device), 1),
     )
 
 
 def main() -> None:
-    args = parse_args(dict(model="dit_xl", tiny=False, latent_size=32, num_classes=1000, num_samples=32,
-                           samplers="ddpm,ddim,euler,heun,sde", steps=0, cfg_scale=1.5, precision="32-true",
-                           device="auto", repeats=3, threads=0, peak_matmul=0))  # 0: the device's default size
+    args = parse_args(
+        dict(
+            model="dit_xl",
+            tiny=False,
+            latent_size=32,
+            num_classes=1000,
+            num_samples=32,
+            samplers="ddpm,ddim,euler,heun,sde",
+            steps=0,
+            cfg_scale=1.5,
+            precision="32-true",
+            device="auto",
+            repeats=3,
+            threads=0,
+            peak_matmul=0,
+        )
+    )  # 0: the device's default size
     if args["tiny"]:
         args.update(model="dit_s", latent_size=8, num_classes=10)
     device = device_of(args["device"])

@@ -10,10 +10,19 @@ the same precision, measured here), mfu, peak_mem_mb.
 from pathlib import Path
 
 import torch
+from common import (
+    PRECISIONS,
+    device_of,
+    emit,
+    matmul_peak_flops,
+    parse_args,
+    peak_memory_mb,
+    summarize,
+    time_calls,
+)
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from common import PRECISIONS, device_of, emit, matmul_peak_flops, parse_args, peak_memory_mb, summarize, time_calls
 from ditkit.training.ema import update_ema
 from ditkit.training.parallel import compile_blocks
 
@@ -23,10 +32,16 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 def build(model: str, objective: str, latent_size: int, overrides: list[str]):
     """Model and objective from the real Hydra configs, for ImageNet latents (4 channels, 1000 classes)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(overrides=[
-            f"+model={model}", f"+objective={objective}", f"+data.latent_size={latent_size}",
-            "+data.latent_channels=4", "+data.num_classes=1000", *overrides,
-        ])
+        cfg = compose(
+            overrides=[
+                f"+model={model}",
+                f"+objective={objective}",
+                f"+data.latent_size={latent_size}",
+                "+data.latent_channels=4",
+                "+data.num_classes=1000",
+                *overrides,
+            ]
+        )
     return instantiate(cfg.model), instantiate(cfg.objective)
 
 
@@ -39,16 +54,33 @@ def build_from_args(args: dict):
 
 
 def main() -> None:
-    args = parse_args(dict(model="dit_s", objective="ddpm", batch_size=8, precision="32-true", compile=False,
-                           grad_checkpointing=False, steps=10, warmup=3, latent_size=32, depth=None, device="auto",
-                           peak_matmul=0))  # 0: the default size for the device
+    args = parse_args(
+        dict(
+            model="dit_s",
+            objective="ddpm",
+            batch_size=8,
+            precision="32-true",
+            compile=False,
+            grad_checkpointing=False,
+            steps=10,
+            warmup=3,
+            latent_size=32,
+            depth=None,
+            device="auto",
+            peak_matmul=0,
+        )
+    )  # 0: the default size for the device
     device = device_of(args["device"])
     model, objective = build_from_args(args)
     model.to(device).train()
     ema = [p.detach().float().clone() for p in model.parameters()]
     if args["compile"]:
-        compile_blocks(model)  # as training's `module.compile=true`: each block, compiled once for all
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)  # as DiffusionModule
+        compile_blocks(
+            model
+        )  # as training's `module.compile=true`: each block, compiled once for all
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, weight_decay=0.0, fused=True
+    )  # as DiffusionModule
     dtype = PRECISIONS[args["precision"]]
     b, s = args["batch_size"], args["latent_size"]
     x = torch.randn(b, 4, s, s, device=device)
@@ -66,14 +98,25 @@ def main() -> None:
     flops = 3 * model.forward_flops(b)  # backward ~ 2x forward
     peak = matmul_peak_flops(device, dtype or torch.float32, args["peak_matmul"] or None)
     record = dict(
-        model=args["model"], objective=args["objective"], batch_size=b, precision=args["precision"],
-        compile=args["compile"], grad_checkpointing=args["grad_checkpointing"], device=str(device),
-        threads=torch.get_num_threads(), step_s=round(step_s, 4), imgs_per_sec=round(b / step_s, 2),
-        gflops_per_sec=round(flops / step_s / 1e9, 2), peak_gflops=round(peak / 1e9, 1),
-        mfu=round(flops / step_s / peak, 4), peak_mem_mb=round(peak_memory_mb(device), 1),
+        model=args["model"],
+        objective=args["objective"],
+        batch_size=b,
+        precision=args["precision"],
+        compile=args["compile"],
+        grad_checkpointing=args["grad_checkpointing"],
+        device=str(device),
+        threads=torch.get_num_threads(),
+        step_s=round(step_s, 4),
+        imgs_per_sec=round(b / step_s, 2),
+        gflops_per_sec=round(flops / step_s / 1e9, 2),
+        peak_gflops=round(peak / 1e9, 1),
+        mfu=round(flops / step_s / peak, 4),
+        peak_mem_mb=round(peak_memory_mb(device), 1),
     )
-    print(f"| {record['model']} | {b} | {record['precision']} | {record['step_s']:.3f} s | "
-          f"{record['imgs_per_sec']} img/s | {record['gflops_per_sec']} GFLOP/s | MFU {record['mfu']:.1%} |")
+    print(
+        f"| {record['model']} | {b} | {record['precision']} | {record['step_s']:.3f} s | "
+        f"{record['imgs_per_sec']} img/s | {record['gflops_per_sec']} GFLOP/s | MFU {record['mfu']:.1%} |"
+    )
     emit(record)
 
 

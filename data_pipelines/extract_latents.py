@@ -24,10 +24,14 @@ from ditkit.data.vae import load_vae
 def _placement(cfg: DictConfig) -> tuple[int, int, str]:
     """(rank, world_size, device) from the config, else from torchrun's environment."""
     rank = cfg.rank if cfg.rank is not None else int(os.environ.get("RANK", 0))
-    world_size = cfg.world_size if cfg.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    world_size = (
+        cfg.world_size if cfg.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    )
     device = cfg.device
     if device == "auto":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        device = (
+            f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        )
     return rank, world_size, device
 
 
@@ -41,8 +45,17 @@ def run(cfg: DictConfig) -> dict:
     vae = load_vae(cfg.vae.pretrained, subfolder=cfg.vae.subfolder)
     out = os.path.abspath(os.path.expanduser(cfg.out))
     counts = extract_latents(
-        source, vae, out, image_size=cfg.image_size, shard_size=cfg.shard_size, batch_size=cfg.batch_size,
-        precision=cfg.precision, num_workers=cfg.num_workers, rank=rank, world_size=world_size, device=device,
+        source,
+        vae,
+        out,
+        image_size=cfg.image_size,
+        shard_size=cfg.shard_size,
+        batch_size=cfg.batch_size,
+        precision=cfg.precision,
+        num_workers=cfg.num_workers,
+        rank=rank,
+        world_size=world_size,
+        device=device,
         progress=cfg.progress,
     )
     if torchrun:
@@ -50,8 +63,11 @@ def run(cfg: DictConfig) -> dict:
     manifest = merge_manifest(out) if rank == 0 or not torchrun else None
     summary = {"rank": rank, "world_size": world_size, **counts, "out": out}
     if manifest is not None:
-        summary.update(manifest=os.path.join(out, "manifest.json"), num_samples=manifest["num_samples"],
-                       num_skipped=manifest["num_skipped"])
+        summary.update(
+            manifest=os.path.join(out, "manifest.json"),
+            num_samples=manifest["num_samples"],
+            num_skipped=manifest["num_skipped"],
+        )
     elif not torchrun:
         summary["manifest"] = "pending: other ranks still writing (the last to finish writes it)"
     if torchrun:

@@ -27,21 +27,39 @@ def run(cfg: DictConfig) -> dict:
     """Caption and embed every sample of cfg.shards into cfg.out; return a summary."""
     where = os.path.join(os.path.expanduser(cfg.shards), MANIFEST)
     if not os.path.isfile(where):
-        raise FileNotFoundError(f"{where} is missing: shards= must be a latent shard folder (data_pipelines.extract_latents)")
+        raise FileNotFoundError(
+            f"{where} is missing: shards= must be a latent shard folder (data_pipelines.extract_latents)"
+        )
     with open(where) as f:
         manifest = parse_manifest(f.read(), where)
     captions = OmegaConf.to_container(cfg.captions, resolve=True)
-    caption, record = captioner(manifest, captions["file"], captions["template"], captions["class_names"])
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    encoders = TextEncoders(OmegaConf.to_container(cfg.encoders, resolve=True), precision=cfg.precision).to(device)
-    out = add_text_embeddings(cfg.shards, cfg.out, encoders, caption, record, batch_size=cfg.batch_size,
-                              progress=cfg.progress)
+    caption, record = captioner(
+        manifest, captions["file"], captions["template"], captions["class_names"]
+    )
+    device = (
+        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    encoders = TextEncoders(
+        OmegaConf.to_container(cfg.encoders, resolve=True), precision=cfg.precision
+    ).to(device)
+    out = add_text_embeddings(
+        cfg.shards,
+        cfg.out,
+        encoders,
+        caption,
+        record,
+        batch_size=cfg.batch_size,
+        progress=cfg.progress,
+    )
     text = out["text"]
     return {
-        "out": os.path.abspath(os.path.expanduser(cfg.out)), "num_samples": out["num_samples"],
-        "context_len": text["context_len"], "context_dim": text["context_dim"], "pooled_dim": text["pooled_dim"],
+        "out": os.path.abspath(os.path.expanduser(cfg.out)),
+        "num_samples": out["num_samples"],
+        "context_len": text["context_len"],
+        "context_dim": text["context_dim"],
+        "pooled_dim": text["pooled_dim"],
         "train_with": f"data.root={os.path.abspath(os.path.expanduser(cfg.out))} data.context_len={text['context_len']} "
-                      f"data.context_dim={text['context_dim']} data.pooled_dim={text['pooled_dim']}",
+        f"data.context_dim={text['context_dim']} data.pooled_dim={text['pooled_dim']}",
     }
 
 

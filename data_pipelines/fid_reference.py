@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import hydra
 import numpy as np
@@ -40,7 +41,11 @@ class _SourceBatches(Dataset):
         return len(self.jobs)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        crops = [center_crop_arr(img, self.image_size) for _, _, img in self.source.read(self.jobs[i]) if not isinstance(img, BadImage)]
+        crops = [
+            center_crop_arr(img, self.image_size)
+            for _, _, img in self.source.read(self.jobs[i])
+            if not isinstance(img, BadImage)
+        ]
         if not crops:
             return torch.zeros(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
         return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
@@ -64,7 +69,9 @@ class _ShardMeans(IterableDataset):
         for shard in shards:
             name = shard["name"] if isinstance(shard, dict) else shard
             for sample in wds.tarfile_to_samples()([{"url": os.path.join(self.root, name)}]):
-                batch.append(torch.from_numpy(decode_moments(sample, MOMENTS, shape)[:c].astype(np.float32)))
+                batch.append(
+                    torch.from_numpy(decode_moments(sample, MOMENTS, shape)[:c].astype(np.float32))
+                )
                 if len(batch) == self.batch_size:
                     yield torch.stack(batch)
                     batch = []
@@ -72,18 +79,26 @@ class _ShardMeans(IterableDataset):
             yield torch.stack(batch)
 
 
-def _shard_images(cfg: DictConfig, device: torch.device) -> tuple[Iterator[torch.Tensor], int, int, str]:
+def _shard_images(
+    cfg: DictConfig, device: torch.device
+) -> tuple[Iterator[torch.Tensor], int, int, str]:
     """Decoded images of a shard set, its sample count, its image size and a description."""
     root = os.path.abspath(os.path.expanduser(cfg.source.root))
     path = os.path.join(root, MANIFEST)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"source.root={cfg.source.root}: no {MANIFEST} (a folder written by data_pipelines.extract_latents)")
+        raise FileNotFoundError(
+            f"source.root={cfg.source.root}: no {MANIFEST} (a folder written by data_pipelines.extract_latents)"
+        )
     with open(path) as f:
         manifest = parse_manifest(f.read(), path)
     if cfg.image_size is not None and manifest["image_size"] != cfg.image_size:
-        raise ValueError(f"source.root={cfg.source.root} holds {manifest['image_size']} px images; pass image_size={manifest['image_size']}")
+        raise ValueError(
+            f"source.root={cfg.source.root} holds {manifest['image_size']} px images; pass image_size={manifest['image_size']}"
+        )
     vae = vae_from_manifest(manifest, cfg.source.vae).to(device)
-    loader = DataLoader(_ShardMeans(root, manifest, cfg.batch_size), batch_size=None, num_workers=cfg.num_workers)
+    loader = DataLoader(
+        _ShardMeans(root, manifest, cfg.batch_size), batch_size=None, num_workers=cfg.num_workers
+    )
 
     def decode() -> Iterator[torch.Tensor]:
         for means in loader:
@@ -98,12 +113,18 @@ def build_reference(cfg: DictConfig) -> None:
     kind = cfg.source.name
     if kind == "adm":
         if not os.path.isfile(cfg.source.path):
-            raise FileNotFoundError(f"source.path={cfg.source.path}: no such file (an ADM reference batch .npz)")
+            raise FileNotFoundError(
+                f"source.path={cfg.source.path}: no such file (an ADM reference batch .npz)"
+            )
         ref = read_adm_reference(cfg.source.path, cfg.image_size)
         if cfg.features:
-            raise ValueError("features= is for sources of images; an ADM batch's statistics are taken as they are")
+            raise ValueError(
+                "features= is for sources of images; an ADM batch's statistics are taken as they are"
+            )
     else:
-        device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(
+            cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
         extractor = load_inception(cfg.fid.inception_weights, device)
         image_size = cfg.image_size
         if kind in ("imagefolder", "digits"):
@@ -117,10 +138,25 @@ def build_reference(cfg: DictConfig) -> None:
         else:
             raise ValueError(f"source={kind}: choose imagefolder, shards, digits or adm")
         ref = compute_reference(
-            batches, extractor, image_size=image_size, source=name, total=total, features=cfg.features, seed=cfg.seed,
+            batches,
+            extractor,
+            image_size=image_size,
+            source=name,
+            total=total,
+            features=cfg.features,
+            seed=cfg.seed,
         )
     save_reference(cfg.out, ref)
-    print(json.dumps({"out": os.path.abspath(cfg.out), "num_images": ref.num_images, "image_size": ref.image_size, "source": ref.source}))
+    print(
+        json.dumps(
+            {
+                "out": os.path.abspath(cfg.out),
+                "num_images": ref.num_images,
+                "image_size": ref.image_size,
+                "source": ref.source,
+            }
+        )
+    )
 
 
 @hydra.main(config_path="../conf/fid_reference", config_name="fid_reference", version_base="1.3")

@@ -19,12 +19,18 @@ def tiny_autoencoder():
 
     torch.manual_seed(0)
     return AutoencoderKL(
-        block_out_channels=[8, 16, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, norm_num_groups=4, layers_per_block=1,
+        block_out_channels=[8, 16, 16, 16],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
     ).eval()
 
 
-def synthetic_moments(index: int, shape=(4, 8, 8), logvar: float = -30.0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_moments(
+    index: int, shape=(4, 8, 8), logvar: float = -30.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Moments whose mean is the constant `index` (mirror: -index), so a latent tells which sample and flip it is."""
     c, h, w = shape
     var = np.full((c, h, w), logvar, dtype=np.float32)
@@ -32,8 +38,15 @@ def synthetic_moments(index: int, shape=(4, 8, 8), logvar: float = -30.0) -> tup
     return np.concatenate([mean, var]), np.concatenate([-mean, var])
 
 
-def write_latent_shards(root: Path, shard_sizes=(6, 5, 4, 3, 2), shape=(4, 8, 8), num_classes: int = 10,
-                        scale: float = 0.5, logvar: float = -30.0, image_size: int | None = None) -> list[str]:
+def write_latent_shards(
+    root: Path,
+    shard_sizes=(6, 5, 4, 3, 2),
+    shape=(4, 8, 8),
+    num_classes: int = 10,
+    scale: float = 0.5,
+    logvar: float = -30.0,
+    image_size: int | None = None,
+) -> list[str]:
     """A shard set of `synthetic_moments` samples with keys k0000, k0001, ... and label index % num_classes.
     Returns the keys in writing order."""
     root.mkdir(parents=True, exist_ok=True)
@@ -48,10 +61,24 @@ def write_latent_shards(root: Path, shard_sizes=(6, 5, 4, 3, 2), shape=(4, 8, 8)
                 index += 1
         shards.append({"name": shard_name(s), "num_samples": size})
     manifest = {
-        "format": FORMAT, "version": VERSION, "num_samples": index, "num_shards": len(shards), "num_skipped": 0,
-        "shards": shards, "latent_shape": list(shape), "dtype": "float16",
-        "vae": {"name": "identity", "scale_factor": scale, "latent_channels": shape[0], "downsample": 1},
-        "image_size": image_size or shape[1], "crop": "adm_center", "num_classes": num_classes, "classes": None,
+        "format": FORMAT,
+        "version": VERSION,
+        "num_samples": index,
+        "num_shards": len(shards),
+        "num_skipped": 0,
+        "shards": shards,
+        "latent_shape": list(shape),
+        "dtype": "float16",
+        "vae": {
+            "name": "identity",
+            "scale_factor": scale,
+            "latent_channels": shape[0],
+            "downsample": 1,
+        },
+        "image_size": image_size or shape[1],
+        "crop": "adm_center",
+        "num_classes": num_classes,
+        "classes": None,
         "source": {"type": "synthetic"},
     }
     (root / MANIFEST).write_text(json.dumps(manifest))
@@ -59,8 +86,17 @@ def write_latent_shards(root: Path, shard_sizes=(6, 5, 4, 3, 2), shape=(4, 8, 8)
 
 
 def datamodule_kwargs(root: Path, shape=(4, 8, 8), **overrides) -> dict:
-    kwargs = dict(latent_size=shape[1], latent_channels=shape[0], num_classes=10, image_size=shape[1],
-                  root=str(root), batch_size=2, num_workers=0, shuffle_buffer=4, return_keys=True)
+    kwargs = dict(
+        latent_size=shape[1],
+        latent_channels=shape[0],
+        num_classes=10,
+        image_size=shape[1],
+        root=str(root),
+        batch_size=2,
+        num_workers=0,
+        shuffle_buffer=4,
+        return_keys=True,
+    )
     return {**kwargs, **overrides}
 
 
@@ -81,7 +117,9 @@ def make_image_folder(root: Path) -> dict[str, list[str]]:
         "dog/palette.png": lambda p: rgb(33, 33).convert("P").save(p, transparency=0),
         "dog/alpha.png": lambda p: rgb(32, 32).convert("RGBA").save(p),
         "dog/tiny.png": lambda p: rgb(5, 3).save(p),
-        "dog/gray16.png": lambda p: Image.fromarray(rng.integers(0, 65536, (34, 34), dtype=np.uint16)).save(p),
+        "dog/gray16.png": lambda p: Image.fromarray(
+            rng.integers(0, 65536, (34, 34), dtype=np.uint16)
+        ).save(p),
     }
     for rel, write in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)

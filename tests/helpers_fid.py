@@ -33,8 +33,9 @@ def make_standin_inception_weights(path: str | Path, seed: int = 0) -> Path:
     features shrink to ~1e-8 and every FID would be ~0, which tests nothing. Likewise the final layer,
     so that the Inception Score is not 1 for every set.
     """
-    with mock.patch.object(tf_inception, "load_state_dict_from_url", return_value={}), mock.patch.object(
-        tf_inception.FeatureExtractorInceptionV3, "load_state_dict"
+    with (
+        mock.patch.object(tf_inception, "load_state_dict_from_url", return_value={}),
+        mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict"),
     ):
         model = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     g = torch.Generator().manual_seed(seed)
@@ -54,7 +55,9 @@ def make_standin_inception_weights(path: str | Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory) -> Path:
     """Path of a stand-in Inception weights file, made once per test session."""
-    return make_standin_inception_weights(tmp_path_factory.mktemp("inception") / "inception-standin.pth")
+    return make_standin_inception_weights(
+        tmp_path_factory.mktemp("inception") / "inception-standin.pth"
+    )
 
 
 def blob_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -80,24 +83,49 @@ def write_image_folder(root: str | Path, images: np.ndarray, classes: int = 2) -
     return root
 
 
-def run_evaluate(*overrides: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_evaluate(
+    *overrides: str, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """evaluate.py with these overrides (W&B offline); on failure with check=True, show its output.
 
     One thread per process whatever the process count: float sums then run in the same order, so runs on
     1 and 2 processes give bitwise-equal samples (Lightning would give each of 2 processes 1 thread, 1 process 2).
     """
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), *overrides], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "evaluate.py"), *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"evaluate.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"evaluate.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
-def make_reference(root: Path, out: Path, weights: Path, size: int, *extra: str, source: str = "imagefolder") -> Path:
+def make_reference(
+    root: Path, out: Path, weights: Path, size: int, *extra: str, source: str = "imagefolder"
+) -> Path:
     """`python -m data_pipelines.fid_reference source=<source> source.root=<root> ...` through its Hydra config, in process."""
-    overrides = [f"source={source}", f"source.root={root}", f"image_size={size}", f"out={out}",
-                 f"fid.inception_weights={weights}", "num_workers=0", "device=cpu", *extra]
+    overrides = [
+        f"source={source}",
+        f"source.root={root}",
+        f"image_size={size}",
+        f"out={out}",
+        f"fid.inception_weights={weights}",
+        "num_workers=0",
+        "device=cpu",
+        *extra,
+    ]
     with initialize_config_dir(config_dir=str(REPO / "conf" / "fid_reference"), version_base="1.3"):
         build_reference(compose(config_name="fid_reference", overrides=overrides))
     return out

@@ -17,12 +17,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A tiny DiT on 8x8x4 latents: fast enough for multi-process tests on 2 CPU cores.
 TINY_MODEL = [
-    "model=dit_s", "model.depth=2", "model.hidden_size=32", "model.num_heads=2",
+    "model=dit_s",
+    "model.depth=2",
+    "model.hidden_size=32",
+    "model.num_heads=2",
 ]
 
 
-def write_synthetic_shards(root: Path, num_samples: int = 64, shape=(4, 8, 8), num_classes: int = 10,
-                           num_shards: int = 4, seed: int = 0) -> Path:
+def write_synthetic_shards(
+    root: Path,
+    num_samples: int = 64,
+    shape=(4, 8, 8),
+    num_classes: int = 10,
+    num_shards: int = 4,
+    seed: int = 0,
+) -> Path:
     """A latent shard set of random moments (identity 'VAE', scale 1): manifest.json + train-*.tar."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -36,13 +45,23 @@ def write_synthetic_shards(root: Path, num_samples: int = 64, shape=(4, 8, 8), n
                 logvar = np.full((c, h, w), -6.0, dtype=np.float16)
                 moments = np.concatenate([mean, logvar])
                 flip = np.concatenate([mean[..., ::-1], logvar])
-                tar.write(encode_sample(f"s{s}_{i:04d}", int(rng.integers(num_classes)), moments, flip))
+                tar.write(
+                    encode_sample(f"s{s}_{i:04d}", int(rng.integers(num_classes)), moments, flip)
+                )
         shards.append({"name": shard_name(s), "num_samples": per_shard})
     manifest = {
-        "format": FORMAT, "version": VERSION, "num_samples": per_shard * num_shards, "num_shards": num_shards,
-        "shards": shards, "latent_shape": [c, h, w], "dtype": "float16",
+        "format": FORMAT,
+        "version": VERSION,
+        "num_samples": per_shard * num_shards,
+        "num_shards": num_shards,
+        "shards": shards,
+        "latent_shape": [c, h, w],
+        "dtype": "float16",
         "vae": {"name": "identity", "scale_factor": 1.0, "latent_channels": c, "downsample": 1},
-        "image_size": h, "crop": "adm_center", "num_classes": num_classes, "classes": None,
+        "image_size": h,
+        "crop": "adm_center",
+        "num_classes": num_classes,
+        "classes": None,
         "source": {"type": "synthetic"},
     }
     (root / MANIFEST).write_text(json.dumps(manifest))
@@ -52,18 +71,30 @@ def write_synthetic_shards(root: Path, num_samples: int = 64, shape=(4, 8, 8), n
 def data_overrides(root: Path, batch_size: int = 4, num_workers: int = 0) -> list[str]:
     """Point data=imagenet_latents at synthetic shards written by write_synthetic_shards."""
     return [
-        "data=imagenet_latents", f"data.root={root}", "data.latent_size=8", "data.latent_channels=4",
-        "data.num_classes=10", "data.image_size=8", f"data.batch_size={batch_size}",
-        f"data.num_workers={num_workers}", "data.shuffle_buffer=16",
+        "data=imagenet_latents",
+        f"data.root={root}",
+        "data.latent_size=8",
+        "data.latent_channels=4",
+        "data.num_classes=10",
+        "data.image_size=8",
+        f"data.batch_size={batch_size}",
+        f"data.num_workers={num_workers}",
+        "data.shuffle_buffer=16",
     ]
 
 
 def run_overrides(out: Path, steps: int, every: int) -> list[str]:
     """CPU, CSV logger, every step logged, checkpoints every `every` steps, no sample grid."""
     return [
-        "trainer=cpu", f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", "logger=csv",
-        f"paths.output_dir={out}", f"callbacks.checkpoint.every_n_train_steps={every}",
-        "~callbacks.sample_grid", "~callbacks.progress", "trainer.enable_progress_bar=false",
+        "trainer=cpu",
+        f"trainer.max_steps={steps}",
+        "trainer.log_every_n_steps=1",
+        "logger=csv",
+        f"paths.output_dir={out}",
+        f"callbacks.checkpoint.every_n_train_steps={every}",
+        "~callbacks.sample_grid",
+        "~callbacks.progress",
+        "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
     ]
 
@@ -73,24 +104,43 @@ def train_cmd(*overrides: str) -> list[str]:
 
 
 def torchrun_cmd(nproc: int, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            str(REPO / "train.py"), *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(REPO / "train.py"),
+        *overrides,
+    ]
 
 
-def run_train(*overrides: str, timeout: float = 240, check: bool = True, env=None, cmd=None,
-              one_thread: bool = True) -> subprocess.CompletedProcess:
+def run_train(
+    *overrides: str,
+    timeout: float = 240,
+    check: bool = True,
+    env=None,
+    cmd=None,
+    one_thread: bool = True,
+) -> subprocess.CompletedProcess:
     """Run train.py (or `cmd`) in a fresh process from the repo root, helpers_training importable (for Hydra
     targets), by default with one intra-op thread per process (2 shared cores); on failure, show its output."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+        **(env or {}),
+    }
     if one_thread:
         env["OMP_NUM_THREADS"] = "1"
     cmd = cmd or train_cmd(*overrides)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"train.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
-
 
 
 class NaNGradOnRank(L.Callback):

@@ -20,32 +20,65 @@ from few_step import pixel_stats  # noqa: E402
 
 def write_checkpoint(path: Path, objective: dict, learn_sigma: bool) -> None:
     """A ditkit checkpoint as train.py writes it: EMA and raw weights plus the run's config."""
-    model_cfg = dict(_target_="ditkit.models.DiT", input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1,
-                     num_heads=2, num_classes=10, learn_sigma=learn_sigma)
+    model_cfg = dict(
+        _target_="ditkit.models.DiT",
+        input_size=8,
+        patch_size=4,
+        in_channels=3,
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        num_classes=10,
+        learn_sigma=learn_sigma,
+    )
     torch.manual_seed(0)
     model = DiT(**{k: v for k, v in model_cfg.items() if k != "_target_"})
-    state = {f"{prefix}.{k}": v for prefix in ("model", "ema") for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "ditkit_config": {"model": model_cfg, "objective": objective}}, path)
+    state = {
+        f"{prefix}.{k}": v for prefix in ("model", "ema") for k, v in model.state_dict().items()
+    }
+    torch.save(
+        {"state_dict": state, "ditkit_config": {"model": model_cfg, "objective": objective}}, path
+    )
 
 
 def test_counts_model_calls_per_sampler(tmp_path):
-    write_checkpoint(tmp_path / "flow.ckpt", {"_target_": "ditkit.objectives.RectifiedFlow"}, learn_sigma=False)
-    write_checkpoint(tmp_path / "ddpm.ckpt", {"_target_": "ditkit.objectives.GaussianDiffusion", "learn_sigma": True},
-                     learn_sigma=True)
-    args = [f"flow_ckpt={tmp_path / 'flow.ckpt'}", f"ddpm_ckpt={tmp_path / 'ddpm.ckpt'}", "per_class=2", "threads=1",
-            "settings=ddpm:ddpm:250,flow:heun:5,flow:euler:3"]
-    out = subprocess.run([sys.executable, "benchmarks/few_step.py", *args], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout
+    write_checkpoint(
+        tmp_path / "flow.ckpt", {"_target_": "ditkit.objectives.RectifiedFlow"}, learn_sigma=False
+    )
+    write_checkpoint(
+        tmp_path / "ddpm.ckpt",
+        {"_target_": "ditkit.objectives.GaussianDiffusion", "learn_sigma": True},
+        learn_sigma=True,
+    )
+    args = [
+        f"flow_ckpt={tmp_path / 'flow.ckpt'}",
+        f"ddpm_ckpt={tmp_path / 'ddpm.ckpt'}",
+        "per_class=2",
+        "threads=1",
+        "settings=ddpm:ddpm:250,flow:heun:5,flow:euler:3",
+    ]
+    out = subprocess.run(
+        [sys.executable, "benchmarks/few_step.py", *args],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [(r["objective"], r["sampler"], r["steps"], r["nfe"]) for r in records] == [
-        ("ddpm", "ddpm", 250, 250), ("flow", "heun", 5, 10), ("flow", "euler", 3, 3)]
+        ("ddpm", "ddpm", 250, 250),
+        ("flow", "heun", 5, 10),
+        ("flow", "euler", 3, 3),
+    ]
     for r in records:
         assert r["num_samples"] == 20 and 0 <= r["accuracy"] <= 1 and r["fd_pixels"] > 0
         assert r["imgs_per_sec"] == pytest.approx(20 / r["seconds"], rel=0.02)
 
 
 def test_pixel_frechet_distance_of_a_shifted_copy_is_the_squared_shift():
-    half = real_digits(16)[0] * 0.5  # in [-0.5, 0.5]: a shift of 0.1 stays clear of the clipping at +-1
+    half = (
+        real_digits(16)[0] * 0.5
+    )  # in [-0.5, 0.5]: a shift of 0.1 stays clear of the clipping at +-1
     mu, sigma = pixel_stats(half)
     assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-6)
     # Every one of the 256 grayscale features moves by 0.1; the covariance stays: FD = 256 * 0.1^2.

@@ -21,13 +21,19 @@ def run_bench(monkeypatch, capsys, *args):
         runpy.run_path(str(BENCH / "sample.py"), run_name="__main__")
     finally:
         torch.set_num_threads(threads)
-    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    return [
+        json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")
+    ]
 
 
 def test_one_line_per_sampler_with_counts(monkeypatch, capsys):
-    lines = run_bench(monkeypatch, capsys, "num_samples=3", "steps=4", "cfg_scale=4.0", "peak_matmul=256")
+    lines = run_bench(
+        monkeypatch, capsys, "num_samples=3", "steps=4", "cfg_scale=4.0", "peak_matmul=256"
+    )
     with torch.device("meta"):  # the tiny model of sample.py: depth 2, width 32, 8x8 latents
-        forward_flops_per_call = DiT(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=10).forward_flops(6)
+        forward_flops_per_call = DiT(
+            input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=10
+        ).forward_flops(6)
     assert [r["sampler"] for r in lines] == ["ddpm", "ddim", "euler", "heun", "sde"]
     assert [r["objective"] for r in lines] == ["ddpm", "ddpm", "flow", "flow", "flow"]
     assert [r["model_evals"] for r in lines] == [4, 4, 4, 8, 4]  # Heun: two calls per step
@@ -44,4 +50,6 @@ def test_one_line_per_sampler_with_counts(monkeypatch, capsys):
 
 def test_default_steps_come_from_the_sampler_configs(monkeypatch, capsys):
     (heun,) = run_bench(monkeypatch, capsys, "num_samples=2", "samplers=heun", "cfg_scale=1.0")
-    assert heun["steps"] == 25 and heun["model_evals"] == 50 and heun["batch"] == 2  # unguided: N only
+    assert (
+        heun["steps"] == 25 and heun["model_evals"] == 50 and heun["batch"] == 2
+    )  # unguided: N only

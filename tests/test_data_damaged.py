@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 import webdataset as wds
+from helpers_data import datamodule_kwargs, synthetic_moments, write_latent_shards
 
 from ditkit.data import DataFormatError, LatentShardsDataModule
 from ditkit.data.format import encode_sample, shard_name
-from helpers_data import datamodule_kwargs, synthetic_moments, write_latent_shards
 
 
 def make(root, **overrides):
@@ -33,17 +33,57 @@ def edit_manifest(root, **changes):
 @pytest.mark.parametrize(
     "damage, error, message",
     [
-        (lambda r: os.rename(r, str(r) + "_gone"), FileNotFoundError, r"data.root=.*shards does not exist"),
-        (lambda r: os.remove(r / "manifest.json"), FileNotFoundError, r"shards/manifest.json is missing"),
-        (lambda r: (r / "manifest.json").write_text("{oops"), DataFormatError, r"shards/manifest.json is not valid JSON"),
-        (lambda r: (r / "manifest.json").write_text("[]"), DataFormatError, r"manifest.json is not a ditkit-latent"),
-        (lambda r: os.remove(r / shard_name(1)), FileNotFoundError, r"1 of 3 shards are missing.*train-000001.tar"),
-        (lambda r: edit_manifest(r, latent_shape=[4, 16, 16]), DataFormatError,
-         r"shape \[4, 16, 16\].*data.latent_channels=4 data.latent_size=16"),
-        (lambda r: edit_manifest(r, num_classes=1000), DataFormatError, r"num_classes=1000, but data.num_classes=10"),
-        (lambda r: edit_manifest(r, image_size=256), DataFormatError, r"image_size=256, but data.image_size=8"),
+        (
+            lambda r: os.rename(r, str(r) + "_gone"),
+            FileNotFoundError,
+            r"data.root=.*shards does not exist",
+        ),
+        (
+            lambda r: os.remove(r / "manifest.json"),
+            FileNotFoundError,
+            r"shards/manifest.json is missing",
+        ),
+        (
+            lambda r: (r / "manifest.json").write_text("{oops"),
+            DataFormatError,
+            r"shards/manifest.json is not valid JSON",
+        ),
+        (
+            lambda r: (r / "manifest.json").write_text("[]"),
+            DataFormatError,
+            r"manifest.json is not a ditkit-latent",
+        ),
+        (
+            lambda r: os.remove(r / shard_name(1)),
+            FileNotFoundError,
+            r"1 of 3 shards are missing.*train-000001.tar",
+        ),
+        (
+            lambda r: edit_manifest(r, latent_shape=[4, 16, 16]),
+            DataFormatError,
+            r"shape \[4, 16, 16\].*data.latent_channels=4 data.latent_size=16",
+        ),
+        (
+            lambda r: edit_manifest(r, num_classes=1000),
+            DataFormatError,
+            r"num_classes=1000, but data.num_classes=10",
+        ),
+        (
+            lambda r: edit_manifest(r, image_size=256),
+            DataFormatError,
+            r"image_size=256, but data.image_size=8",
+        ),
     ],
-    ids=["no-root", "no-manifest", "bad-json", "not-a-manifest", "missing-shard", "latent-shape", "classes", "image-size"],
+    ids=[
+        "no-root",
+        "no-manifest",
+        "bad-json",
+        "not-a-manifest",
+        "missing-shard",
+        "latent-shape",
+        "classes",
+        "image-size",
+    ],
 )
 def test_setup_refuses_unusable_data_naming_the_fix(shards, damage, error, message):
     damage(shards)
@@ -54,7 +94,10 @@ def test_setup_refuses_unusable_data_naming_the_fix(shards, damage, error, messa
 def test_shards_whose_latents_do_not_match_the_manifest_are_refused_at_setup(tmp_path):
     write_latent_shards(tmp_path, (3,), shape=(4, 4, 4))
     edit_manifest(tmp_path, latent_shape=[4, 8, 8], image_size=8)
-    with pytest.raises(DataFormatError, match=r"train-000000.tar: moments.npy has shape \[8, 4, 4\], expected \[8, 8, 8\]"):
+    with pytest.raises(
+        DataFormatError,
+        match=r"train-000000.tar: moments.npy has shape \[8, 4, 4\], expected \[8, 8, 8\]",
+    ):
         make(tmp_path).setup()
 
 
@@ -91,7 +134,9 @@ def write_damaged(root):
                     sample = encode_sample(f"k{i:04d}", 1, *synthetic_moments(i, shape=(4, 4, 4)))
                 tar.write(sample)
     data = (root / shard_name(3)).read_bytes()
-    cut = data.index(b"k0017.moments.npy") + 512 + 1000  # header block, then 1000 bytes into the member
+    cut = (
+        data.index(b"k0017.moments.npy") + 512 + 1000
+    )  # header block, then 1000 bytes into the member
     (root / shard_name(3)).write_bytes(data[:cut])
     return [f"k{i:04d}" for i in range(17) if i not in (2, 6, 11)]
 
@@ -107,7 +152,9 @@ def test_damaged_samples_and_a_truncated_shard_are_skipped_and_counted(tmp_path,
     assert dm.skipped == 5
     if workers == 0:
         messages = "\n".join(r.getMessage() for r in caplog.records)
-        assert "k0002: moments.npy is not a readable .npy" in messages and "k0006: no cls" in messages
+        assert (
+            "k0002: moments.npy is not a readable .npy" in messages and "k0006: no cls" in messages
+        )
         assert "k0011: moments.npy has shape [8, 4, 4], expected [8, 8, 8]" in messages
         assert "train-000003.tar" in messages
 
@@ -128,9 +175,14 @@ def test_npy_fast_path_still_refuses_a_cut_array_with_a_known_header():
 
     good = npy_bytes(np.arange(8 * 4 * 4, dtype=np.float16).reshape(8, 4, 4))
     for _ in range(2):  # the second read takes the cached-header path
-        assert decode_moments({"moments.npy": good}, "moments.npy", (8, 4, 4))[2, 1, 3] == 2 * 16 + 4 + 3
+        assert (
+            decode_moments({"moments.npy": good}, "moments.npy", (8, 4, 4))[2, 1, 3]
+            == 2 * 16 + 4 + 3
+        )
     with pytest.raises(DataFormatError, match="moments.npy is not a readable .npy"):
         decode_moments({"moments.npy": good[:-2]}, "moments.npy", (8, 4, 4))
     fortran = np.asfortranarray(np.arange(6, dtype=np.float16).reshape(2, 3))
     for _ in range(2):
-        np.testing.assert_array_equal(decode_moments({"f": npy_bytes(fortran)}, "f", (2, 3)), fortran)
+        np.testing.assert_array_equal(
+            decode_moments({"f": npy_bytes(fortran)}, "f", (2, 3)), fortran
+        )

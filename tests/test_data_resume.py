@@ -3,10 +3,10 @@
 import lightning as L
 import pytest
 import torch
+from helpers_data import datamodule_kwargs, write_latent_shards
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ditkit.data import LatentShardsDataModule
-from helpers_data import datamodule_kwargs, write_latent_shards
 
 
 class Recorder(L.LightningModule):
@@ -28,11 +28,18 @@ class Recorder(L.LightningModule):
 
 def fit(root, steps, checkpoint=None, ckpt_path=None):
     # 20 samples, 10 per epoch, batch 2: 5 batches an epoch, so 12 steps cross two epoch ends.
-    datamodule = LatentShardsDataModule(**datamodule_kwargs(root, num_workers=2, samples_per_epoch=10))
+    datamodule = LatentShardsDataModule(
+        **datamodule_kwargs(root, num_workers=2, samples_per_epoch=10)
+    )
     module = Recorder()
     trainer = L.Trainer(
-        max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[checkpoint] if checkpoint else [], enable_checkpointing=checkpoint is not None,
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[checkpoint] if checkpoint else [],
+        enable_checkpointing=checkpoint is not None,
         limit_val_batches=0,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -46,14 +53,26 @@ def test_resumed_training_sees_the_same_batches_as_an_uninterrupted_run(tmp_path
     straight = fit(root, 12)
     assert len(straight) == 12 and len({b[0] for b in straight}) == 12
     # 1) stop after an epoch-end checkpoint (step 5: Lightning resumes it inside epoch 0),
-    first = fit(root, 6, ModelCheckpoint(tmp_path, "{step}", every_n_epochs=1, save_on_train_epoch_end=True,
-                                         save_top_k=-1))
+    first = fit(
+        root,
+        6,
+        ModelCheckpoint(
+            tmp_path, "{step}", every_n_epochs=1, save_on_train_epoch_end=True, save_top_k=-1
+        ),
+    )
     # 2) resume it and save mid-epoch at step 8 (epoch 1, 3 batches in: worker 1's turn comes first),
-    second = fit(root, 8, ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=8, save_top_k=-1),
-                 ckpt_path=tmp_path / "step=5.ckpt")
+    second = fit(
+        root,
+        8,
+        ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=8, save_top_k=-1),
+        ckpt_path=tmp_path / "step=5.ckpt",
+    )
     # 3) resume that and finish.
     third = fit(root, 12, ckpt_path=tmp_path / "step=8.ckpt")
-    assert torch.load(tmp_path / "step=5.ckpt", weights_only=True)["LatentShardsDataModule"]["batches"] == 5
+    assert (
+        torch.load(tmp_path / "step=5.ckpt", weights_only=True)["LatentShardsDataModule"]["batches"]
+        == 5
+    )
     state = torch.load(tmp_path / "step=8.ckpt", weights_only=True)["LatentShardsDataModule"]
     assert (state["epoch"], state["batches"]) == (1, 3)
     assert first[:5] + second + third == straight

@@ -6,10 +6,10 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
+from helpers_data import datamodule_kwargs, write_latent_shards
 
 from ditkit.data import LatentShardsDataModule
 from ditkit.data.datamodule import ResumableLoader
-from helpers_data import datamodule_kwargs, write_latent_shards
 
 SIZES = (6, 5, 4, 3, 2)  # 20 samples in 5 uneven shards
 
@@ -32,8 +32,9 @@ def run_keys(loader, n=None):
 
 
 def same(a, b):
-    return len(a) == len(b) and all(x[0] == y[0] and torch.equal(x[1], y[1]) and torch.equal(x[2], y[2])
-                                    for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        x[0] == y[0] and torch.equal(x[1], y[1]) and torch.equal(x[2], y[2]) for x, y in zip(a, b)
+    )
 
 
 def test_each_read_is_a_scaled_posterior_draw_of_a_random_flip(tmp_path):
@@ -45,7 +46,11 @@ def test_each_read_is_a_scaled_posterior_draw_of_a_random_flip(tmp_path):
     flips, eps = [], []
     for _ in range(6):  # six epochs: 120 reads
         for latents, labels, keys in loader:
-            assert latents.dtype == torch.float32 and latents.shape == (4, 4, 8, 8) and labels.dtype == torch.int64
+            assert (
+                latents.dtype == torch.float32
+                and latents.shape == (4, 4, 8, 8)
+                and labels.dtype == torch.int64
+            )
             for z, y, key in zip(latents / 0.5, labels, keys):
                 index = int(key[1:])
                 assert y == index % 10
@@ -92,7 +97,9 @@ def test_validation_pass_covers_every_sample_once_on_2_ranks_x_2_workers(shards,
             for z, y, key in zip(latents, labels, batch_keys):
                 seen.append(key)
                 assert y == int(key[1:]) % 10
-                assert torch.equal(z, reference[key])  # the draw depends on (seed, key), not on the split
+                assert torch.equal(
+                    z, reference[key]
+                )  # the draw depends on (seed, key), not on the split
     assert sorted(seen) == keys  # all 20, none twice
 
 
@@ -132,14 +139,20 @@ def test_urls_brace_pattern_pipe_and_manifest_location(shards, tmp_path):
     by_urls = LatentShardsDataModule(**kwargs, urls=f"{root}/train-{{000000..000004}}.tar")
     assert sorted(k for b in by_urls.val_dataloader() for k in b[2]) == keys
     piped = [f"pipe:cat {root}/train-00000{i}.tar" for i in range(5)]
-    assert sorted(k for b in LatentShardsDataModule(**kwargs, urls=piped).val_dataloader() for k in b[2]) == keys
+    assert (
+        sorted(
+            k for b in LatentShardsDataModule(**kwargs, urls=piped).val_dataloader() for k in b[2]
+        )
+        == keys
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "train-000000.tar").write_bytes((root / "train-000000.tar").read_bytes())
     with pytest.raises(FileNotFoundError, match="data.manifest"):
         LatentShardsDataModule(**kwargs, urls=[str(elsewhere / "train-000000.tar")]).setup()
-    moved = LatentShardsDataModule(**kwargs, urls=[str(elsewhere / "train-000000.tar")],
-                                   manifest=str(root / "manifest.json"))
+    moved = LatentShardsDataModule(
+        **kwargs, urls=[str(elsewhere / "train-000000.tar")], manifest=str(root / "manifest.json")
+    )
     assert sorted(k for b in moved.val_dataloader() for k in b[2]) == keys[:6]
 
 
@@ -148,10 +161,14 @@ def test_a_rebuilt_train_loader_continues_and_val_root_reads_its_own_set(shards,
     straight = run_keys(make(root).train_dataloader())
     dm = make(root)
     first = run_keys(dm.train_dataloader(), 3)
-    assert same(first + run_keys(dm.train_dataloader()), straight)  # reload_dataloaders_every_n_epochs
+    assert same(
+        first + run_keys(dm.train_dataloader()), straight
+    )  # reload_dataloaders_every_n_epochs
     held_out = write_latent_shards(tmp_path / "val", (3, 2), scale=2.0)
     batches = list(make(root, val_root=str(tmp_path / "val")).val_dataloader())
     assert sorted(k for b in batches for k in b[2]) == held_out
     latents = torch.cat([b[0] for b in batches])
     indices = torch.tensor([int(k[1:]) for b in batches for k in b[2]], dtype=torch.float32)
-    torch.testing.assert_close(latents.mean((1, 2, 3)), 2.0 * indices, rtol=0, atol=1e-4)  # its own scale
+    torch.testing.assert_close(
+        latents.mean((1, 2, 3)), 2.0 * indices, rtol=0, atol=1e-4
+    )  # its own scale

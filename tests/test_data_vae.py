@@ -2,9 +2,16 @@
 
 import pytest
 import torch
-
-from ditkit.data.vae import IDENTITY_LOGVAR, DiffusersVAE, IdentityVAE, load_vae, vae_from_manifest, vae_info
 from helpers_data import tiny_autoencoder
+
+from ditkit.data.vae import (
+    IDENTITY_LOGVAR,
+    DiffusersVAE,
+    IdentityVAE,
+    load_vae,
+    vae_from_manifest,
+    vae_info,
+)
 
 
 def test_identity_vae_is_pixel_space():
@@ -12,9 +19,16 @@ def test_identity_vae_is_pixel_space():
     assert isinstance(vae, IdentityVAE) and load_vae("identity").name == "identity"
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     moments = vae.encode_moments(x)
-    assert torch.equal(moments[:, :3], x) and torch.equal(moments[:, 3:], torch.full_like(x, IDENTITY_LOGVAR))
+    assert torch.equal(moments[:, :3], x) and torch.equal(
+        moments[:, 3:], torch.full_like(x, IDENTITY_LOGVAR)
+    )
     assert torch.equal(vae.decode(x), x)
-    assert vae_info(vae) == {"name": "identity", "scale_factor": 1.0, "latent_channels": 3, "downsample": 1}
+    assert vae_info(vae) == {
+        "name": "identity",
+        "scale_factor": 1.0,
+        "latent_channels": 3,
+        "downsample": 1,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +51,29 @@ def test_saved_autoencoder_loads_with_its_moments_decoder_and_scale(saved):
         expected_images = autoencoder.decode(z).sample
     moments = vae.encode_moments(x)
     assert moments.shape == (2, 8, 4, 4)
-    torch.testing.assert_close(moments, torch.cat([posterior.mean, posterior.logvar], 1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        moments, torch.cat([posterior.mean, posterior.logvar], 1), rtol=0, atol=1e-6
+    )
     torch.testing.assert_close(vae.decode(z), expected_images, rtol=0, atol=1e-6)
 
 
 def test_vae_from_manifest_uses_the_recorded_scale_and_an_optional_local_copy(saved):
     path, _ = saved
-    manifest = {"vae": {"name": "stabilityai/sd-vae-ft-ema", "scale_factor": 0.5, "latent_channels": 4, "downsample": 8}}
-    vae = vae_from_manifest(manifest, pretrained=str(path))  # the hub name is replaced: nothing downloads
+    manifest = {
+        "vae": {
+            "name": "stabilityai/sd-vae-ft-ema",
+            "scale_factor": 0.5,
+            "latent_channels": 4,
+            "downsample": 8,
+        }
+    }
+    vae = vae_from_manifest(
+        manifest, pretrained=str(path)
+    )  # the hub name is replaced: nothing downloads
     assert vae.scale_factor == 0.5 and vae.name == str(path)
-    pixel = vae_from_manifest({"vae": {"name": "identity", "scale_factor": 1.0, "latent_channels": 3, "downsample": 1}})
+    pixel = vae_from_manifest(
+        {"vae": {"name": "identity", "scale_factor": 1.0, "latent_channels": 3, "downsample": 1}}
+    )
     assert isinstance(pixel, IdentityVAE)
 
 
@@ -55,6 +82,8 @@ def test_bad_vae_choices_are_refused_clearly(tmp_path):
         load_vae(str(tmp_path / "does-not-exist"))
     from diffusers import AutoencoderKL
 
-    sd3_like = AutoencoderKL(block_out_channels=[8], norm_num_groups=4, shift_factor=0.06, scaling_factor=1.5)
+    sd3_like = AutoencoderKL(
+        block_out_channels=[8], norm_num_groups=4, shift_factor=0.06, scaling_factor=1.5
+    )
     with pytest.raises(ValueError, match="shift_factor"):
         DiffusersVAE(sd3_like, name="sd3")

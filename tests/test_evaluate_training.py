@@ -20,15 +20,41 @@ SAMPLING = {"num_samples": 8, "batch_size": 4, "sampler": "ddim", "steps": 2}
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, inception_weights):  # noqa: F811
     root = tmp_path_factory.mktemp("training")
-    shards = write_synthetic_shards(root / "shards", num_samples=8, shape=(3, 8, 8), num_classes=10, num_shards=2)
-    ref = make_reference(shards, root / "ref8.npz", inception_weights, 8, "batch_size=8", source="shards")
-    data = [f"data.root={shards}", "data=imagenet_latents", "data.latent_size=8", "data.latent_channels=3",
-            "data.num_classes=10", "data.image_size=8", "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8"]
-    fid = ["+callbacks@callbacks.fid=fid", f"callbacks.fid.reference={ref}", f"callbacks.fid.inception_weights={inception_weights}",
-           "callbacks.fid.every_n_steps=2", f"callbacks.fid.num_samples={SAMPLING['num_samples']}",
-           f"callbacks.fid.batch_size={SAMPLING['batch_size']}", f"callbacks.fid.sampler={SAMPLING['sampler']}",
-           f"callbacks.fid.steps={SAMPLING['steps']}", "callbacks.fid.grid_images=4"]
-    run_train(*TINY_MODEL, *data, *run_overrides(root / "out", steps=2, every=2), *fid, "module.ema_decay=0.5")
+    shards = write_synthetic_shards(
+        root / "shards", num_samples=8, shape=(3, 8, 8), num_classes=10, num_shards=2
+    )
+    ref = make_reference(
+        shards, root / "ref8.npz", inception_weights, 8, "batch_size=8", source="shards"
+    )
+    data = [
+        f"data.root={shards}",
+        "data=imagenet_latents",
+        "data.latent_size=8",
+        "data.latent_channels=3",
+        "data.num_classes=10",
+        "data.image_size=8",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+    ]
+    fid = [
+        "+callbacks@callbacks.fid=fid",
+        f"callbacks.fid.reference={ref}",
+        f"callbacks.fid.inception_weights={inception_weights}",
+        "callbacks.fid.every_n_steps=2",
+        f"callbacks.fid.num_samples={SAMPLING['num_samples']}",
+        f"callbacks.fid.batch_size={SAMPLING['batch_size']}",
+        f"callbacks.fid.sampler={SAMPLING['sampler']}",
+        f"callbacks.fid.steps={SAMPLING['steps']}",
+        "callbacks.fid.grid_images=4",
+    ]
+    run_train(
+        *TINY_MODEL,
+        *data,
+        *run_overrides(root / "out", steps=2, every=2),
+        *fid,
+        "module.ema_decay=0.5",
+    )
     (run_dir,) = [p.parent.parent for p in (root / "out").glob("*/checkpoints/last.ckpt")]
     return {"run": run_dir, "ref": ref, "shards": shards, "weights": inception_weights}
 
@@ -42,7 +68,11 @@ def test_reference_from_latent_shards(trained):
 @pytest.mark.slow
 def test_fid_callback_logs_and_equals_evaluate_on_the_checkpoint(trained, tmp_path):
     logged = json.loads((trained["run"] / "fid" / "step_0000002.json").read_text())
-    assert logged["num_samples"] == 8 and logged["fid"] > 0 and (trained["run"] / "fid" / "step_0000002.png").is_file()
+    assert (
+        logged["num_samples"] == 8
+        and logged["fid"] > 0
+        and (trained["run"] / "fid" / "step_0000002.png").is_file()
+    )
     (metrics_csv,) = trained["run"].rglob("metrics.csv")
     rows = [r for r in csv.DictReader(metrics_csv.open()) if r.get("val/fid")]
     assert float(rows[-1]["val/fid"]) == pytest.approx(logged["fid"], rel=1e-6)
@@ -50,10 +80,19 @@ def test_fid_callback_logs_and_equals_evaluate_on_the_checkpoint(trained, tmp_pa
 
     out = tmp_path / "eval"
     # Run folders are named by their overrides ("=" and ","): Hydra needs the path quoted.
-    run_evaluate(f"ckpt='{trained['run'] / 'checkpoints' / 'last.ckpt'}'", f"fid.reference={trained['ref']}",
-                 f"fid.inception_weights={trained['weights']}", f"num_samples={SAMPLING['num_samples']}",
-                 f"batch_size={SAMPLING['batch_size']}", f"sampler={SAMPLING['sampler']}", f"sampler.steps={SAMPLING['steps']}",
-                 "accelerator=cpu", "progress=false", "wandb.enabled=false", f"hydra.run.dir={out}")
+    run_evaluate(
+        f"ckpt='{trained['run'] / 'checkpoints' / 'last.ckpt'}'",
+        f"fid.reference={trained['ref']}",
+        f"fid.inception_weights={trained['weights']}",
+        f"num_samples={SAMPLING['num_samples']}",
+        f"batch_size={SAMPLING['batch_size']}",
+        f"sampler={SAMPLING['sampler']}",
+        f"sampler.steps={SAMPLING['steps']}",
+        "accelerator=cpu",
+        "progress=false",
+        "wandb.enabled=false",
+        f"hydra.run.dir={out}",
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     # Same EMA weights, labels, noise and sampler draws: the same images, so the same FID.
     assert metrics["fid"] == pytest.approx(logged["fid"], rel=1e-6)

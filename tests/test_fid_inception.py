@@ -8,7 +8,13 @@ import pytest
 import torch
 from helpers_fid import blob_images, inception_weights, make_reference, write_image_folder  # noqa: F401  (fixture)
 
-from ditkit.evaluation import FeatureStats, inception_features, inception_fingerprint, load_inception, load_reference
+from ditkit.evaluation import (
+    FeatureStats,
+    inception_features,
+    inception_fingerprint,
+    load_inception,
+    load_reference,
+)
 
 N, SIZE = 8, 32
 
@@ -21,7 +27,9 @@ def extractor(inception_weights):  # noqa: F811
 @pytest.fixture(scope="module")
 def folder_a(tmp_path_factory):
     """The 'real' set as an ImageNet-layout folder of PNGs (two class folders)."""
-    return write_image_folder(tmp_path_factory.mktemp("set_a"), blob_images(N, SIZE, seed=0), classes=2)
+    return write_image_folder(
+        tmp_path_factory.mktemp("set_a"), blob_images(N, SIZE, seed=0), classes=2
+    )
 
 
 @pytest.fixture(scope="module")

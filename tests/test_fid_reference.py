@@ -19,7 +19,9 @@ from ditkit.evaluation import load_inception, load_reference
 
 
 def test_digits_source_gives_the_pixels_the_quickstart_trains_on():
-    from ditkit.training.samples import real_digits  # the built-in set's images as stored, in [-1, 1]
+    from ditkit.training.samples import (
+        real_digits,
+    )  # the built-in set's images as stored, in [-1, 1]
 
     batches = _SourceBatches(DigitsSource(), image_size=16, batch_size=500)
     ours = torch.cat([batches[i] for i in range(len(batches))])
@@ -37,11 +39,25 @@ def test_shards_source_decodes_the_stored_means_back_to_the_images(tmp_path):
         for i in range(6):
             moments = np.concatenate([mean[i], np.full_like(mean[i], -30.0)])
             tar.write(encode_sample(f"k{i}", i % 2, moments, moments[:, :, ::-1]))
-    manifest = {"format": FORMAT, "version": VERSION, "num_samples": 6, "shards": [{"name": shard_name(0), "num_samples": 6}],
-                "latent_shape": [3, 8, 8], "vae": {"name": "identity", "scale_factor": 1.0, "latent_channels": 3,
-                "downsample": 1}, "image_size": 8, "num_classes": 2}
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "num_samples": 6,
+        "shards": [{"name": shard_name(0), "num_samples": 6}],
+        "latent_shape": [3, 8, 8],
+        "vae": {"name": "identity", "scale_factor": 1.0, "latent_channels": 3, "downsample": 1},
+        "image_size": 8,
+        "num_classes": 2,
+    }
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
-    cfg = OmegaConf.create({"source": {"root": str(tmp_path), "vae": None}, "image_size": None, "batch_size": 4, "num_workers": 0})
+    cfg = OmegaConf.create(
+        {
+            "source": {"root": str(tmp_path), "vae": None},
+            "image_size": None,
+            "batch_size": 4,
+            "num_workers": 0,
+        }
+    )
     batches, total, size, name = _shard_images(cfg, torch.device("cpu"))
     decoded = torch.cat(list(batches))
     assert (total, size) == (6, 8) and name.startswith("shards:")
@@ -53,20 +69,46 @@ def test_shards_source_decodes_the_stored_means_back_to_the_images(tmp_path):
 
 def test_adm_source_takes_mu_and_sigma_as_they_are(tmp_path):
     mu, sigma = np.random.rand(2048), np.random.rand(2048, 2048)
-    np.savez(tmp_path / "VIRTUAL_imagenet64.npz", arr_0=np.zeros((3, 64, 64, 3), np.uint8), mu=mu, sigma=sigma)
+    np.savez(
+        tmp_path / "VIRTUAL_imagenet64.npz",
+        arr_0=np.zeros((3, 64, 64, 3), np.uint8),
+        mu=mu,
+        sigma=sigma,
+    )
     out = tmp_path / "ref.npz"
     with initialize_config_dir(config_dir=str(REPO / "conf" / "fid_reference"), version_base="1.3"):
-        cfg = compose(config_name="fid_reference", overrides=["source=adm", f"source.path={tmp_path / 'VIRTUAL_imagenet64.npz'}", f"out={out}"])
+        cfg = compose(
+            config_name="fid_reference",
+            overrides=[
+                "source=adm",
+                f"source.path={tmp_path / 'VIRTUAL_imagenet64.npz'}",
+                f"out={out}",
+            ],
+        )
         build_reference(cfg)
         ref = load_reference(out)
         np.testing.assert_array_equal(ref.mu, mu)
         np.testing.assert_array_equal(ref.sigma, sigma)
         assert (ref.image_size, ref.num_images, ref.fingerprint) == (64, 3, "")
         with pytest.raises(ValueError, match="pass image_size=64"):
-            build_reference(compose(config_name="fid_reference", overrides=[
-                "source=adm", f"source.path={tmp_path / 'VIRTUAL_imagenet64.npz'}", f"out={out}", "image_size=256"]))
+            build_reference(
+                compose(
+                    config_name="fid_reference",
+                    overrides=[
+                        "source=adm",
+                        f"source.path={tmp_path / 'VIRTUAL_imagenet64.npz'}",
+                        f"out={out}",
+                        "image_size=256",
+                    ],
+                )
+            )
         with pytest.raises(FileNotFoundError, match="source.path"):
-            build_reference(compose(config_name="fid_reference", overrides=["source=adm", f"source.path={tmp_path / 'x.npz'}", f"out={out}"]))
+            build_reference(
+                compose(
+                    config_name="fid_reference",
+                    overrides=["source=adm", f"source.path={tmp_path / 'x.npz'}", f"out={out}"],
+                )
+            )
 
 
 class _Sentinel:

@@ -64,14 +64,19 @@ def test_frechet_distance_equals_torch_fidelity_formula(n):
     from torch_fidelity.metric_fid import fid_statistics_to_metric
 
     rng = np.random.default_rng(n)
-    x, y = rng.standard_normal((n, 64)) + 0.5, rng.standard_normal((n + 3, 64)) @ rng.standard_normal((64, 64)) / 8
+    x, y = (
+        rng.standard_normal((n, 64)) + 0.5,
+        rng.standard_normal((n + 3, 64)) @ rng.standard_normal((64, 64)) / 8,
+    )
     s1 = {"mu": x.mean(0), "sigma": np.cov(x, rowvar=False)}
     s2 = {"mu": y.mean(0), "sigma": np.cov(y, rowvar=False)}
     theirs = fid_statistics_to_metric(s1, s2, verbose=False)["frechet_inception_distance"]
     ours = frechet_distance(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"])
     assert ours == pytest.approx(theirs, rel=1e-9 if n == 200 else 1e-6)
     ref = Reference(s2["mu"], s2["sigma"], 8, n + 3, "", "test")
-    assert ref.fid(s1["mu"], s1["sigma"]) == pytest.approx(ours, rel=1e-12)  # with the square root made once
+    assert ref.fid(s1["mu"], s1["sigma"]) == pytest.approx(
+        ours, rel=1e-12
+    )  # with the square root made once
     np.testing.assert_allclose(ref.sigma_sqrt @ ref.sigma_sqrt, s2["sigma"], atol=1e-12)
 
 
@@ -116,14 +121,26 @@ def test_to_uint8_maps_the_range_ends_and_rounds():
 
 
 def test_reference_round_trip_and_clear_errors(tmp_path):
-    ref = Reference(np.arange(3.0), np.diag([4.0, 1, 9]), image_size=32, num_images=10, fingerprint="abc", source="test")
+    ref = Reference(
+        np.arange(3.0),
+        np.diag([4.0, 1, 9]),
+        image_size=32,
+        num_images=10,
+        fingerprint="abc",
+        source="test",
+    )
     ref.fid(np.zeros(3), np.eye(3))  # computes and keeps sigma's square root
     save_reference(tmp_path / "ref.npz", ref)
     back = load_reference(tmp_path / "ref.npz")
     np.testing.assert_array_equal(back.mu, ref.mu)
     np.testing.assert_array_equal(back.sigma, ref.sigma)
     np.testing.assert_allclose(back.sigma_sqrt, np.diag([2.0, 1, 3]), atol=1e-12)
-    assert (back.image_size, back.num_images, back.fingerprint, back.features) == (32, 10, "abc", None)
+    assert (back.image_size, back.num_images, back.fingerprint, back.features) == (
+        32,
+        10,
+        "abc",
+        None,
+    )
     check_reference(back, "ref.npz", 32, "abc")
     with pytest.raises(ValueError, match="image_size=64"):
         check_reference(back, "ref.npz", 64, "abc")
@@ -141,12 +158,20 @@ def test_reference_round_trip_and_clear_errors(tmp_path):
 
 def test_adm_reference_batch_read_as_is(tmp_path):
     mu, sigma = np.random.rand(2048), np.random.rand(2048, 2048)
-    np.savez(tmp_path / "VIRTUAL.npz", arr_0=np.zeros((5, 16, 16, 3), np.uint8), mu=mu, sigma=sigma, mu_s=mu[:10])
+    np.savez(
+        tmp_path / "VIRTUAL.npz",
+        arr_0=np.zeros((5, 16, 16, 3), np.uint8),
+        mu=mu,
+        sigma=sigma,
+        mu_s=mu[:10],
+    )
     ref = load_reference(tmp_path / "VIRTUAL.npz")  # accepted directly ...
     np.testing.assert_array_equal(ref.mu, mu)
     np.testing.assert_array_equal(ref.sigma, sigma)
     assert (ref.image_size, ref.num_images, ref.fingerprint) == (16, 5, "")
-    check_reference(ref, "VIRTUAL.npz", 16, "any weights")  # torch-fidelity's Inception is a port of the ADM one
+    check_reference(
+        ref, "VIRTUAL.npz", 16, "any weights"
+    )  # torch-fidelity's Inception is a port of the ADM one
     with pytest.raises(ValueError, match="pass image_size=16"):
         read_adm_reference(tmp_path / "VIRTUAL.npz", image_size=32)
 
@@ -155,8 +180,12 @@ def test_adm_npz_from_parts_and_resume_guard(tmp_path):
     store = PartStore(tmp_path / "parts", {"seed": 0, "n": 5})
     imgs = np.random.randint(0, 256, (5, 4, 4, 3), dtype=np.uint8)
     labels = np.array([3, 1, 4, 1, 5])
-    store.save(3, imgs[3:], labels[3:], np.zeros((2, 2048), np.float32), np.zeros((2, 1008), np.float32))
-    store.save(0, imgs[:3], labels[:3], np.zeros((3, 2048), np.float32), np.zeros((3, 1008), np.float32))
+    store.save(
+        3, imgs[3:], labels[3:], np.zeros((2, 2048), np.float32), np.zeros((2, 1008), np.float32)
+    )
+    store.save(
+        0, imgs[:3], labels[:3], np.zeros((3, 2048), np.float32), np.zeros((3, 1008), np.float32)
+    )
     assert store.load(0, 3)["labels"].tolist() == [3, 1, 4]
     assert store.load(0, 4) is None and store.load(6, 2) is None
     write_adm_npz(tmp_path / "samples.npz", store, [0, 3])
@@ -196,5 +225,7 @@ def test_sampling_leaves_the_training_rng_untouched_and_is_reproducible():
     torch.manual_seed(123)
     assert torch.equal(torch.rand(3), after)
     assert torch.equal(a, b) and a.dtype == torch.uint8
-    c = generate_batch(None, _NoisyObjective(), lambda z: z, labels, noise, **{**kwargs, "start": 12})
+    c = generate_batch(
+        None, _NoisyObjective(), lambda z: z, labels, noise, **{**kwargs, "start": 12}
+    )
     assert not torch.equal(a, c)  # the sampler's draws depend on the batch's place in the plan

@@ -14,8 +14,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from ditkit.models import DiT, MMDiT, UNet, build_dit
 from ditkit.models.flops import count_flops, forward_flops
 
-UNET_TINY = dict(input_size=8, in_channels=4, num_classes=10, block_out_channels=(16, 32), attention_levels=(1,),
-                 attention_head_dim=8, norm_num_groups=8)
+UNET_TINY = dict(
+    input_size=8,
+    in_channels=4,
+    num_classes=10,
+    block_out_channels=(16, 32),
+    attention_levels=(1,),
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
 
 
 def dit_inputs(n: int, size: int = 8):
@@ -31,7 +38,11 @@ class LinearConvAttention(nn.Module):
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
 
     def forward(self, x, image, q):
-        return self.linear(x).sum() + self.conv(image).sum() + F.scaled_dot_product_attention(q, q, q).sum()
+        return (
+            self.linear(x).sum()
+            + self.conv(image).sum()
+            + F.scaled_dot_product_attention(q, q, q).sum()
+        )
 
 
 def test_counter_matches_closed_form_and_leaves_the_model_alone():
@@ -61,17 +72,30 @@ def test_dit_xl2_is_118_6_gmacs():
 
 @pytest.mark.parametrize("block", ["adaln_zero", "adaln", "cross_attn", "in_context"])
 def test_dit_analytic_count_matches_flop_counter(block):
-    model = DiT(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10, block=block)
+    model = DiT(
+        input_size=8,
+        patch_size=2,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+        block=block,
+    )
     counted = count_flops(model, *dit_inputs(2))
     assert abs(model.forward_flops(2) / counted - 1) < 0.02, (model.forward_flops(2), counted)
 
 
 def test_unet_analytic_count_matches_flop_counter():
-    for model in (UNet(**UNET_TINY), UNet(**{**UNET_TINY, "attention_levels": (0, 1), "layers_per_block": 1})):
+    for model in (
+        UNet(**UNET_TINY),
+        UNet(**{**UNET_TINY, "attention_levels": (0, 1), "layers_per_block": 1}),
+    ):
         counted = count_flops(model, *dit_inputs(3))
         assert abs(model.forward_flops(3) / counted - 1) < 0.05, (model.forward_flops(3), counted)
     with torch.device("meta"):  # the unet_s size at 256 px, for free on meta
-        model = UNet(input_size=32, block_out_channels=(128, 256, 256, 320), attention_levels=(2, 3))
+        model = UNet(
+            input_size=32, block_out_channels=(128, 256, 256, 320), attention_levels=(2, 3)
+        )
     counted = count_flops(model, *dit_inputs(1, 32))
     assert abs(model.forward_flops() / counted - 1) < 0.05
 
@@ -80,12 +104,23 @@ def test_unet_at_another_resolution_is_counted_for_that_input():
     model = UNet(**UNET_TINY)
     at_16 = forward_flops(model, *dit_inputs(2, 16))
     assert at_16 == UNet(**{**UNET_TINY, "input_size": 16}).forward_flops(2)
-    assert at_16 > 3 * forward_flops(model, *dit_inputs(2, 8))  # 4x the pixels (attention grows faster)
+    assert at_16 > 3 * forward_flops(
+        model, *dit_inputs(2, 8)
+    )  # 4x the pixels (attention grows faster)
 
 
 def test_mmdit_is_counted_generically():
-    model = MMDiT(input_size=8, patch_size=2, in_channels=4, depth=2, num_heads=2, head_dim=16,
-                  context_dim=24, pooled_dim=12, context_len=5)
+    model = MMDiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=4,
+        depth=2,
+        num_heads=2,
+        head_dim=16,
+        context_dim=24,
+        pooled_dim=12,
+        context_len=5,
+    )
     x, t, _ = dit_inputs(2)
     for length in (5, 7):
         counted = forward_flops(model, x, t, torch.randn(2, length, 24), torch.randn(2, 12))
@@ -95,19 +130,32 @@ def test_mmdit_is_counted_generically():
 def test_native_input_uses_the_analytic_count():
     """(x, t, y) at the model's own size answers with model.forward_flops, which sees the batch size."""
     model = DiT(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10)
-    model.forward_flops = lambda batch_size=1: 1000 * batch_size  # a marker: proves which path answered
+    model.forward_flops = lambda batch_size=1: (
+        1000 * batch_size
+    )  # a marker: proves which path answered
     assert forward_flops(model, *dit_inputs(3)) == 3000
     x, t, y = dit_inputs(3)
-    assert forward_flops(model, x, t, y=y) == count_flops(model, x, t, y) == 3 * 948224  # keywords: counted
+    assert (
+        forward_flops(model, x, t, y=y) == count_flops(model, x, t, y) == 3 * 948224
+    )  # keywords: counted
 
 
 def test_model_table_script_prints_every_config():
     root = Path(__file__).parents[1]
-    out = subprocess.run([sys.executable, "benchmarks/model_table.py"], cwd=root, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "benchmarks/model_table.py"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rows = [line for line in out.splitlines() if line.startswith("| `")]
     assert len(rows) == 3 * len(list((root / "conf/model").glob("dit_*.yaml"))) + len(
-        [p for p in (root / "conf/model").glob("*.yaml") if not p.stem.startswith("dit_")])
+        [p for p in (root / "conf/model").glob("*.yaml") if not p.stem.startswith("dit_")]
+    )
     assert "| `dit_xl` (DiT-XL/2) | 675.1 M | 118.62 | 237.24 |" in rows
     assert "| `dit_s` `model.patch_size=8` (DiT-S/8) | 33.1 M | 0.36 | 0.72 |" in rows
-    assert "| `unet_s` | 47.5 M | 5.98 | 11.96 |" in rows and "| `unet_b` | 159.4 M | 23.33 | 46.65 |" in rows
+    assert (
+        "| `unet_s` | 47.5 M | 5.98 | 11.96 |" in rows
+        and "| `unet_b` | 159.4 M | 23.33 | 46.65 |" in rows
+    )

@@ -53,15 +53,24 @@ def test_exact_velocity_field_attains_the_analytic_minimum():
         # Any other field pays its mean squared distance on top: + delta^2.
         shifted = lambda x, tt, y: exact_velocity(x, tt) + 0.2  # noqa: E731
         noise = torch.randn_like(x0)
-        gap = (flow.training_losses(shifted, x0, t, {"y": None}, noise)["loss"]
-               - flow.training_losses(exact_velocity, x0, t, {"y": None}, noise)["loss"]).mean().item()
+        gap = (
+            (
+                flow.training_losses(shifted, x0, t, {"y": None}, noise)["loss"]
+                - flow.training_losses(exact_velocity, x0, t, {"y": None}, noise)["loss"]
+            )
+            .mean()
+            .item()
+        )
         assert gap == pytest.approx(0.04, abs=2e-3)
 
 
-@pytest.mark.parametrize("sampling,density", [
-    ("uniform", lambda t: 1.0),
-    ("logit_normal", lambda t: stats.norm.pdf(math.log(t / (1 - t))) / (t * (1 - t))),
-])
+@pytest.mark.parametrize(
+    "sampling,density",
+    [
+        ("uniform", lambda t: 1.0),
+        ("logit_normal", lambda t: stats.norm.pdf(math.log(t / (1 - t))) / (t * (1 - t))),
+    ],
+)
 def test_expected_loss_over_drawn_times_is_the_integrated_minimum(sampling, density):
     """With t drawn by the objective: E_t[min_loss(t)] = int min_loss(t) p(t) dt."""
     torch.manual_seed(1)
@@ -78,7 +87,9 @@ def test_model_sees_scaled_time_and_learn_sigma_uses_first_half():
     def model(x, t, y):
         seen.append(t.clone())
         v = exact_velocity(x, t)
-        return torch.cat([v, torch.full_like(v, 1e3)], dim=1)  # a variance half the flow must ignore
+        return torch.cat(
+            [v, torch.full_like(v, 1e3)], dim=1
+        )  # a variance half the flow must ignore
 
     x0 = data(3)
     t = torch.tensor([0.1, 0.5, 0.9])
@@ -112,23 +123,35 @@ def test_cosine_velocity_direction_loss():
     t = torch.tensor([0.3, 0.6])
     same_dir = flow.training_losses(lambda x, tt, y: 2 * target, x0, t, {"y": None}, noise)
     torch.testing.assert_close(same_dir["cos"], torch.zeros(2), atol=1e-6, rtol=0)
-    torch.testing.assert_close(same_dir["loss"], (target**2).mean(dim=(1, 2, 3)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        same_dir["loss"], (target**2).mean(dim=(1, 2, 3)), atol=1e-5, rtol=1e-5
+    )
     opposite = flow.training_losses(lambda x, tt, y: -target, x0, t, {"y": None}, noise)
     torch.testing.assert_close(opposite["cos"], torch.full((2,), 2.0))
     torch.testing.assert_close(opposite["loss"], opposite["mse"] + 1.0)
-    assert "cos" not in RectifiedFlow().training_losses(lambda x, tt, y: target, x0, t, {"y": None}, noise)
+    assert "cos" not in RectifiedFlow().training_losses(
+        lambda x, tt, y: target, x0, t, {"y": None}, noise
+    )
 
 
-@pytest.mark.parametrize("kwargs,quantile", [
-    (dict(time_sampling="uniform"), lambda q: q),
-    (dict(time_sampling="logit_normal"), lambda q: 1 / (1 + math.exp(-stats.norm.ppf(q)))),
-    (dict(time_sampling="logit_normal", logit_mean=0.5, logit_std=0.7),
-     lambda q: 1 / (1 + math.exp(-(0.5 + 0.7 * stats.norm.ppf(q))))),
-    # SD3 eq. 20: t = f(u) is decreasing in u, so P(t <= f(u)) = 1 - u and the q-quantile is f(1 - q).
-    (dict(time_sampling="mode", mode_scale=1.29), lambda q: mode_time(torch.tensor(1 - q), 1.29).item()),
-    # A static shift maps quantiles through the shift: q-quantile of shift(U) is shift(q).
-    (dict(time_sampling="uniform", shift=3.0), lambda q: 3 * q / (1 + 2 * q)),
-])
+@pytest.mark.parametrize(
+    "kwargs,quantile",
+    [
+        (dict(time_sampling="uniform"), lambda q: q),
+        (dict(time_sampling="logit_normal"), lambda q: 1 / (1 + math.exp(-stats.norm.ppf(q)))),
+        (
+            dict(time_sampling="logit_normal", logit_mean=0.5, logit_std=0.7),
+            lambda q: 1 / (1 + math.exp(-(0.5 + 0.7 * stats.norm.ppf(q)))),
+        ),
+        # SD3 eq. 20: t = f(u) is decreasing in u, so P(t <= f(u)) = 1 - u and the q-quantile is f(1 - q).
+        (
+            dict(time_sampling="mode", mode_scale=1.29),
+            lambda q: mode_time(torch.tensor(1 - q), 1.29).item(),
+        ),
+        # A static shift maps quantiles through the shift: q-quantile of shift(U) is shift(q).
+        (dict(time_sampling="uniform", shift=3.0), lambda q: 3 * q / (1 + 2 * q)),
+    ],
+)
 def test_time_sampling_quantiles(kwargs, quantile):
     torch.manual_seed(0)
     t = RectifiedFlow(**kwargs).sample_t(200_000, height=8, width=8)
@@ -144,11 +167,15 @@ def test_time_shift_static_and_resolution_dependent():
     assert flow.effective_shift(16, 16) == pytest.approx(1.5)
     assert flow.effective_shift(32, 32) == pytest.approx(3.0)  # 4x the area: sqrt(4) = 2x the shift
     grid = flow.time_grid(4, 32, 32)
-    assert grid == pytest.approx([1.0, 3 * 0.75 / (1 + 2 * 0.75), 0.75, 3 * 0.25 / (1 + 2 * 0.25), 0.0])
+    assert grid == pytest.approx(
+        [1.0, 3 * 0.75 / (1 + 2 * 0.75), 0.75, 3 * 0.25 / (1 + 2 * 0.25), 0.0]
+    )
     torch.manual_seed(0)
     u = torch.rand(5)
     torch.manual_seed(0)
-    t = RectifiedFlow(time_sampling="uniform", shift=2.0, shift_training=False).sample_t(5, height=8, width=8)
+    t = RectifiedFlow(time_sampling="uniform", shift=2.0, shift_training=False).sample_t(
+        5, height=8, width=8
+    )
     torch.testing.assert_close(t, u)
 
 
@@ -160,7 +187,9 @@ def test_training_draws_t_then_noise_from_the_global_rng():
     torch.manual_seed(5)
     t = torch.sigmoid(torch.randn(3))
     noise = torch.randn_like(x0)
-    torch.testing.assert_close(drawn, flow.training_losses(exact_velocity, x0, t, {"y": None}, noise)["loss"])
+    torch.testing.assert_close(
+        drawn, flow.training_losses(exact_velocity, x0, t, {"y": None}, noise)["loss"]
+    )
 
 
 def test_bad_options_and_samplers_are_refused_clearly():
@@ -174,6 +203,8 @@ def test_bad_options_and_samplers_are_refused_clearly():
     with pytest.raises(ValueError, match="sampler=euler, heun, sde"):
         RectifiedFlow().sample(exact_velocity, x, {"y": None}, sampler="ddpm", steps=10)
     with pytest.raises(ValueError, match="diffusion_norm applies to sampler=sde"):
-        RectifiedFlow().sample(exact_velocity, x, {"y": None}, sampler="heun", steps=10, diffusion_norm=2.0)
+        RectifiedFlow().sample(
+            exact_velocity, x, {"y": None}, sampler="heun", steps=10, diffusion_norm=2.0
+        )
     with pytest.raises(ValueError, match="steps must be >= 1"):
         RectifiedFlow().sample(exact_velocity, x, {"y": None}, sampler="euler", steps=0)

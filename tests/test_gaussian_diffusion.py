@@ -54,14 +54,20 @@ class Recorder(torch.nn.Module):
 
 def test_training_losses_match_reference(ref, model):
     inp, out = ref["inputs"], ref["outputs"]
-    d = GaussianDiffusion(num_timesteps=ref["diffusion"]["steps"], schedule="linear", learn_sigma=True)
+    d = GaussianDiffusion(
+        num_timesteps=ref["diffusion"]["steps"], schedule="linear", learn_sigma=True
+    )
     with torch.no_grad():
-        terms = d.training_losses(model, inp["x_start"], inp["loss_t"], {"y": inp["y"]}, inp["noise"])
+        terms = d.training_losses(
+            model, inp["x_start"], inp["loss_t"], {"y": inp["y"]}, inp["noise"]
+        )
     # loss_t includes t = 0 (the discretised decoder NLL) and t = 999.
     torch.testing.assert_close(terms["mse"], out["train_mse"], **TOL)
     torch.testing.assert_close(terms["vb"], out["train_vb"], **TOL)
     torch.testing.assert_close(terms["loss"], out["train_loss"], **TOL)
-    torch.testing.assert_close(d.q_sample(inp["x_start"], inp["loss_t"], inp["noise"]), out["q_sample"], **TOL)
+    torch.testing.assert_close(
+        d.q_sample(inp["x_start"], inp["loss_t"], inp["noise"]), out["q_sample"], **TOL
+    )
 
 
 def test_respaced_p_mean_variance_matches_reference(ref, model):
@@ -70,7 +76,9 @@ def test_respaced_p_mean_variance_matches_reference(ref, model):
     assert spaced.timestep_map == ref["diffusion"]["respaced_timesteps"]
     rec = Recorder(model)
     with torch.no_grad():
-        p = spaced.p_mean_variance(rec, inp["x"], inp["respaced_t"], {"y": inp["y"]}, clip_denoised=False)
+        p = spaced.p_mean_variance(
+            rec, inp["x"], inp["respaced_t"], {"y": inp["y"]}, clip_denoised=False
+        )
     torch.testing.assert_close(p["mean"], out["respaced_mean"], **TOL)
     torch.testing.assert_close(p["log_variance"], out["respaced_log_variance"], **TOL)
     torch.testing.assert_close(p["pred_xstart"], out["respaced_pred_xstart"], **TOL)
@@ -83,7 +91,9 @@ def test_ddim_sample_matches_reference(ref, model):
     inp, out = ref["inputs"], ref["outputs"]
     d = GaussianDiffusion()
     rec = Recorder(model)
-    x = d.respace(ref["diffusion"]["ddim_respacing"]).ddim_sample(rec, inp["x_T"], {"y": inp["y"]}, eta=0.0)
+    x = d.respace(ref["diffusion"]["ddim_respacing"]).ddim_sample(
+        rec, inp["x_T"], {"y": inp["y"]}, eta=0.0
+    )
     torch.testing.assert_close(x, out["ddim_sample"], atol=1e-5, rtol=1e-5)
     assert [int(t[0]) for t in rec.timesteps] == list(range(900, -1, -100))
     # The same through the single entry point.
@@ -128,8 +138,12 @@ def test_space_timesteps_specs():
         + [667, 750, 833, 916, 999]
     )
     assert space_timesteps(1000, 1000) == list(range(1000))
-    for bad, msg in [("ddim400", "no integer stride"), ("2000", "cannot keep"), ("fast", "expected"),
-                     ("ddimx", "integer N")]:
+    for bad, msg in [
+        ("ddim400", "no integer stride"),
+        ("2000", "cannot keep"),
+        ("fast", "expected"),
+        ("ddimx", "integer N"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             space_timesteps(1000, bad)
 
@@ -139,7 +153,9 @@ def test_respaced_process_keeps_alpha_bar_at_kept_steps():
     d = GaussianDiffusion()
     s = d.respace("10,10,5")
     assert s.num_timesteps == 25 and d.num_timesteps == 1000
-    torch.testing.assert_close(s.alphas_cumprod, d.alphas_cumprod[s.timestep_map], rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        s.alphas_cumprod, d.alphas_cumprod[s.timestep_map], rtol=1e-12, atol=0
+    )
     assert d.respace("10,10,5") is s  # cached: evaluation calls sample() once per batch
 
 
@@ -156,7 +172,9 @@ def test_training_draws_t_then_noise_from_the_global_rng():
     torch.manual_seed(7)
     t = torch.randint(0, 1000, (3,))
     noise = torch.randn_like(x0)
-    torch.testing.assert_close(drawn, d.training_losses(model, x0, t, {"y": None}, noise)["loss"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        drawn, d.training_losses(model, x0, t, {"y": None}, noise)["loss"], rtol=0, atol=0
+    )
 
 
 def test_vlb_trains_only_the_variance_and_mse_only_the_mean():
@@ -186,7 +204,9 @@ def test_a_model_predicting_the_target_has_zero_loss(prediction):
     # ... and its x0 estimate from x_t is x0 itself.
     x_t = d.q_sample(x0, t, noise)
     p = d.p_mean_variance(lambda x, tt, y: target, x_t, t, {"y": None})
-    torch.testing.assert_close(p["pred_xstart"], x0, atol=2e-3, rtol=0)  # x0 from eps at t=999 divides by 0.006
+    torch.testing.assert_close(
+        p["pred_xstart"], x0, atol=2e-3, rtol=0
+    )  # x0 from eps at t=999 divides by 0.006
 
 
 def test_clip_denoised_clamps_x0_before_the_posterior_mean():
@@ -231,8 +251,19 @@ def test_sampler_and_option_errors_are_clear():
         GaussianDiffusion(prediction="score")
     y = {"y": torch.zeros(2, dtype=torch.long)}
     with pytest.raises(ValueError, match="exceeds the 4 prediction channels"):
-        d.sample(model, x, y, sampler="ddim", steps=10, cfg_scale=2.0, guidance_channels=5, null_label=1)
+        d.sample(
+            model, x, y, sampler="ddim", steps=10, cfg_scale=2.0, guidance_channels=5, null_label=1
+        )
     with pytest.raises(ValueError, match="low <= high"):
-        d.sample(model, x, y, sampler="ddim", steps=10, cfg_scale=2.0, guidance_interval=(700, 100), null_label=1)
+        d.sample(
+            model,
+            x,
+            y,
+            sampler="ddim",
+            steps=10,
+            cfg_scale=2.0,
+            guidance_interval=(700, 100),
+            null_label=1,
+        )
     with pytest.raises(ValueError, match="null_label"):
         d.sample(model, x, y, sampler="ddim", steps=10, cfg_scale=2.0)

@@ -17,6 +17,8 @@ from ditkit.models.embeddings import sincos_1d
 from ditkit.models.mmdit import JointBlock
 
 CONF = Path(__file__).parents[1] / "conf"
+
+
 @pytest.fixture(autouse=True)
 def one_thread_seeded():
     """Tiny models run fastest on one thread (two threads on a loaded 2-core machine run 30x slower);
@@ -28,7 +30,16 @@ def one_thread_seeded():
     torch.set_num_threads(threads)
 
 
-TINY = dict(input_size=8, patch_size=2, in_channels=4, depth=2, head_dim=16, context_dim=12, pooled_dim=6, context_len=5)
+TINY = dict(
+    input_size=8,
+    patch_size=2,
+    in_channels=4,
+    depth=2,
+    head_dim=16,
+    context_dim=12,
+    pooled_dim=6,
+    context_len=5,
+)
 
 
 def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -42,11 +53,16 @@ def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def inputs(n: int = 2, hw: int = 8, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 4, hw, hw, generator=g), torch.rand(n, generator=g) * 1000,
-            torch.randn(n, 5, 12, generator=g), torch.randn(n, 6, generator=g))
+    return (
+        torch.randn(n, 4, hw, hw, generator=g),
+        torch.rand(n, generator=g) * 1000,
+        torch.randn(n, 5, 12, generator=g),
+        torch.randn(n, 6, generator=g),
+    )
 
 
 # ---- the reference: every projection separate, one softmax over the joined sequence ----------------
+
 
 def ref_rms(x, weight):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
@@ -58,7 +74,10 @@ def ref_pre(stream, x, c, heads, qk_norm):
     mods = (F.silu(c) @ lin.weight.T + lin.bias).chunk(lin.out_features // d, dim=1)
     h = F.layer_norm(x, (d,), eps=1e-6) * (1 + mods[1][:, None]) + mods[0][:, None]
     w, b = stream.attn.qkv.weight, stream.attn.qkv.bias
-    q, k, v = ((h @ w[i * d:(i + 1) * d].T + b[i * d:(i + 1) * d]).unflatten(-1, (heads, d // heads)) for i in range(3))
+    q, k, v = (
+        (h @ w[i * d : (i + 1) * d].T + b[i * d : (i + 1) * d]).unflatten(-1, (heads, d // heads))
+        for i in range(3)
+    )
     if qk_norm:
         q, k = ref_rms(q, stream.attn.q_norm.weight), ref_rms(k, stream.attn.k_norm.weight)
     return (q, k, v), mods[2:]
@@ -75,7 +94,11 @@ def ref_post(stream, x, out, mods):
 def ref_block(block, x, ctx, c, heads, qk_norm):
     (qi, ki, vi), mods_i = ref_pre(block.image, x, c, heads, qk_norm)
     (qt, kt, vt), mods_t = ref_pre(block.text, ctx, c, heads, qk_norm)
-    q, k, v = torch.cat([qi, qt], 1), torch.cat([ki, kt], 1), torch.cat([vi, vt], 1)  # (N, T + L, heads, hd)
+    q, k, v = (
+        torch.cat([qi, qt], 1),
+        torch.cat([ki, kt], 1),
+        torch.cat([vi, vt], 1),
+    )  # (N, T + L, heads, hd)
     scores = torch.einsum("nshd,nrhd->nhsr", q, k) / math.sqrt(q.shape[-1])
     out = torch.einsum("nhsr,nrhd->nshd", scores.softmax(dim=-1), v).flatten(2)
     t = x.shape[1]
@@ -88,7 +111,11 @@ def ref_block(block, x, ctx, c, heads, qk_norm):
 def test_joint_block_equals_reference(qk_norm, last):
     block = perturb(JointBlock(32, 2, 4.0, qk_norm, last=last))
     g = torch.Generator().manual_seed(3)
-    x, ctx, c = torch.randn(2, 16, 32, generator=g), torch.randn(2, 5, 32, generator=g), torch.randn(2, 32, generator=g)
+    x, ctx, c = (
+        torch.randn(2, 16, 32, generator=g),
+        torch.randn(2, 5, 32, generator=g),
+        torch.randn(2, 32, generator=g),
+    )
     with torch.no_grad():
         got_x, got_ctx = block(x, ctx, c)
         want_x, want_ctx = ref_block(block, x, ctx, c, heads=2, qk_norm=qk_norm)
@@ -112,7 +139,9 @@ def test_text_changes_image_and_image_changes_text():
     block = model.blocks[0]
     tokens, text, c = torch.randn(2, 16, 32), torch.randn(2, 5, 32), torch.randn(2, 32)
     tokens2 = tokens.clone()
-    tokens2[0, 7] += torch.randn(32)  # one image token (not a constant shift: LayerNorm removes those)
+    tokens2[0, 7] += torch.randn(
+        32
+    )  # one image token (not a constant shift: LayerNorm removes those)
     with torch.no_grad():
         _, text_a = block(tokens, text, c)
         _, text_b = block(tokens2, text, c)
@@ -129,7 +158,11 @@ def test_last_block_text_output_is_unused():
     with torch.no_grad():
         base = model(x, t, ctx, pooled)
         outs = {}
-        for name, block, rows in [("last_q", -1, slice(0, d)), ("first_q", 0, slice(0, d)), ("last_k", -1, slice(d, 2 * d))]:
+        for name, block, rows in [
+            ("last_q", -1, slice(0, d)),
+            ("first_q", 0, slice(0, d)),
+            ("last_k", -1, slice(d, 2 * d)),
+        ]:
             weight = model.blocks[block].text.attn.qkv.weight
             saved = weight.clone()
             weight[rows] += 0.5
@@ -177,43 +210,72 @@ def test_caption_dropout_substitutes_the_zero_null_condition():
         trained = model.train()(x, t, ctx, pooled)
         model.eval()
         null = model.null_condition(ctx, pooled)
-        assert null["context"].shape == ctx.shape and not null["context"].any() and not null["pooled"].any()
+        assert (
+            null["context"].shape == ctx.shape
+            and not null["context"].any()
+            and not null["pooled"].any()
+        )
         want = torch.where(drop[:, None, None, None], model(x, t, **null), model(x, t, ctx, pooled))
     torch.testing.assert_close(trained, want, rtol=0, atol=1e-6)
 
 
 def test_forward_flops_equal_the_counted_matmuls():
     model = MMDiT(**{**TINY, "depth": 3}, learn_sigma=True).eval()
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math SDPA = counted bmm
+    with (
+        sdpa_kernel(SDPBackend.MATH),
+        FlopCounterMode(display=False) as counter,
+    ):  # math SDPA = counted bmm
         model(*inputs(n=3))
     assert model.forward_flops(batch_size=3) == counter.get_total_flops()
 
 
-def closed_form_params(d: int, depth: int, p: int = 2, c: int = 16, dc: int = 4096, dp: int = 2048) -> int:
+def closed_form_params(
+    d: int, depth: int, p: int = 2, c: int = 16, dc: int = 4096, dp: int = 2048
+) -> int:
     """Parameter count from the architecture: full streams, the last pre-only text stream, embedders, head."""
-    full = (3 * d * d + 3 * d) + (d * d + d) + (8 * d * d + 5 * d) + (6 * d * d + 6 * d)  # qkv, proj, MLP, adaLN
+    full = (
+        (3 * d * d + 3 * d) + (d * d + d) + (8 * d * d + 5 * d) + (6 * d * d + 6 * d)
+    )  # qkv, proj, MLP, adaLN
     pre_only = (3 * d * d + 3 * d) + (2 * d * d + 2 * d)
     blocks = (2 * depth - 1) * full + pre_only
-    embed = (c * p * p * d + d) + (256 * d + d + d * d + d) + (dc * d + d) + (dp * d + d + d * d + d)
+    embed = (
+        (c * p * p * d + d) + (256 * d + d + d * d + d) + (dc * d + d) + (dp * d + d + d * d + d)
+    )
     head = (2 * d * d + 2 * d) + (d * p * p * c + p * p * c)
     return blocks + embed + head
 
 
 def compose_model(*overrides: str):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(overrides=[
-            "+data.latent_size=64", "+data.latent_channels=16", "+data.context_dim=4096",
-            "+data.pooled_dim=2048", "+data.context_len=154", *overrides,
-        ])
+        return compose(
+            overrides=[
+                "+data.latent_size=64",
+                "+data.latent_channels=16",
+                "+data.context_dim=4096",
+                "+data.pooled_dim=2048",
+                "+data.context_len=154",
+                *overrides,
+            ]
+        )
 
 
-@pytest.mark.parametrize("overrides,depth", [(["+model=mmdit_d12"], 12), (["+model=mmdit_d24"], 24),
-                                             (["+model=mmdit_d12", "model.depth=16"], 16)])
+@pytest.mark.parametrize(
+    "overrides,depth",
+    [
+        (["+model=mmdit_d12"], 12),
+        (["+model=mmdit_d24"], 24),
+        (["+model=mmdit_d12", "model.depth=16"], 16),
+    ],
+)
 def test_hydra_configs_size_by_depth(overrides, depth):
     cfg = compose_model(*overrides)
     with torch.device("meta"):
         model = instantiate(cfg.model)
-    assert isinstance(model, MMDiT) and (model.depth, model.num_heads, model.hidden_size) == (depth, depth, 64 * depth)
+    assert isinstance(model, MMDiT) and (model.depth, model.num_heads, model.hidden_size) == (
+        depth,
+        depth,
+        64 * depth,
+    )
     assert sum(p.numel() for p in model.parameters()) == closed_form_params(64 * depth, depth)
     assert len(model.blocks) == depth
 
@@ -222,7 +284,9 @@ def test_sd3_medium_size():
     """Depth 24 is SD3's 2B model (paper Sec. 5.3): 2.03 B parameters with 16 latent channels."""
     with torch.device("meta"):
         model = MMDiT(depth=24, input_size=128)
-    assert sum(p.numel() for p in model.parameters()) == closed_form_params(1536, 24) == 2_028_328_000
+    assert (
+        sum(p.numel() for p in model.parameters()) == closed_form_params(1536, 24) == 2_028_328_000
+    )
 
 
 def test_training_loss_falls_and_follows_the_text():
@@ -231,7 +295,10 @@ def test_training_loss_falls_and_follows_the_text():
     torch.manual_seed(0)
     model = MMDiT(**TINY, caption_dropout_prob=0.0)
     ctx, pooled, target = torch.randn(4, 5, 12), torch.randn(4, 6), torch.randn(4, 4, 8, 8)
-    x, t = torch.randn(1, 4, 8, 8).expand(4, -1, -1, -1), torch.full((4,), 500.0)  # only the text differs
+    x, t = (
+        torch.randn(1, 4, 8, 8).expand(4, -1, -1, -1),
+        torch.full((4,), 500.0),
+    )  # only the text differs
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):
@@ -257,7 +324,14 @@ def test_guidance_pairs_the_text_with_the_zero_null_condition():
     t = torch.full((3,), 1000.0)
     flow = RectifiedFlow(time_sampling="uniform")
     with torch.no_grad():
-        got = flow.sample(model, x, model_kwargs={"context": ctx, "pooled": pooled}, sampler="euler", steps=1, cfg_scale=3.0)
+        got = flow.sample(
+            model,
+            x,
+            model_kwargs={"context": ctx, "pooled": pooled},
+            sampler="euler",
+            steps=1,
+            cfg_scale=3.0,
+        )
         v_text = model(x, t, ctx, pooled)
         v_null = model(x, t, torch.zeros_like(ctx), torch.zeros_like(pooled))
     torch.testing.assert_close(got, x - (v_null + 3.0 * (v_text - v_null)), rtol=1e-5, atol=1e-5)
@@ -270,9 +344,15 @@ def test_config_errors_name_the_fix():
     from ditkit.training.checks import ConfigError, check_model_fits_data
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(overrides=["+model=mmdit_d12", "+data.latent_size=16", "+data.latent_channels=3"])
+        cfg = compose(
+            overrides=["+model=mmdit_d12", "+data.latent_size=16", "+data.latent_channels=3"]
+        )
     with pytest.raises(InstantiationException, match="train it on captioned shards"):
         instantiate(cfg.model)
     with pytest.raises(ConfigError, match="use a text-to-image model"):
-        check_model_fits_data({"_target_": "ditkit.models.build_dit", "variant": "S"}, {"context_dim": 32})
-    check_model_fits_data({"_target_": "ditkit.models.MMDiT", "context_dim": 32}, {"context_dim": 32})
+        check_model_fits_data(
+            {"_target_": "ditkit.models.build_dit", "variant": "S"}, {"context_dim": 32}
+        )
+    check_model_fits_data(
+        {"_target_": "ditkit.models.MMDiT", "context_dim": 32}, {"context_dim": 32}
+    )

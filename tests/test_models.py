@@ -1,7 +1,6 @@
 """DiT parity with the reference implementation, the variant table, options, and official checkpoints."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -52,8 +51,11 @@ def test_forward_with_cfg_three_channels_matches_reference(ref):
     null = torch.full((2,), ref["model_config"]["num_classes"])
     with torch.no_grad():
         out = model.forward_with_cfg(
-            torch.cat([x["x"][:2]] * 2), torch.cat([x["t"][:2]] * 2), torch.cat([x["y"][:2], null]),
-            x["cfg_scale"], guidance_channels=3,
+            torch.cat([x["x"][:2]] * 2),
+            torch.cat([x["t"][:2]] * 2),
+            torch.cat([x["y"][:2], null]),
+            x["cfg_scale"],
+            guidance_channels=3,
         )
     torch.testing.assert_close(out, ref["outputs"]["forward_with_cfg_3ch"], rtol=0, atol=1e-5)
 
@@ -65,11 +67,15 @@ def test_forward_with_cfg_guides_all_eps_channels_by_default(ref):
     s = 2.5
     with torch.no_grad():
         cond, uncond = model(xs, ts, ys), model(xs, ts, null)
-        out = model.forward_with_cfg(torch.cat([xs, xs]), torch.cat([ts, ts]), torch.cat([ys, null]), s)
+        out = model.forward_with_cfg(
+            torch.cat([xs, xs]), torch.cat([ts, ts]), torch.cat([ys, null]), s
+        )
     expected_eps = uncond[:, :4] + s * (cond[:, :4] - uncond[:, :4])
     torch.testing.assert_close(out[:2, :4], expected_eps, rtol=0, atol=1e-5)
     torch.testing.assert_close(out[2:, :4], expected_eps, rtol=0, atol=1e-5)
-    torch.testing.assert_close(out[:2, 4:], cond[:, 4:], rtol=0, atol=1e-5)  # variance from the cond half
+    torch.testing.assert_close(
+        out[:2, 4:], cond[:, 4:], rtol=0, atol=1e-5
+    )  # variance from the cond half
 
 
 def test_official_layout_keys_and_shapes(manifest):
@@ -92,7 +98,9 @@ def test_parameter_counts_of_all_variants(manifest):
 def test_dit_xl2_forward_flops_match_the_paper():
     with torch.device("meta"):
         model = build_dit("XL", 2, input_size=32)
-    assert abs(model.forward_flops() / 2 / 118.6e9 - 1) < 0.01  # paper Table 4: 118.6 Gflops (multiply-adds)
+    assert (
+        abs(model.forward_flops() / 2 / 118.6e9 - 1) < 0.01
+    )  # paper Table 4: 118.6 Gflops (multiply-adds)
 
 
 def test_unknown_variant_lists_valid_ones():
@@ -107,12 +115,20 @@ def test_patch_size_must_divide_latent_size():
 
 def compose_model(*overrides: str):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(overrides=[
-            "+data.latent_size=32", "+data.latent_channels=4", "+data.num_classes=1000", *overrides
-        ])
+        return compose(
+            overrides=[
+                "+data.latent_size=32",
+                "+data.latent_channels=4",
+                "+data.num_classes=1000",
+                *overrides,
+            ]
+        )
 
 
-@pytest.mark.parametrize("variant,patch,params", [("dit_s", 2, 32963360), ("dit_b", 4, 130475648), ("dit_xl", 8, 675683072)])
+@pytest.mark.parametrize(
+    "variant,patch,params",
+    [("dit_s", 2, 32963360), ("dit_b", 4, 130475648), ("dit_xl", 8, 675683072)],
+)
 def test_hydra_model_configs(variant, patch, params):
     cfg = compose_model(f"+model={variant}", f"model.patch_size={patch}")
     with torch.device("meta"):
@@ -128,18 +144,35 @@ def test_hydra_unknown_model_lists_available_options():
 
 
 OPTIONS = [
-    dict(block="adaln"), dict(block="cross_attn"), dict(block="in_context"), dict(qk_norm=True),
-    dict(norm="rmsnorm"), dict(mlp="swiglu"), dict(rope=True), dict(grad_checkpointing=True),
+    dict(block="adaln"),
+    dict(block="cross_attn"),
+    dict(block="in_context"),
+    dict(qk_norm=True),
+    dict(norm="rmsnorm"),
+    dict(mlp="swiglu"),
+    dict(rope=True),
+    dict(grad_checkpointing=True),
     dict(block="in_context", rope=True, norm="rmsnorm", mlp="swiglu", qk_norm=True),
 ]
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize(
+    "options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+)
 def test_each_option_trains(options):
     """Regress a fixed random target: 50 AdamW steps must cut the loss at least in half."""
     torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
-                num_classes=10, class_dropout_prob=0.0, **options)
+    model = DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+        class_dropout_prob=0.0,
+        **options,
+    )
     x, t, y = torch.randn(8, 4, 8, 8), torch.randint(0, 1000, (8,)), torch.randint(0, 10, (8,))
     target = torch.randn(8, 8, 8, 8)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -155,7 +188,15 @@ def test_each_option_trains(options):
 
 def test_grad_checkpointing_gives_identical_gradients():
     torch.manual_seed(0)
-    kw = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10, class_dropout_prob=0.0)
+    kw = dict(
+        input_size=8,
+        patch_size=2,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+        class_dropout_prob=0.0,
+    )
     plain, ckpt = DiT(**kw), DiT(**kw, grad_checkpointing=True)
     torch.nn.init.normal_(plain.final_layer.linear.weight)
     ckpt.load_state_dict(plain.state_dict())
@@ -188,7 +229,9 @@ def test_gelu_tanh_compiled_form_is_the_same_function(monkeypatch):
     """Under torch.compile, x * sigmoid(2z) stands in for 0.5 x (1 + tanh z): equal to rounding in fp64."""
     x = torch.linspace(-8, 8, 10001, dtype=torch.float64)
     eager = gelu_tanh(x)
-    torch.testing.assert_close(eager, torch.nn.functional.gelu(x, approximate="tanh"), rtol=0, atol=0)
+    torch.testing.assert_close(
+        eager, torch.nn.functional.gelu(x, approximate="tanh"), rtol=0, atol=0
+    )
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     torch.testing.assert_close(gelu_tanh(x), eager, rtol=1e-12, atol=1e-12)
 
@@ -202,7 +245,7 @@ def test_rope_attention_depends_only_on_relative_position():
     rk = apply_rope(k.expand(1, 1, grid * grid, hd), rope)[0, 0]
     score = rq @ rk.T  # (T, T)
     # token (r, c) has index r * grid + c; shift both query and key one row down
-    for (qi, ki) in [(0, 5), (1, 6), (2, 3)]:
+    for qi, ki in [(0, 5), (1, 6), (2, 3)]:
         torch.testing.assert_close(score[qi, ki], score[qi + grid, ki + grid], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(score[0, 0], q @ k, rtol=1e-5, atol=1e-5)  # position 0 is unrotated
 
@@ -213,7 +256,16 @@ def test_load_official_checkpoint_infers_config(ref, tmp_path):
     with pytest.raises(ValueError, match="width 64 is not a published variant; pass num_heads="):
         load_official_dit(path)  # heads cannot be read off the tensors for a custom width
     model = load_official_dit(path, num_heads=4)
-    for key in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes", "learn_sigma"):
+    for key in (
+        "input_size",
+        "patch_size",
+        "in_channels",
+        "hidden_size",
+        "depth",
+        "num_heads",
+        "num_classes",
+        "learn_sigma",
+    ):
         assert getattr(model, key) == ref["model_config"][key], key
     x = ref["inputs"]
     with torch.no_grad():

@@ -105,7 +105,9 @@ def standard_noise(y, gen_seed=0):
     z = torch.randn(len(y), *SHAPE, generator=g, dtype=torch.float64)
     for cls in (0, 1):
         grp = z[y == cls]
-        grp = (grp - grp.mean(dim=(0, 2, 3), keepdim=True)) / grp.std(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        grp = (grp - grp.mean(dim=(0, 2, 3), keepdim=True)) / grp.std(
+            dim=(0, 2, 3), unbiased=False, keepdim=True
+        )
         z[y == cls] = grp
     return z
 
@@ -165,8 +167,12 @@ def test_ddpm_fixed_large_variance_is_exact_for_unit_variance_data():
         d = GaussianDiffusion(learn_sigma=False)
         process = d.respace("250")
         y = labels(2048)
-        x_T = ddpm_prior(process, y, target(y, 1.0), torch.randn(len(y), *SHAPE, dtype=torch.float64))
-        x = d.sample(GaussianDenoiser(process, learn_sigma=False), x_T, {"y": y}, sampler="ddpm", steps=250)
+        x_T = ddpm_prior(
+            process, y, target(y, 1.0), torch.randn(len(y), *SHAPE, dtype=torch.float64)
+        )
+        x = d.sample(
+            GaussianDenoiser(process, learn_sigma=False), x_T, {"y": y}, sampler="ddpm", steps=250
+        )
         # Monte-Carlo standard errors over 65k values per class: mean 0.004, std 0.28%.
         for cls, (mean, std) in class_stats(x, y, slice(0, 4)).items():
             assert mean == pytest.approx(MEANS[cls].item(), abs=0.016)
@@ -227,7 +233,15 @@ def test_parametrizations_give_the_same_ddim_samples():
         d = GaussianDiffusion(learn_sigma=False, prediction=prediction)
         process = d.respace("ddim25")
         x_T = ddpm_prior(process, y, target(y, 1.0), standard_noise(y))
-        outs.append(d.sample(GaussianDenoiser(process, False, prediction), x_T, {"y": y}, sampler="ddim", steps=25))
+        outs.append(
+            d.sample(
+                GaussianDenoiser(process, False, prediction),
+                x_T,
+                {"y": y},
+                sampler="ddim",
+                steps=25,
+            )
+        )
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=0)
     torch.testing.assert_close(outs[2], outs[0], atol=1e-4, rtol=0)
     assert class_stats(outs[0], y)[1][0] == pytest.approx(1.0, abs=1e-3)
@@ -256,15 +270,26 @@ def flow_std_factor(grid, method):
 
 @pytest.mark.parametrize(
     "sampler,steps,shift,expected_factor,tol",
-    [("euler", 100, 1.0, 0.9853, 0.02), ("heun", 25, 1.0, 1.0007, 0.002), ("heun", 25, 3.0, None, 0.002)],
+    [
+        ("euler", 100, 1.0, 0.9853, 0.02),
+        ("heun", 25, 1.0, 1.0007, 0.002),
+        ("heun", 25, 3.0, None, 0.002),
+    ],
 )
 @pytest.mark.parametrize("w", [1.0, 1.5])
 def test_flow_ode_recovers_gaussian(sampler, steps, shift, expected_factor, tol, w):
     flow = RectifiedFlow(shift=shift)
     model = VelocityField()
     y = labels()
-    x = flow.sample(model, standard_noise(y).float(), {"y": y}, sampler=sampler, steps=steps, cfg_scale=w,
-                    null_label=NULL)
+    x = flow.sample(
+        model,
+        standard_noise(y).float(),
+        {"y": y},
+        sampler=sampler,
+        steps=steps,
+        cfg_scale=w,
+        null_label=NULL,
+    )
     factor = flow_std_factor(flow.time_grid(steps, *SHAPE[1:]), sampler)
     if expected_factor is not None:
         assert factor == pytest.approx(expected_factor, abs=1e-3)
@@ -280,8 +305,15 @@ def test_flow_sde_recovers_gaussian():
     discretisation and Monte-Carlo error."""
     torch.manual_seed(2)
     y = labels(4096)
-    x = RectifiedFlow().sample(VelocityField(), torch.randn(len(y), *SHAPE), {"y": y}, sampler="sde", steps=250,
-                               cfg_scale=1.5, null_label=NULL)
+    x = RectifiedFlow().sample(
+        VelocityField(),
+        torch.randn(len(y), *SHAPE),
+        {"y": y},
+        sampler="sde",
+        steps=250,
+        cfg_scale=1.5,
+        null_label=NULL,
+    )
     # Monte-Carlo standard errors: mean 0.0014, std 0.2%; the discretisation bias is about -0.3%.
     for cls, (mean, std) in class_stats(x, y, slice(0, 4)).items():
         assert mean == pytest.approx(1.5 * MEANS[cls].item(), abs=0.006)
@@ -293,7 +325,9 @@ def test_flow_integrators_converge_at_their_order(method, order):
     y = labels(16)
     errors = []
     for steps in (20, 40):
-        x = RectifiedFlow().sample(VelocityField(), standard_noise(y).float(), {"y": y}, sampler=method, steps=steps)
+        x = RectifiedFlow().sample(
+            VelocityField(), standard_noise(y).float(), {"y": y}, sampler=method, steps=steps
+        )
         errors.append(abs(class_stats(x, y)[1][1] / S - 1))
     assert errors[0] / errors[1] == pytest.approx(2.0**order, rel=0.15)
 
@@ -314,15 +348,25 @@ def test_guidance_on_first_three_channels_keeps_the_fourth_conditional(objective
         x_T = ddpm_prior(process, y, target(y, w, guided_channels=3), standard_noise(y))
     else:
         obj, model, x_T = RectifiedFlow(), VelocityField(), standard_noise(y).float()
-    x = obj.sample(model, x_T, {"y": y}, sampler=sampler, steps=steps, cfg_scale=w, guidance_channels=3,
-                   null_label=NULL)
+    x = obj.sample(
+        model,
+        x_T,
+        {"y": y},
+        sampler=sampler,
+        steps=steps,
+        cfg_scale=w,
+        guidance_channels=3,
+        null_label=NULL,
+    )
     guided, plain = class_stats(x, y, slice(0, 3)), class_stats(x, y, slice(3, 4))
     for cls in (0, 1):
         assert guided[cls][0] == pytest.approx(w * MEANS[cls].item(), abs=2e-4)
         assert plain[cls][0] == pytest.approx(MEANS[cls].item(), abs=2e-4)
 
 
-@pytest.mark.parametrize("objective,sampler,interval", [("ddpm", "ddpm", (300, 700)), ("flow", "euler", (0.2, 0.6))])
+@pytest.mark.parametrize(
+    "objective,sampler,interval", [("ddpm", "ddpm", (300, 700)), ("flow", "euler", (0.2, 0.6))]
+)
 def test_guidance_interval_guides_only_inside_it(objective, sampler, interval):
     """Inside [low, high] (objective time) the model sees one batch of 2N (cond + null);
     outside, only the N conditional samples."""
@@ -335,8 +379,17 @@ def test_guidance_interval_guides_only_inside_it(objective, sampler, interval):
         obj, model, steps = RectifiedFlow(shift=2.0), VelocityField(), 20
         times = obj.time_grid(steps, *SHAPE[1:])[:-1]
     torch.manual_seed(0)
-    obj.sample(model, torch.randn(4, *SHAPE), {"y": y}, sampler=sampler, steps=steps, cfg_scale=3.0,
-               guidance_interval=interval, null_label=NULL)
+    obj.sample(
+        model,
+        torch.randn(4, *SHAPE),
+        {"y": y},
+        sampler=sampler,
+        steps=steps,
+        cfg_scale=3.0,
+        guidance_interval=interval,
+        null_label=NULL,
+    )
+
     def step(t):  # the step a call belongs to (the model sees float32 times)
         return min(range(len(times)), key=lambda i: abs(times[i] - t))
 
@@ -352,12 +405,22 @@ def test_null_label_defaults_to_model_num_classes():
         num_classes = NULL
 
     y = labels(8)
-    a = RectifiedFlow().sample(WithClasses(), standard_noise(y).float(), {"y": y}, steps=5, cfg_scale=2.0)
-    b = RectifiedFlow().sample(VelocityField(), standard_noise(y).float(), {"y": y}, steps=5, cfg_scale=2.0,
-                               null_label=NULL)
+    a = RectifiedFlow().sample(
+        WithClasses(), standard_noise(y).float(), {"y": y}, steps=5, cfg_scale=2.0
+    )
+    b = RectifiedFlow().sample(
+        VelocityField(),
+        standard_noise(y).float(),
+        {"y": y},
+        steps=5,
+        cfg_scale=2.0,
+        null_label=NULL,
+    )
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="null_label"):
-        RectifiedFlow().sample(VelocityField(), standard_noise(y).float(), {"y": y}, steps=5, cfg_scale=2.0)
+        RectifiedFlow().sample(
+            VelocityField(), standard_noise(y).float(), {"y": y}, steps=5, cfg_scale=2.0
+        )
 
 
 def test_flow_exact_velocity_sanity_at_the_ends():
@@ -373,23 +436,40 @@ def test_flow_exact_velocity_sanity_at_the_ends():
 # ---------------------------------------------------------------------------- configs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-SAMPLER_CONFIGS = {"ddpm": ("ddpm", 250), "ddim": ("ddpm", 50), "euler": ("flow", 50), "heun": ("flow", 25),
-                   "sde": ("flow", 250)}
+SAMPLER_CONFIGS = {
+    "ddpm": ("ddpm", 250),
+    "ddim": ("ddpm", 50),
+    "euler": ("flow", 50),
+    "heun": ("flow", 25),
+    "sde": ("flow", 250),
+}
 
 
 def compose_cfg(objective, sampler):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(overrides=[f"+objective={objective}", f"+sampler={sampler}", "+model.learn_sigma=true"])
+        return compose(
+            overrides=[f"+objective={objective}", f"+sampler={sampler}", "+model.learn_sigma=true"]
+        )
 
 
 def test_objective_configs_are_the_reference_settings():
     ddpm = instantiate(compose_cfg("ddpm", "ddpm").objective)
     assert isinstance(ddpm, GaussianDiffusion)
-    assert (ddpm.num_timesteps, ddpm.schedule, ddpm.prediction, ddpm.learn_sigma) == (1000, "linear", "eps", True)
+    assert (ddpm.num_timesteps, ddpm.schedule, ddpm.prediction, ddpm.learn_sigma) == (
+        1000,
+        "linear",
+        "eps",
+        True,
+    )
     flow = instantiate(compose_cfg("flow", "euler").objective)
     assert isinstance(flow, RectifiedFlow)
     assert (flow.time_sampling, flow.logit_mean, flow.logit_std, flow.shift, flow.time_scale) == (
-        "logit_normal", 0.0, 1.0, 1.0, 1000.0)
+        "logit_normal",
+        0.0,
+        1.0,
+        1.0,
+        1000.0,
+    )
 
 
 @pytest.mark.parametrize("name", list(SAMPLER_CONFIGS))
@@ -409,12 +489,24 @@ def test_sampler_configs_run_with_their_objective_and_refuse_the_other(name):
     else:
         model, x_T = VelocityField(), standard_noise(y).float()
     torch.manual_seed(0)
-    x = obj.sample(model, x_T, {"y": y}, sampler=cfg.sampler.name, steps=cfg.sampler.steps, cfg_scale=w,
-                   null_label=NULL, **cfg.sampler.options)
+    x = obj.sample(
+        model,
+        x_T,
+        {"y": y},
+        sampler=cfg.sampler.name,
+        steps=cfg.sampler.steps,
+        cfg_scale=w,
+        null_label=NULL,
+        **cfg.sampler.options,
+    )
     for cls, (mean, _) in class_stats(x, y, slice(0, 4)).items():
-        assert mean == pytest.approx(w * MEANS[cls].item(), abs=0.03)  # 8k values: MC error 0.006 at most
+        assert mean == pytest.approx(
+            w * MEANS[cls].item(), abs=0.03
+        )  # 8k values: MC error 0.006 at most
     wrong = instantiate(compose_cfg(other, name).objective)
-    with pytest.raises(ValueError, match=f"belongs to objective={objective}.*choose one of sampler="):
+    with pytest.raises(
+        ValueError, match=f"belongs to objective={objective}.*choose one of sampler="
+    ):
         wrong.check_sampler(cfg.sampler.name, cfg.sampler.objective)
     with pytest.raises(ValueError, match="choose one of sampler="):
         wrong.sample(model, x_T, {"y": y}, sampler=name, steps=steps)

@@ -50,7 +50,9 @@ def encoders(tiny):
 def test_tokenizer_words_and_unknowns(encoders):
     tokenizer = encoders.tokenizers[0]
     vocab = tokenizer.get_vocab()
-    ids = tokenizer(["A handwritten seven", "a purple seven"], padding="max_length", max_length=8)["input_ids"]
+    ids = tokenizer(["A handwritten seven", "a purple seven"], padding="max_length", max_length=8)[
+        "input_ids"
+    ]
     assert ids[0] == [2, vocab["a"], vocab["handwritten"], vocab["seven"], 3, 0, 0, 0]
     assert ids[1][2] == 1  # "purple" is not in the vocabulary: [UNK]
 
@@ -61,14 +63,20 @@ def test_context_and_pooled_are_the_encoders_outputs_sd3_style(encoders):
     assert context.shape == (3, 16, 32) and pooled.shape == (3, 32)
     assert (encoders.context_len, encoders.context_dim, encoders.pooled_dim) == (16, 32, 32)
     clip, t5 = encoders.models
-    tokens = encoders.tokenizers[0](CAPTIONS[:3], padding="max_length", max_length=8, return_tensors="pt")
+    tokens = encoders.tokenizers[0](
+        CAPTIONS[:3], padding="max_length", max_length=8, return_tensors="pt"
+    )
     with torch.no_grad():
         out = clip(input_ids=tokens["input_ids"], output_hidden_states=True)
-        t5_out = t5(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+        t5_out = t5(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+        ).last_hidden_state
     torch.testing.assert_close(context[:, :8], out.hidden_states[-2], rtol=0, atol=0)
     torch.testing.assert_close(context[:, 8:], t5_out, rtol=0, atol=0)
     torch.testing.assert_close(pooled, out.text_embeds, rtol=0, atol=0)
-    assert torch.cdist(pooled, pooled)[~torch.eye(3, dtype=torch.bool)].min() > 0.1  # captions told apart
+    assert (
+        torch.cdist(pooled, pooled)[~torch.eye(3, dtype=torch.bool)].min() > 0.1
+    )  # captions told apart
 
 
 def test_narrower_stream_is_zero_padded_and_t5_alone_pools_by_mean(tiny):
@@ -98,8 +106,17 @@ def extract(src: Path, out: Path, tiny, *overrides: str):
 
     encoders = json.dumps([tiny["clip"], tiny["t5"]]).replace('"', "")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("extract_text_embeddings", overrides=[
-            f"shards={src}", f"out={out}", f"encoders={encoders}", "progress=false", "batch_size=4", *overrides])
+        cfg = compose(
+            "extract_text_embeddings",
+            overrides=[
+                f"shards={src}",
+                f"out={out}",
+                f"encoders={encoders}",
+                "progress=false",
+                "batch_size=4",
+                *overrides,
+            ],
+        )
     return run(cfg)
 
 
@@ -121,7 +138,11 @@ def captioned(tmp_path_factory, tiny):
 
 def test_captioned_set_keeps_every_member_and_adds_the_text(captioned, encoders):
     root, summary = captioned
-    assert summary["num_samples"] == 14 and (summary["context_len"], summary["context_dim"], summary["pooled_dim"]) == (16, 32, 32)
+    assert summary["num_samples"] == 14 and (
+        summary["context_len"],
+        summary["context_dim"],
+        summary["pooled_dim"],
+    ) == (16, 32, 32)
     src, out = read_samples(root / "src"), read_samples(root / "t2i")
     assert list(src) == list(out)  # same samples, same order
     context, pooled = encoders(CAPTIONS)
@@ -135,16 +156,25 @@ def test_captioned_set_keeps_every_member_and_adds_the_text(captioned, encoders)
         np.testing.assert_array_equal(p, pooled[label].numpy().astype(np.float16))
     manifest = json.loads((root / "t2i" / "manifest.json").read_text())
     assert manifest["text"]["captions"]["class_captions"] == CAPTIONS
-    assert manifest["num_samples"] == 14 and manifest["shards"] == json.loads((root / "src" / "manifest.json").read_text())["shards"]
+    assert (
+        manifest["num_samples"] == 14
+        and manifest["shards"] == json.loads((root / "src" / "manifest.json").read_text())["shards"]
+    )
 
 
 def test_manifest_encoders_embed_prompts_exactly_as_stored(captioned):
     root, _ = captioned
     manifest = json.loads((root / "t2i" / "manifest.json").read_text())
     context, pooled = text_encoders_from_manifest(manifest)(["a handwritten three"])
-    sample = next(s for s in read_samples(root / "t2i").values() if s["txt"] == b"a handwritten three")
-    np.testing.assert_array_equal(context[0].numpy().astype(np.float16), np.load(io.BytesIO(sample["context.npy"])))
-    np.testing.assert_array_equal(pooled[0].numpy().astype(np.float16), np.load(io.BytesIO(sample["pooled.npy"])))
+    sample = next(
+        s for s in read_samples(root / "t2i").values() if s["txt"] == b"a handwritten three"
+    )
+    np.testing.assert_array_equal(
+        context[0].numpy().astype(np.float16), np.load(io.BytesIO(sample["context.npy"]))
+    )
+    np.testing.assert_array_equal(
+        pooled[0].numpy().astype(np.float16), np.load(io.BytesIO(sample["pooled.npy"]))
+    )
 
 
 def test_rerun_rewrites_only_a_missing_shard_identically(captioned, tiny):
@@ -180,8 +210,17 @@ def test_captions_from_a_file_and_its_errors(captioned, tiny, tmp_path):
 
 
 def datamodule(root: Path, **kw):
-    args = dict(latent_size=8, latent_channels=4, num_classes=10, image_size=8, root=str(root), batch_size=4,
-                num_workers=0, return_keys=True, shuffle_buffer=4)
+    args = dict(
+        latent_size=8,
+        latent_channels=4,
+        num_classes=10,
+        image_size=8,
+        root=str(root),
+        batch_size=4,
+        num_workers=0,
+        return_keys=True,
+        shuffle_buffer=4,
+    )
     return LatentShardsDataModule(**{**args, **kw})
 
 
@@ -192,15 +231,25 @@ def test_datamodule_yields_the_stored_text_embeddings(captioned):
     x, cond, keys = next(iter(dm.train_dataloader()))
     assert set(cond) == {"context", "pooled"} and cond["context"].dtype == torch.float32
     for i, key in enumerate(keys):
-        np.testing.assert_array_equal(cond["context"][i].numpy(), np.load(io.BytesIO(stored[key]["context.npy"])).astype(np.float32))
-        np.testing.assert_array_equal(cond["pooled"][i].numpy(), np.load(io.BytesIO(stored[key]["pooled.npy"])).astype(np.float32))
-    _, labels, keys = next(iter(datamodule(root / "t2i").train_dataloader()))  # no text keys: labels, as before
+        np.testing.assert_array_equal(
+            cond["context"][i].numpy(),
+            np.load(io.BytesIO(stored[key]["context.npy"])).astype(np.float32),
+        )
+        np.testing.assert_array_equal(
+            cond["pooled"][i].numpy(),
+            np.load(io.BytesIO(stored[key]["pooled.npy"])).astype(np.float32),
+        )
+    _, labels, keys = next(
+        iter(datamodule(root / "t2i").train_dataloader())
+    )  # no text keys: labels, as before
     assert labels.tolist() == [int(stored[k]["cls"]) for k in keys]
 
 
 def test_datamodule_text_mismatches_are_named(captioned):
     root, _ = captioned
-    with pytest.raises(DataFormatError, match="data.context_len=16 data.context_dim=32 data.pooled_dim=32"):
+    with pytest.raises(
+        DataFormatError, match="data.context_len=16 data.context_dim=32 data.pooled_dim=32"
+    ):
         datamodule(root / "t2i", context_len=16, context_dim=64, pooled_dim=32).setup()
     with pytest.raises(DataFormatError, match="carry no text embeddings"):
         datamodule(root / "src", context_len=16, context_dim=32, pooled_dim=32).setup()

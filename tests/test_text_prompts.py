@@ -26,7 +26,11 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
-    return TextEncoders(build_tiny_text_encoders(str(tmp_path_factory.mktemp("enc")), ["a", "handwritten", *DIGIT_WORDS]))
+    return TextEncoders(
+        build_tiny_text_encoders(
+            str(tmp_path_factory.mktemp("enc")), ["a", "handwritten", *DIGIT_WORDS]
+        )
+    )
 
 
 def test_read_prompts(tmp_path):
@@ -41,21 +45,42 @@ def test_read_prompts(tmp_path):
 
 def sample(model, encoders, prompts, batch_size):
     return sample_prompts(
-        model, RectifiedFlow(), lambda z: z, encoders, prompts, 3, seed=7, batch_size=batch_size,
-        sample_kwargs={"sampler": "euler", "steps": 2, "cfg_scale": 3.0}, device="cpu",
-        autocast=contextlib.nullcontext, progress=False,
+        model,
+        RectifiedFlow(),
+        lambda z: z,
+        encoders,
+        prompts,
+        3,
+        seed=7,
+        batch_size=batch_size,
+        sample_kwargs={"sampler": "euler", "steps": 2, "cfg_scale": 3.0},
+        device="cpu",
+        autocast=contextlib.nullcontext,
+        progress=False,
     )
 
 
 def test_prompt_major_order_and_batch_size_invariance(encoders):
-    model = MMDiT(input_size=4, patch_size=2, in_channels=3, depth=2, head_dim=8, context_dim=32, pooled_dim=32,
-                  context_len=16).eval()
-    for p in model.parameters():  # non-zero output layer and gates, so the prompt shows in the images
+    model = MMDiT(
+        input_size=4,
+        patch_size=2,
+        in_channels=3,
+        depth=2,
+        head_dim=8,
+        context_dim=32,
+        pooled_dim=32,
+        context_len=16,
+    ).eval()
+    for (
+        p
+    ) in model.parameters():  # non-zero output layer and gates, so the prompt shows in the images
         torch.nn.init.normal_(p, std=0.3)
     prompts = ["a handwritten one", "a handwritten two"]
     images = sample(model, encoders, prompts, batch_size=6)
     assert images.shape == (6, 3, 4, 4) and images.dtype == torch.uint8
-    torch.testing.assert_close(sample(model, encoders, prompts, batch_size=4), images, rtol=0, atol=0)
+    torch.testing.assert_close(
+        sample(model, encoders, prompts, batch_size=4), images, rtol=0, atol=0
+    )
     other = sample(model, encoders, ["a handwritten one", "a handwritten nine"], batch_size=6)
     torch.testing.assert_close(other[:3], images[:3], rtol=0, atol=0)  # row of prompt 0 unchanged
     assert not torch.equal(other[3:], images[3:])  # row of prompt 1 follows its prompt
@@ -66,11 +91,24 @@ def test_callback_conditions_for_captioned_data(encoders):
     plain = SimpleNamespace(datamodule=SimpleNamespace(text=None))
     assert conditions(plain, labels) is labels
     captions = class_captions([str(i) for i in range(10)], "a handwritten {}", DIGIT_WORDS)
-    manifest = {"text": {**encoders.describe(), "captions": {"source": "classes", "class_captions": captions}}}
-    trainer = SimpleNamespace(datamodule=SimpleNamespace(text=(16, 32, 32), manifest=manifest, setup=lambda: None))
+    manifest = {
+        "text": {
+            **encoders.describe(),
+            "captions": {"source": "classes", "class_captions": captions},
+        }
+    }
+    trainer = SimpleNamespace(
+        datamodule=SimpleNamespace(text=(16, 32, 32), manifest=manifest, setup=lambda: None)
+    )
     cond = conditions(trainer, labels)
-    context, pooled = encoders(["a handwritten seven", "a handwritten three", "a handwritten seven"])
+    context, pooled = encoders(
+        ["a handwritten seven", "a handwritten three", "a handwritten seven"]
+    )
     torch.testing.assert_close(cond["context"], context, rtol=0, atol=0)
     torch.testing.assert_close(cond["pooled"], pooled, rtol=0, atol=0)
-    cond = conditions(trainer, labels, prompts=["a handwritten one", "a handwritten two"])  # prompts cycle
-    torch.testing.assert_close(cond["pooled"], encoders(["a handwritten one", "a handwritten two", "a handwritten one"])[1])
+    cond = conditions(
+        trainer, labels, prompts=["a handwritten one", "a handwritten two"]
+    )  # prompts cycle
+    torch.testing.assert_close(
+        cond["pooled"], encoders(["a handwritten one", "a handwritten two", "a handwritten one"])[1]
+    )

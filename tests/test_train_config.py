@@ -22,8 +22,10 @@ def composed(*overrides: str):
 
 def check(*overrides: str) -> None:
     cfg = composed(*overrides)
-    check_model_fits_data(OmegaConf.to_container(cfg.model, resolve=True),
-                          OmegaConf.to_container(cfg.data, resolve=True))
+    check_model_fits_data(
+        OmegaConf.to_container(cfg.model, resolve=True),
+        OmegaConf.to_container(cfg.data, resolve=True),
+    )
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -38,25 +40,46 @@ def test_experiment_recipes():
     assert (dit.module.lr, dit.module.weight_decay, dit.module.ema_decay) == (1e-4, 0.0, 0.9999)
     assert dit.data.batch_size * 8 == 256 and dit.trainer.max_steps == 400_000
     sit = composed("experiment=sit_xl2_in256")
-    assert sit.objective._target_ == "ditkit.objectives.RectifiedFlow" and sit.objective.time_sampling == "uniform"
+    assert (
+        sit.objective._target_ == "ditkit.objectives.RectifiedFlow"
+        and sit.objective.time_sampling == "uniform"
+    )
     modern = composed("experiment=lightningdit_xl1_in256")
-    assert (modern.model.norm, modern.model.mlp, modern.model.rope, modern.model.patch_size) == ("rmsnorm", "swiglu",
-                                                                                                 True, 1)
+    assert (modern.model.norm, modern.model.mlp, modern.model.rope, modern.model.patch_size) == (
+        "rmsnorm",
+        "swiglu",
+        True,
+        1,
+    )
     assert modern.objective.cosine_loss_weight == 1.0 and modern.trainer.gradient_clip_val == 1.0
     assert modern.trainer.strategy._target_ == "ditkit.training.parallel.FSDP2Strategy"
     quick = composed("experiment=quickstart")
-    assert quick.trainer.accelerator == "cpu" and quick.data._target_.endswith("LatentShardsDataModule")
+    assert quick.trainer.accelerator == "cpu" and quick.data._target_.endswith(
+        "LatentShardsDataModule"
+    )
     assert quick.data.builtin == "digits" and quick.callbacks.digits_score.per_class == 20
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model.patch_size=3"], r"model.patch_size=3 does not divide the latent size 32 .*use model.patch_size=1\|2\|4"),
-        (["model.input_size=64"], r"model.input_size=64 but the data has latent_size=32.*Drop the model.input_size"),
+        (
+            ["model.patch_size=3"],
+            r"model.patch_size=3 does not divide the latent size 32 .*use model.patch_size=1\|2\|4",
+        ),
+        (
+            ["model.input_size=64"],
+            r"model.input_size=64 but the data has latent_size=32.*Drop the model.input_size",
+        ),
         (["model.in_channels=3"], r"model.in_channels=3 but the data has latent_channels=4"),
-        (["data=digits", "model.num_classes=1000"], r"model.num_classes=1000 but the data has num_classes=10"),
-        (["model=dit_s", "model.num_heads=5"], r"model.hidden_size=384 is not divisible by model.num_heads=5"),
+        (
+            ["data=digits", "model.num_classes=1000"],
+            r"model.num_classes=1000 but the data has num_classes=10",
+        ),
+        (
+            ["model=dit_s", "model.num_heads=5"],
+            r"model.hidden_size=384 is not divisible by model.num_heads=5",
+        ),
         (["model.depth=abc"], r"model.depth='abc' must be an integer"),
     ],
 )
@@ -81,18 +104,36 @@ def test_unknown_model_fails_in_seconds_listing_the_choices():
 
 
 def test_patch_size_error_comes_from_train_py_before_building(tmp_path):
-    proc = run_train("data=digits", "model.patch_size=3", f"paths.output_dir={tmp_path}", "logger=csv",
-                     check=False, timeout=120)
+    proc = run_train(
+        "data=digits",
+        "model.patch_size=3",
+        f"paths.output_dir={tmp_path}",
+        "logger=csv",
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "model.patch_size=3 does not divide the latent size 16" in proc.stderr
-    assert not list(tmp_path.glob("*/checkpoints")) and not (REPO / "data" / "digits16.building").exists()
+    assert (
+        not list(tmp_path.glob("*/checkpoints"))
+        and not (REPO / "data" / "digits16.building").exists()
+    )
 
 
 def test_shards_that_do_not_fit_fail_before_the_model_is_built(tmp_path):
     """DiT-XL (seconds to build on a CPU) is never built: the manifest is read first."""
-    shards = write_synthetic_shards(tmp_path / "shards")  # 4 x 8 x 8 latents; data.latent_size defaults to 32
-    proc = run_train("model=dit_xl", "data=imagenet_latents", f"data.root={shards}", "logger=csv",
-                     f"paths.output_dir={tmp_path / 'out'}", check=False, timeout=120)
+    shards = write_synthetic_shards(
+        tmp_path / "shards"
+    )  # 4 x 8 x 8 latents; data.latent_size defaults to 32
+    proc = run_train(
+        "model=dit_xl",
+        "data=imagenet_latents",
+        f"data.root={shards}",
+        "logger=csv",
+        f"paths.output_dir={tmp_path / 'out'}",
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "The shards hold latents of shape [4, 8, 8] (C, H, W)" in proc.stderr
     assert "Set data.latent_channels=4 data.latent_size=8" in proc.stderr
@@ -108,16 +149,25 @@ def test_run_folder_is_named_by_the_overrides():
     assert train.run_name("model-dit_b+objective-flow") == "model-dit_b+objective-flow"
     assert train.run_name("data.urls-/a/b") == "data.urls-_a_b"
     long = ",".join(f"model.k{i}={i}" for i in range(40))
-    assert len(train.run_name(long)) == 111 and train.run_name(long) != train.run_name(long + ",x=1")
+    assert len(train.run_name(long)) == 111 and train.run_name(long) != train.run_name(
+        long + ",x=1"
+    )
     hydra_cfg = OmegaConf.load(REPO / "conf/hydra/default.yaml")
-    assert "trainer.max_steps" in hydra_cfg.job.config.override_dirname.exclude_keys  # "train longer" = same run
+    assert (
+        "trainer.max_steps" in hydra_cfg.job.config.override_dirname.exclude_keys
+    )  # "train longer" = same run
 
 
 def test_submitit_launcher_config():
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["hydra/launcher=submitit_slurm", "trainer.num_nodes=4"],
-                      return_hydra_config=True)
+        cfg = compose(
+            config_name="train",
+            overrides=["hydra/launcher=submitit_slurm", "trainer.num_nodes=4"],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (
+        launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    )
     assert launcher.nodes == 4 and launcher.tasks_per_node == launcher.gpus_per_node == 8
     assert launcher.signal_delay_s == 120

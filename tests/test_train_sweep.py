@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_training import TINY_MODEL, data_overrides, run_overrides, run_train, write_synthetic_shards
+from helpers_training import (
+    TINY_MODEL,
+    data_overrides,
+    run_overrides,
+    run_train,
+    write_synthetic_shards,
+)
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from PIL import Image
@@ -49,21 +55,46 @@ def read_offline_run(run_dir: Path) -> dict:
             config.update({item.key: json.loads(item.value_json) for item in record.config.update})
         elif kind == "history":
             # "a/b" keys arrive as key "a/b" or as nested_key ["a", "b"]
-            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            items = {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                for item in record.history.item
+            }
             if "train/loss" in items:
                 losses[items["trainer/global_step"]] = items["train/loss"]
-    return {"id": run.run_id, "name": run.display_name, "project": run.project, "config": config, "losses": losses}
+    return {
+        "id": run.run_id,
+        "name": run.display_name,
+        "project": run.project,
+        "config": config,
+        "losses": losses,
+    }
 
 
 def test_two_job_sweep_with_offline_wandb(tmp_path):
     shards = write_synthetic_shards(tmp_path / "shards")
     out = tmp_path / "runs"
-    overrides = [o for o in run_overrides(out, STEPS, 2) if o not in ("logger=csv", "~callbacks.sample_grid")]
-    grid = [f"callbacks.sample_grid.every_n_steps={STEPS}", "callbacks.sample_grid.num_images=4",
-            "callbacks.sample_grid.steps=2"]
-    proc = run_train("-m", *TINY_MODEL, *data_overrides(shards), *overrides, *grid, "logger=wandb",
-                     "objective=ddpm,flow", "model.learn_sigma=false", timeout=300)
-    assert "#0 : " in proc.stdout + proc.stderr and "#1 : " in proc.stdout + proc.stderr  # Hydra's job list
+    overrides = [
+        o for o in run_overrides(out, STEPS, 2) if o not in ("logger=csv", "~callbacks.sample_grid")
+    ]
+    grid = [
+        f"callbacks.sample_grid.every_n_steps={STEPS}",
+        "callbacks.sample_grid.num_images=4",
+        "callbacks.sample_grid.steps=2",
+    ]
+    proc = run_train(
+        "-m",
+        *TINY_MODEL,
+        *data_overrides(shards),
+        *overrides,
+        *grid,
+        "logger=wandb",
+        "objective=ddpm,flow",
+        "model.learn_sigma=false",
+        timeout=300,
+    )
+    assert (
+        "#0 : " in proc.stdout + proc.stderr and "#1 : " in proc.stdout + proc.stderr
+    )  # Hydra's job list
 
     runs = {}
     for config_file in out.glob("*/.hydra/config.yaml"):
@@ -71,7 +102,10 @@ def test_two_job_sweep_with_offline_wandb(tmp_path):
         runs[cfg.objective._target_.rsplit(".", 1)[1]] = (config_file.parent.parent, cfg)
     assert sorted(runs) == ["GaussianDiffusion", "RectifiedFlow"]  # one folder per job
     assert len({run_dir.name for run_dir, _ in runs.values()}) == 2
-    for run_dir, _ in runs.values():  # `evaluate.py ckpt=<run>/checkpoints/last.ckpt` needs no quotes
+    for (
+        run_dir,
+        _,
+    ) in runs.values():  # `evaluate.py ckpt=<run>/checkpoints/last.ckpt` needs no quotes
         assert "every_n_train_steps-2+" in run_dir.name and not {"=", ","} & set(run_dir.name)
         ckpt = f"{run_dir}/checkpoints/last.ckpt"
         assert OverridesParser.create().parse_override(f"ckpt={ckpt}").value() == ckpt
@@ -85,7 +119,9 @@ def test_two_job_sweep_with_offline_wandb(tmp_path):
         ids.add(wb["id"])
         assert wb["id"] == (run_dir / "wandb_id").read_text()  # a rerun continues this W&B run
         assert wb["name"] == run_dir.name and wb["project"] == "ditkit"
-        assert wb["config"]["objective"]["_target_"].endswith(target)  # the composed config, resolved
+        assert wb["config"]["objective"]["_target_"].endswith(
+            target
+        )  # the composed config, resolved
         assert wb["config"]["model"]["depth"] == 2 and wb["config"]["run_name"] == run_dir.name
         assert sorted(wb["losses"]) == list(range(STEPS))  # this job's steps only, each once
         assert all(0 < loss < 10 for loss in wb["losses"].values())

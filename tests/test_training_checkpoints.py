@@ -13,8 +13,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ditkit.models import DiT
 from ditkit.objectives import GaussianDiffusion
-from ditkit.training import AtomicModelCheckpoint, CheckpointSaveError, DiffusionModule, find_resume_checkpoint
-from ditkit.training import checkpointing
+from ditkit.training import (
+    AtomicModelCheckpoint,
+    CheckpointSaveError,
+    DiffusionModule,
+    checkpointing,
+    find_resume_checkpoint,
+)
 from ditkit.training.checkpointing import checkpoint_step
 from ditkit.training.checks import ConfigError, check_resume
 
@@ -29,19 +34,45 @@ def one_thread():
 
 def run(tmp_path, steps, savers, ckpt_path=None):
     torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    model = DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+    )
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(64, 4, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g))
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=savers, default_root_dir=tmp_path)
-    trainer.fit(DiffusionModule(model, GaussianDiffusion()), DataLoader(data, batch_size=4), ckpt_path=ckpt_path,
-                weights_only=True)
+    data = TensorDataset(
+        torch.randn(64, 4, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=savers,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(
+        DiffusionModule(model, GaussianDiffusion()),
+        DataLoader(data, batch_size=4),
+        ckpt_path=ckpt_path,
+        weights_only=True,
+    )
     return trainer
 
 
 def last_saver(folder, every=2):
-    return AtomicModelCheckpoint(dirpath=folder, every_n_train_steps=every, save_top_k=0, save_last=True,
-                                 enable_version_counter=False)
+    return AtomicModelCheckpoint(
+        dirpath=folder,
+        every_n_train_steps=every,
+        save_top_k=0,
+        save_last=True,
+        enable_version_counter=False,
+    )
 
 
 def test_crash_mid_save_leaves_the_previous_checkpoint_byte_identical(tmp_path, monkeypatch):
@@ -58,7 +89,9 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_byte_identical(tmp_path, 
         run(tmp_path, 4, [last_saver(folder)], ckpt_path=folder / "last.ckpt")
     monkeypatch.undo()
     assert (folder / "last.ckpt").read_bytes() == before
-    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]  # the partial temp file was removed
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "last.ckpt"
+    ]  # the partial temp file was removed
 
     # A kill leaves a temp file behind (here: newer, and claiming a later step): auto-resume ignores it.
     shutil.copy(folder / "last.ckpt", folder / "last.ckpt.tmp")
@@ -67,8 +100,13 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_byte_identical(tmp_path, 
 
 def test_resume_falls_back_past_a_truncated_or_bit_flipped_newest_checkpoint(tmp_path):
     folder = tmp_path / "ckpt"
-    archive = AtomicModelCheckpoint(dirpath=folder, filename="step={step}", auto_insert_metric_name=False,
-                                    every_n_train_steps=2, save_top_k=-1)
+    archive = AtomicModelCheckpoint(
+        dirpath=folder,
+        filename="step={step}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=2,
+        save_top_k=-1,
+    )
     run(tmp_path, 6, [archive])
     names = ["step=2.ckpt", "step=4.ckpt", "step=6.ckpt"]
     assert sorted(p.name for p in folder.iterdir()) == names
@@ -80,14 +118,18 @@ def test_resume_falls_back_past_a_truncated_or_bit_flipped_newest_checkpoint(tmp
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])  # truncated, e.g. by a full disk outside ditkit
     os.utime(newest, (time.time(), time.time()))
-    with pytest.warns(UserWarning, match=r"auto-resume skips checkpoint .*step=6.ckpt cannot be read"):
+    with pytest.warns(
+        UserWarning, match=r"auto-resume skips checkpoint .*step=6.ckpt cannot be read"
+    ):
         assert find_resume_checkpoint(folder) == folder / "step=4.ckpt"
     with pytest.raises(ConfigError, match=r"step=6.ckpt cannot be read"):
         check_resume("auto", str(newest), folder)
 
     middle = folder / "step=4.ckpt"
     flipped = bytearray(middle.read_bytes())
-    flipped[len(flipped) // 2] ^= 0x10  # one bit inside the tensor data: torch.load alone would not notice
+    flipped[len(flipped) // 2] ^= (
+        0x10  # one bit inside the tensor data: torch.load alone would not notice
+    )
     middle.write_bytes(bytes(flipped))
     with pytest.warns(UserWarning, match=r"step=4.ckpt cannot be read .*CRC-32"):
         assert find_resume_checkpoint(folder) == folder / "step=2.ckpt"
@@ -95,8 +137,15 @@ def test_resume_falls_back_past_a_truncated_or_bit_flipped_newest_checkpoint(tmp
 
 def test_disk_full_surfaces_and_retention_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     folder = tmp_path / "ckpt"
-    keep_one = AtomicModelCheckpoint(dirpath=folder, filename="step={step}", auto_insert_metric_name=False,
-                                     every_n_train_steps=2, save_top_k=1, monitor="step", mode="max")
+    keep_one = AtomicModelCheckpoint(
+        dirpath=folder,
+        filename="step={step}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=2,
+        save_top_k=1,
+        monitor="step",
+        mode="max",
+    )
     run(tmp_path, 2, [keep_one])
     good = (folder / "step=2.ckpt").read_bytes()
 
@@ -104,12 +153,21 @@ def test_disk_full_surfaces_and_retention_keeps_the_last_good_checkpoint(tmp_pat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    keep_one = AtomicModelCheckpoint(dirpath=folder, filename="step={step}", auto_insert_metric_name=False,
-                                     every_n_train_steps=2, save_top_k=1, monitor="step", mode="max")
+    keep_one = AtomicModelCheckpoint(
+        dirpath=folder,
+        filename="step={step}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=2,
+        save_top_k=1,
+        monitor="step",
+        mode="max",
+    )
     with pytest.raises(CheckpointSaveError, match=r"No space left on device.*free disk space"):
         run(tmp_path, 4, [keep_one], ckpt_path=folder / "step=2.ckpt")
     monkeypatch.undo()
-    assert sorted(p.name for p in folder.iterdir()) == ["step=2.ckpt"]  # not deleted by top-1 retention
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "step=2.ckpt"
+    ]  # not deleted by top-1 retention
     assert (folder / "step=2.ckpt").read_bytes() == good
 
 

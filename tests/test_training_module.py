@@ -25,17 +25,34 @@ def one_thread():
 
 def tiny_dit(seed: int = 0) -> DiT:
     torch.manual_seed(seed)
-    return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    return DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+    )
 
 
 def tiny_data(n: int = 48, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return TensorDataset(
+        torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+    )
 
 
 def fit(module, steps: int, batch_size: int = 4, **trainer_kwargs) -> L.Trainer:
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, **trainer_kwargs)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **trainer_kwargs,
+    )
     trainer.fit(module, DataLoader(tiny_data(), batch_size=batch_size))
     return trainer
 
@@ -59,7 +76,12 @@ def test_ema_warmup_schedule():
 def test_step_seed_depends_on_every_coordinate():
     base = step_seed(0, 5, 0, 0)
     assert base == step_seed(0, 5, 0, 0) and 0 <= base < 2**63
-    others = {step_seed(1, 5, 0, 0), step_seed(0, 6, 0, 0), step_seed(0, 5, 1, 0), step_seed(0, 5, 0, 1)}
+    others = {
+        step_seed(1, 5, 0, 0),
+        step_seed(0, 6, 0, 0),
+        step_seed(0, 5, 1, 0),
+        step_seed(0, 5, 0, 1),
+    }
     assert base not in others and len(others) == 4
 
 
@@ -69,11 +91,15 @@ def test_steps_equal_a_hand_written_loop(objective):
     bit for bit; so the per-step seeding contract and the EMA update are exactly what they claim."""
     steps, seed, decay = 5, 7, 0.9
     reference = tiny_dit()
-    module = DiffusionModule(copy.deepcopy(reference), objective, lr=1e-3, ema_decay=decay, seed=seed)
+    module = DiffusionModule(
+        copy.deepcopy(reference), objective, lr=1e-3, ema_decay=decay, seed=seed
+    )
     fit(module, steps)
 
     ema = copy.deepcopy(reference).requires_grad_(False)
-    opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8, fused=True)
+    opt = torch.optim.AdamW(
+        reference.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8, fused=True
+    )
     for step, (x, y) in zip(range(steps), DataLoader(tiny_data(), batch_size=4)):
         torch.manual_seed(step_seed(seed, step, 0, 0))
         loss = objective.training_losses(reference, x, model_kwargs={"y": y})["loss"].mean()
@@ -109,7 +135,9 @@ def test_clipping_uses_the_global_norm_and_warmup_scales_lr():
         sched.step()
     assert min(norms) > clip  # the clip was active at every step
     for p, q in zip(reference.parameters(), module.model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=2e-5)  # the norm is summed in another order
+        torch.testing.assert_close(
+            p, q, rtol=1e-4, atol=2e-5
+        )  # the norm is summed in another order
     assert trainer.callback_metrics["train/grad_norm"].item() == pytest.approx(norms[-1], rel=1e-5)
     assert trainer.callback_metrics["train/lr"].item() == pytest.approx(1e-3 * 3 / warmup)
 
@@ -130,11 +158,15 @@ class NaNAt(torch.nn.Module):
 
 
 def _snapshot(module):
-    return [p.detach().clone() for p in module.model.parameters()], [p.clone() for p in module.ema.parameters()]
+    return [p.detach().clone() for p in module.model.parameters()], [
+        p.clone() for p in module.ema.parameters()
+    ]
 
 
 def test_nan_step_is_skipped_and_counted_weights_and_ema_unchanged():
-    module = DiffusionModule(NaNAt(tiny_dit(), bad={2}), GaussianDiffusion(), lr=1e-3, ema_decay=0.5)
+    module = DiffusionModule(
+        NaNAt(tiny_dit(), bad={2}), GaussianDiffusion(), lr=1e-3, ema_decay=0.5
+    )
     states = []
 
     class Snap(L.Callback):
@@ -155,16 +187,30 @@ def test_nan_step_is_skipped_and_counted_weights_and_ema_unchanged():
 def test_too_many_nan_steps_in_a_row_stop_with_a_clear_error(tmp_path):
     from ditkit.training import AtomicModelCheckpoint
 
-    module = DiffusionModule(NaNAt(tiny_dit(), bad={3, 4, 5}), GaussianDiffusion(), max_consecutive_skips=3)
-    saver = AtomicModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=0, save_last=True)
-    trainer = L.Trainer(accelerator="cpu", max_steps=20, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[saver])
+    module = DiffusionModule(
+        NaNAt(tiny_dit(), bad={3, 4, 5}), GaussianDiffusion(), max_consecutive_skips=3
+    )
+    saver = AtomicModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=1, save_top_k=0, save_last=True
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=20,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[saver],
+    )
     with pytest.raises(NonFiniteLossError, match=r"3 optimizer steps in a row .* lower module.lr"):
         trainer.fit(module, DataLoader(tiny_data(), batch_size=4))
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 5  # saved after the last skipped step before the fatal one...
-    assert ckpt["state_dict"]["ema_updates"].item() == 3  # ...holding the weights of the 3 good steps
-    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert (
+        ckpt["state_dict"]["ema_updates"].item() == 3
+    )  # ...holding the weights of the 3 good steps
+    assert all(
+        torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()
+    )
 
 
 def test_peak_flops_table():
@@ -188,9 +234,15 @@ def test_compile_switch_compiles_every_block_in_place():
     module = DiffusionModule(tiny_dit(), RectifiedFlow(), compile=True)
     keys = set(module.state_dict())
     module.configure_model()
-    assert all(hasattr(block.forward, "_torchdynamo_orig_callable") for block in module.model.blocks)
-    assert not any(hasattr(block.forward, "_torchdynamo_orig_callable") for block in module.ema.blocks)
-    assert set(module.state_dict()) == keys  # checkpoints of compiled and eager runs are interchangeable
+    assert all(
+        hasattr(block.forward, "_torchdynamo_orig_callable") for block in module.model.blocks
+    )
+    assert not any(
+        hasattr(block.forward, "_torchdynamo_orig_callable") for block in module.ema.blocks
+    )
+    assert (
+        set(module.state_dict()) == keys
+    )  # checkpoints of compiled and eager runs are interchangeable
 
 
 def test_throughput_and_mfu_arithmetic(monkeypatch):
@@ -203,8 +255,12 @@ def test_throughput_and_mfu_arithmetic(monkeypatch):
     monkeypatch.setattr(tp.time, "perf_counter", lambda: next(clock))
     logged = {}
     model = tiny_dit()
-    pl_module = SimpleNamespace(model=model, device=torch.device("cpu"), log_dict=lambda m, **k: logged.update(m))
-    trainer = SimpleNamespace(precision="bf16-mixed", accumulate_grad_batches=1, world_size=2, global_step=1)
+    pl_module = SimpleNamespace(
+        model=model, device=torch.device("cpu"), log_dict=lambda m, **k: logged.update(m)
+    )
+    trainer = SimpleNamespace(
+        precision="bf16-mixed", accumulate_grad_batches=1, world_size=2, global_step=1
+    )
     callback = Throughput(log_every_n_steps=3)
     callback.on_train_start(trainer, pl_module)
     callback._peak = 1e12  # as if on a GPU with a 1 TFLOP/s peak

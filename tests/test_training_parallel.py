@@ -6,7 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_training import (
-    TINY_MODEL, data_overrides, run_overrides, run_train, torchrun_cmd, write_synthetic_shards,
+    TINY_MODEL,
+    data_overrides,
+    run_overrides,
+    run_train,
+    torchrun_cmd,
+    write_synthetic_shards,
 )
 
 from ditkit.models import DiT
@@ -22,12 +27,21 @@ def overrides(out: Path, shards: Path, name: str, strategy: str, steps: int = ST
     # backward, and the next EMA update must still see shards
     run = [a for a in run_overrides(out, steps, 2) if a != "~callbacks.sample_grid"]
     return [
-        *TINY_MODEL, *data_overrides(shards), *run, f"run_name={name}",
-        "callbacks.sample_grid.every_n_steps=1", "callbacks.sample_grid.num_images=2",
+        *TINY_MODEL,
+        *data_overrides(shards),
+        *run,
+        f"run_name={name}",
+        "callbacks.sample_grid.every_n_steps=1",
+        "callbacks.sample_grid.num_images=2",
         "callbacks.sample_grid.steps=2",
-        f"strategy={strategy}", "trainer.devices=2", "module.lr=1e-3", "module.ema_decay=0.5",
+        f"strategy={strategy}",
+        "trainer.devices=2",
+        "module.lr=1e-3",
+        "module.ema_decay=0.5",
         # rank 1 alone gets a NaN gradient at step 2 (after the DDP all-reduce): both ranks must skip it
-        "+callbacks.nan._target_=helpers_training.NaNGradOnRank", "+callbacks.nan.rank=1", "+callbacks.nan.step=2",
+        "+callbacks.nan._target_=helpers_training.NaNGradOnRank",
+        "+callbacks.nan.rank=1",
+        "+callbacks.nan.step=2",
     ]
 
 
@@ -41,7 +55,15 @@ def runs(tmp_path_factory):
 
 
 def tiny_module() -> DiffusionModule:
-    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    model = DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+    )
     return DiffusionModule(model, GaussianDiffusion())
 
 
@@ -59,12 +81,15 @@ def test_ddp_and_fsdp2_agree_and_skip_the_one_rank_nan_together(runs):
         assert ckpt["state_dict"]["skipped_steps"].item() == 1
         assert ckpt["state_dict"]["ema_updates"].item() == STEPS - 1
     assert ddp["state_dict"].keys() == fsdp["state_dict"].keys()
-    for key, value in ddp["state_dict"].items():  # same data, seeds and maths: all-reduce vs reduce-scatter
+    for key, value in ddp[
+        "state_dict"
+    ].items():  # same data, seeds and maths: all-reduce vs reduce-scatter
         torch.testing.assert_close(fsdp["state_dict"][key], value, rtol=1e-4, atol=1e-6, msg=key)
     for i, state in ddp["optimizer_states"][0]["state"].items():
         for moment in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(fsdp["optimizer_states"][0]["state"][i][moment], state[moment],
-                                       rtol=1e-4, atol=1e-8)
+            torch.testing.assert_close(
+                fsdp["optimizer_states"][0]["state"][i][moment], state[moment], rtol=1e-4, atol=1e-8
+            )
 
     # The consolidated checkpoint loads strictly into a plain single-process module, EMA included.
     module = tiny_module()
@@ -77,9 +102,15 @@ def test_ddp_and_fsdp2_agree_and_skip_the_one_rank_nan_together(runs):
 def test_sharded_checkpoint_resumes_on_another_world_size(runs):
     """2 FSDP ranks -> 1 FSDP rank: torch.distributed.checkpoint reshards on load."""
     out, shards = runs
-    args = [a for a in overrides(out, shards, "fsdp", "fsdp", steps=STEPS + 2) if a != "trainer.devices=2"]
+    args = [
+        a
+        for a in overrides(out, shards, "fsdp", "fsdp", steps=STEPS + 2)
+        if a != "trainer.devices=2"
+    ]
     run_train(*args, "trainer.devices=1", "ckpt_path=" + str(out / "fsdp/checkpoints/last.ckpt"))
-    fsdp = torch.load(consolidate_checkpoint(out / "fsdp/checkpoints/last.ckpt", out / "after.ckpt"),
-                      weights_only=True)
+    fsdp = torch.load(
+        consolidate_checkpoint(out / "fsdp/checkpoints/last.ckpt", out / "after.ckpt"),
+        weights_only=True,
+    )
     assert fsdp["global_step"] == STEPS + 2
     assert fsdp["state_dict"]["ema_updates"].item() == STEPS + 1

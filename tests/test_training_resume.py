@@ -13,7 +13,13 @@ import lightning as L
 import pytest
 import torch
 from helpers_training import (
-    REPO, TINY_MODEL, data_overrides, run_overrides, run_train, train_cmd, write_synthetic_shards,
+    REPO,
+    TINY_MODEL,
+    data_overrides,
+    run_overrides,
+    run_train,
+    train_cmd,
+    write_synthetic_shards,
 )
 
 pytestmark = pytest.mark.slow
@@ -26,9 +32,17 @@ def shards(tmp_path_factory):
     return write_synthetic_shards(tmp_path_factory.mktemp("shards"))
 
 
-def overrides(out: Path, shards: Path, name: str, steps: int, every: int = N, workers: int = 2) -> list[str]:
-    return [*TINY_MODEL, *data_overrides(shards, num_workers=workers), *run_overrides(out, steps, every),
-            f"run_name={name}", "objective=ddpm", "seed=3"]
+def overrides(
+    out: Path, shards: Path, name: str, steps: int, every: int = N, workers: int = 2
+) -> list[str]:
+    return [
+        *TINY_MODEL,
+        *data_overrides(shards, num_workers=workers),
+        *run_overrides(out, steps, every),
+        f"run_name={name}",
+        "objective=ddpm",
+        "seed=3",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -92,15 +106,23 @@ def test_resume_without_loader_workers_is_exact(tmp_path, shards):
 def wait_for_checkpoint(proc: subprocess.Popen, path: Path, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while not path.exists():
-        assert proc.poll() is None, f"train.py ended before writing {path}:\n{proc.communicate()[1][-3000:]}"
+        assert proc.poll() is None, (
+            f"train.py ended before writing {path}:\n{proc.communicate()[1][-3000:]}"
+        )
         assert time.time() < deadline, f"no {path} after {timeout} s"
         time.sleep(0.01)
 
 
 def start(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **ENV}
-    return subprocess.Popen(train_cmd(*args), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        train_cmd(*args),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_sigkill_then_the_same_command_resumes_to_the_same_weights(straight, shards):
@@ -109,7 +131,9 @@ def test_sigkill_then_the_same_command_resumes_to_the_same_weights(straight, sha
     wait_for_checkpoint(proc, straight.parent / "killed/checkpoints/last.ckpt")
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    committed = torch.load(straight.parent / "killed/checkpoints/last.ckpt", weights_only=True)["global_step"]
+    committed = torch.load(straight.parent / "killed/checkpoints/last.ckpt", weights_only=True)[
+        "global_step"
+    ]
     assert 2 <= committed < 2 * N
     run_train(*args)  # the very same command
     restarts = sorted((straight.parent / "killed/csv").glob("version_*/metrics.csv"))
@@ -122,14 +146,18 @@ def test_sigkill_then_the_same_command_resumes_to_the_same_weights(straight, sha
 
 def test_sigterm_saves_exits_cleanly_and_the_rerun_matches(straight, shards):
     args = overrides(straight.parent, shards, "preempted", 2 * N, every=1000)
-    proc = start([*args, "callbacks.archive.every_n_train_steps=2"])  # a marker that training is under way
+    proc = start(
+        [*args, "callbacks.archive.every_n_train_steps=2"]
+    )  # a marker that training is under way
     ckpts = straight.parent / "preempted/checkpoints"
     wait_for_checkpoint(proc, ckpts / "step=0000002.ckpt")
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
     saved = torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"]
-    assert 2 <= saved < 2 * N  # written by the preemption handler (the regular cadence is 1000 steps)
+    assert (
+        2 <= saved < 2 * N
+    )  # written by the preemption handler (the regular cadence is 1000 steps)
     assert f"received SIGTERM; saving last.ckpt at step {saved}" in stdout + stderr
     run_train(*args, "callbacks.archive.every_n_train_steps=2")
     assert_same_state(straight, straight.parent / "preempted")
@@ -147,11 +175,27 @@ def test_sigusr1_in_process_saves_at_the_step_boundary_and_stops(tmp_path):
             if trainer.global_step == 3:
                 signal.raise_signal(signal.SIGUSR1)  # arrives mid-step, before the forward
 
-    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    model = DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+    )
     data = TensorDataset(torch.randn(64, 4, 8, 8), torch.randint(0, 10, (64,)))
-    saver = AtomicModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1000, save_top_k=0, save_last=True)
-    trainer = L.Trainer(accelerator="cpu", max_steps=50, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[SignalAt(), Preemption(), saver])
+    saver = AtomicModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=1000, save_top_k=0, save_last=True
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=50,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SignalAt(), Preemption(), saver],
+    )
     previous = signal.getsignal(signal.SIGUSR1)
     trainer.fit(DiffusionModule(model, RectifiedFlow()), DataLoader(data, batch_size=4))
     assert trainer.global_step == 4  # the step in flight finished, then training stopped

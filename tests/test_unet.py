@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from helpers_training import run_train
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -14,8 +14,15 @@ from ditkit.models import UNet, build_dit
 from ditkit.objectives import GaussianDiffusion, RectifiedFlow
 
 CONF = Path(__file__).parents[1] / "conf"
-TINY = dict(input_size=8, in_channels=4, num_classes=10, block_out_channels=(16, 32), attention_levels=(1,),
-            attention_head_dim=8, norm_num_groups=8)
+TINY = dict(
+    input_size=8,
+    in_channels=4,
+    num_classes=10,
+    block_out_channels=(16, 32),
+    attention_levels=(1,),
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
 
 
 def tiny_unet(**overrides) -> UNet:
@@ -29,12 +36,21 @@ def tiny_unet(**overrides) -> UNet:
 
 def inputs(n: int = 4):
     g = torch.Generator().manual_seed(1)
-    return torch.randn(n, 4, 8, 8, generator=g), torch.rand(n, generator=g) * 999, torch.randint(0, 10, (n,), generator=g)
+    return (
+        torch.randn(n, 4, 8, 8, generator=g),
+        torch.rand(n, generator=g) * 999,
+        torch.randint(0, 10, (n,), generator=g),
+    )
 
 
 def test_interface_and_zero_initialised_output():
     model = UNet(**TINY).eval()
-    assert (model.in_channels, model.out_channels, model.input_size, model.num_classes) == (4, 8, 8, 10)
+    assert (model.in_channels, model.out_channels, model.input_size, model.num_classes) == (
+        4,
+        8,
+        8,
+        10,
+    )
     assert model.learn_sigma and UNet(**TINY, learn_sigma=False).out_channels == 4
     # ADM's init: the output conv starts at zero, so the first prediction is exactly 0 (as DiT's adaLN-Zero)
     x, t, y = inputs()
@@ -49,10 +65,17 @@ def test_blocks_cover_every_stage():
     in_blocks = {id(p) for blk in model.blocks for p in blk.parameters()}
     outside = [n for n, p in model.named_parameters() if id(p) not in in_blocks]
     assert outside == [
-        "unet.conv_in.weight", "unet.conv_in.bias", "unet.time_embedding.linear_1.weight",
-        "unet.time_embedding.linear_1.bias", "unet.time_embedding.linear_2.weight",
-        "unet.time_embedding.linear_2.bias", "unet.class_embedding.weight", "unet.conv_norm_out.weight",
-        "unet.conv_norm_out.bias", "unet.conv_out.weight", "unet.conv_out.bias",
+        "unet.conv_in.weight",
+        "unet.conv_in.bias",
+        "unet.time_embedding.linear_1.weight",
+        "unet.time_embedding.linear_1.bias",
+        "unet.time_embedding.linear_2.weight",
+        "unet.time_embedding.linear_2.bias",
+        "unet.class_embedding.weight",
+        "unet.conv_norm_out.weight",
+        "unet.conv_norm_out.bias",
+        "unet.conv_out.weight",
+        "unet.conv_out.bias",
     ]
 
 
@@ -68,7 +91,9 @@ def test_label_dropout_uses_the_null_class_and_the_global_rng():
         expected = model.eval()(x, t, torch.where(dropped, 10, y))
         plain = model(x, t, y)
     torch.testing.assert_close(trained, expected, rtol=0, atol=1e-6)
-    assert not torch.allclose(plain[dropped], expected[dropped])  # the null class changes the output
+    assert not torch.allclose(
+        plain[dropped], expected[dropped]
+    )  # the null class changes the output
     torch.testing.assert_close(plain[~dropped], expected[~dropped], rtol=0, atol=1e-6)
 
 
@@ -79,12 +104,16 @@ def test_forward_with_cfg_equals_uncond_plus_scale_times_difference(channels):
     null, s = torch.full((2,), 10), 4.0
     with torch.no_grad():
         cond, uncond = model(x, t, y), model(x, t, null)
-        out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), s, channels)
+        out = model.forward_with_cfg(
+            torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), s, channels
+        )
     k = 4 if channels is None else channels
     guided = uncond[:, :k] + s * (cond[:, :k] - uncond[:, :k])
     torch.testing.assert_close(out[:2, :k], guided, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[2:, :k], guided, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out[:2, k:], cond[:, k:], rtol=1e-5, atol=1e-5)  # unguided channels: own half
+    torch.testing.assert_close(
+        out[:2, k:], cond[:, k:], rtol=1e-5, atol=1e-5
+    )  # unguided channels: own half
     torch.testing.assert_close(out[2:, k:], uncond[:, k:], rtol=1e-5, atol=1e-5)
 
 
@@ -100,8 +129,11 @@ def test_guided_euler_step_through_the_flow_objective():
     torch.testing.assert_close(out, x - (v_u + s * (v_c - v_u)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("objective,learn_sigma", [(GaussianDiffusion(), True), (RectifiedFlow(), False)],
-                         ids=["ddpm", "flow"])
+@pytest.mark.parametrize(
+    "objective,learn_sigma",
+    [(GaussianDiffusion(), True), (RectifiedFlow(), False)],
+    ids=["ddpm", "flow"],
+)
 def test_trains_with_each_objective(objective, learn_sigma):
     """15 AdamW steps on a fixed batch, t and noise must cut the objective's loss at least in half."""
     torch.manual_seed(0)
@@ -112,7 +144,9 @@ def test_trains_with_each_objective(objective, learn_sigma):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(15):
-        loss = objective.training_losses(model, x, t=t, model_kwargs={"y": y}, noise=noise)["loss"].mean()
+        loss = objective.training_losses(model, x, t=t, model_kwargs={"y": y}, noise=noise)[
+            "loss"
+        ].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -132,14 +166,22 @@ def test_grad_checkpointing_gives_identical_gradients():
 
 def compose_model(name: str, latent_size: int = 32, channels: int = 4, classes: int = 1000):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(overrides=[f"+model={name}", f"+data.latent_size={latent_size}",
-                                 f"+data.latent_channels={channels}", f"+data.num_classes={classes}"])
+        cfg = compose(
+            overrides=[
+                f"+model={name}",
+                f"+data.latent_size={latent_size}",
+                f"+data.latent_channels={channels}",
+                f"+data.num_classes={classes}",
+            ]
+        )
     with torch.device("meta"):
         return instantiate(cfg.model)
 
 
-@pytest.mark.parametrize("name,dit,params", [("unet_s", "S", 47_545_032), ("unet_b", "B", 159_392_008),
-                                             ("unet", "XL", 803_580_488)])
+@pytest.mark.parametrize(
+    "name,dit,params",
+    [("unet_s", "S", 47_545_032), ("unet_b", "B", 159_392_008), ("unet", "XL", 803_580_488)],
+)
 def test_configs_match_dit_compute_at_256px(name, dit, params):
     """Each U-Net config costs within 2% of its DiT's forward FLOPs on 4 x 32 x 32 latents."""
     model = compose_model(name)
@@ -151,16 +193,27 @@ def test_configs_match_dit_compute_at_256px(name, dit, params):
 
 def test_config_follows_the_data():
     model = compose_model("unet_s", latent_size=16, channels=3, classes=7)
-    assert (model.input_size, model.in_channels, model.out_channels, model.num_classes) == (16, 3, 6, 7)
+    assert (model.input_size, model.in_channels, model.out_channels, model.num_classes) == (
+        16,
+        3,
+        6,
+        7,
+    )
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(input_size=7), "input_size 7 is not divisible by 2"),
-    (dict(block_out_channels=(16, 36)), r"block_out_channels \[16, 36\] must be multiples of norm_num_groups=8"),
-    (dict(attention_levels=(2,)), r"attention_levels \[2\] out of range: levels are 0..1"),
-    (dict(attention_head_dim=12), "attention_head_dim 12 must divide"),
-    (dict(class_dropout_prob=1.0), r"class_dropout_prob must be in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(input_size=7), "input_size 7 is not divisible by 2"),
+        (
+            dict(block_out_channels=(16, 36)),
+            r"block_out_channels \[16, 36\] must be multiples of norm_num_groups=8",
+        ),
+        (dict(attention_levels=(2,)), r"attention_levels \[2\] out of range: levels are 0..1"),
+        (dict(attention_head_dim=12), "attention_head_dim 12 must divide"),
+        (dict(class_dropout_prob=1.0), r"class_dropout_prob must be in \[0, 1\)"),
+    ],
+)
 def test_bad_sizes_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         UNet(**{**TINY, **overrides})
@@ -169,16 +222,23 @@ def test_bad_sizes_name_the_key(overrides, message):
 def test_quickstart_sizes_each_backbone():
     """`-m model=dit_s,unet_s experiment=quickstart`: each model gets the experiment's size for it
     (conf/experiment_model/quickstart/), both near the same compute on the 16x16x3 digits."""
+
     def quickstart(model: str):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=["experiment=quickstart", f"model={model}"])
+            cfg = compose(
+                config_name="train", overrides=["experiment=quickstart", f"model={model}"]
+            )
         with torch.device("meta"):
             return instantiate(cfg.model)
 
     dit, unet = quickstart("dit_s"), quickstart("unet_s")
     preset = OmegaConf.load(CONF / "experiment_model/quickstart/dit_s.yaml")
     assert all(getattr(dit, key) == value for key, value in preset.items()), preset
-    assert isinstance(unet, UNet) and (unet.input_size, unet.in_channels, unet.out_channels) == (16, 3, 3)
+    assert isinstance(unet, UNet) and (unet.input_size, unet.in_channels, unet.out_channels) == (
+        16,
+        3,
+        3,
+    )
     assert abs(unet.forward_flops() / dit.forward_flops() - 1) < 0.05
 
 
@@ -186,11 +246,23 @@ def test_quickstart_sizes_each_backbone():
 @pytest.mark.parametrize("objective", ["flow", "ddpm"])
 def test_train_py_trains_the_unet_on_the_quickstart(tmp_path, objective):
     out = tmp_path / "outputs"
-    run_train("experiment=quickstart", "model=unet_s", f"objective={objective}", "trainer.max_steps=3",
-              "trainer.log_every_n_steps=1", "logger=csv", f"paths.output_dir={out}",
-              f"paths.data_dir={tmp_path / 'data'}", "data.batch_size=8", "data.num_workers=0",
-              "~callbacks.sample_grid", "~callbacks.digits_score", "~callbacks.progress",
-              "trainer.enable_progress_bar=false", timeout=600)
+    run_train(
+        "experiment=quickstart",
+        "model=unet_s",
+        f"objective={objective}",
+        "trainer.max_steps=3",
+        "trainer.log_every_n_steps=1",
+        "logger=csv",
+        f"paths.output_dir={out}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "~callbacks.sample_grid",
+        "~callbacks.digits_score",
+        "~callbacks.progress",
+        "trainer.enable_progress_bar=false",
+        timeout=600,
+    )
     (metrics,) = out.glob("*/csv/version_0/metrics.csv")
     rows = [line.split(",") for line in metrics.read_text().splitlines()]
     steps = [int(r[rows[0].index("step")]) for r in rows[1:] if r[rows[0].index("train/loss")]]
@@ -200,5 +272,7 @@ def test_train_py_trains_the_unet_on_the_quickstart(tmp_path, objective):
     assert state["global_step"] == 3
     width = OmegaConf.load(CONF / "experiment_model/quickstart/unet_s.yaml").block_out_channels[0]
     conv_out = [v for k, v in state["state_dict"].items() if k.endswith("unet.conv_out.weight")]
-    assert conv_out and all(v.shape == (3, width, 3, 3) for v in conv_out)  # 3 channels: no learned sigma
+    assert conv_out and all(
+        v.shape == (3, width, 3, 3) for v in conv_out
+    )  # 3 channels: no learned sigma
     assert all(v.abs().sum() > 0 for v in conv_out)  # trained away from its zero init

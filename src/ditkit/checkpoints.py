@@ -16,7 +16,12 @@ from .models import DIT_VARIANTS, DiT
 
 # Heads cannot be read off the tensors; the published widths each have one head count.
 _HEADS_BY_WIDTH = {spec["hidden_size"]: spec["num_heads"] for spec in DIT_VARIANTS.values()}
-_REQUIRED = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight", "final_layer.linear.weight")
+_REQUIRED = (
+    "x_embedder.proj.weight",
+    "pos_embed",
+    "y_embedder.embedding_table.weight",
+    "final_layer.linear.weight",
+)
 
 
 def read_state_dict(path: str | os.PathLike, prefer: str = "ema") -> dict[str, torch.Tensor]:
@@ -30,7 +35,14 @@ def read_state_dict(path: str | os.PathLike, prefer: str = "ema") -> dict[str, t
 
             return load_file(path)
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as err:
+    except (
+        RuntimeError,
+        EOFError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+    ) as err:
         raise ValueError(
             f"could not read {path!r} as a PyTorch or safetensors checkpoint ({err}); "
             "the file may be truncated or of another kind: download or export it again"
@@ -76,12 +88,16 @@ def load_official_dit(path: str | os.PathLike, **overrides) -> DiT:
     state = read_state_dict(path)
     config = {**dit_config_from_state_dict(state), **overrides}
     if config["num_heads"] is None:
-        raise ValueError(f"{path!r}: width {config['hidden_size']} is not a published variant; pass num_heads=")
+        raise ValueError(
+            f"{path!r}: width {config['hidden_size']} is not a published variant; pass num_heads="
+        )
     model = DiT(**config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{path!r} does not match the DiT layout inferred from it ({config}): {err}") from err
+        raise ValueError(
+            f"{path!r} does not match the DiT layout inferred from it ({config}): {err}"
+        ) from err
     return model.eval()
 
 

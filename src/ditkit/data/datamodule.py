@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -13,7 +14,13 @@ import webdataset as wds
 
 from ditkit.data.captions import build_captioned_digits
 from ditkit.data.digits import build_digits
-from ditkit.data.format import MANIFEST, DataFormatError, decode_moments, moments_shape, parse_manifest
+from ditkit.data.format import (
+    MANIFEST,
+    DataFormatError,
+    decode_moments,
+    moments_shape,
+    parse_manifest,
+)
 from ditkit.data.stream import SkipCounter, TrainStream, ValStream
 
 BUILTINS = {"digits": build_digits, "digits_t2i": build_captioned_digits}
@@ -38,10 +45,16 @@ class ResumableLoader:
         consumed: Callable[[], int | None] = lambda: None,
     ) -> None:
         # `stream`, not `dataset`: Lightning would take this for a DataLoader of a sized IterableDataset and warn.
-        self.stream, self.batches_per_epoch, self.num_workers = stream, batches_per_epoch, num_workers
+        self.stream, self.batches_per_epoch, self.num_workers = (
+            stream,
+            batches_per_epoch,
+            num_workers,
+        )
         self._consumed = consumed
         self._epoch, self._start = 0, 0  # where the current (or next) pass starts
-        self._base: int | None = None  # consumer's counter when the current pass began; None: not begun
+        self._base: int | None = (
+            None  # consumer's counter when the current pass began; None: not begun
+        )
         self._handed_out = 0
 
     def __len__(self) -> int:
@@ -54,7 +67,10 @@ class ResumableLoader:
         self._epoch, self._start, self._base, self._handed_out = epoch, start, self._consumed(), 0
         self.stream.epoch, self.stream.start_batch = epoch, start
         loader = wds.WebLoader(
-            self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available()
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
         ).with_epoch(self.batches_per_epoch - start)
         for batch in loader:
             self._handed_out += 1
@@ -79,14 +95,21 @@ class ResumableLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         now = self.state_dict()
-        changed = [k for k in ("seed", "num_workers", "world_size", "batch_size") if state[k] != now[k]]
+        changed = [
+            k for k in ("seed", "num_workers", "world_size", "batch_size") if state[k] != now[k]
+        ]
         if changed:
             warnings.warn(
                 f"Resuming the data stream with different {', '.join(f'{k} ({state[k]} -> {now[k]})' for k in changed)}:"
                 " training continues at the saved place but the sample order differs from an uninterrupted run.",
                 stacklevel=2,
             )
-        self._epoch, self._start, self._base, self._handed_out = int(state["epoch"]), int(state["batches"]), None, 0
+        self._epoch, self._start, self._base, self._handed_out = (
+            int(state["epoch"]),
+            int(state["batches"]),
+            None,
+            0,
+        )
 
 
 class LatentShardsDataModule(L.LightningDataModule):
@@ -136,13 +159,23 @@ class LatentShardsDataModule(L.LightningDataModule):
         super().__init__()
         text = (context_len, context_dim, pooled_dim)
         if any(v is not None for v in text) and not all(v is not None for v in text):
-            raise ValueError("Set all of data.context_len, data.context_dim, data.pooled_dim (captioned shards), or none.")
+            raise ValueError(
+                "Set all of data.context_len, data.context_dim, data.pooled_dim (captioned shards), or none."
+            )
         self.text = text if context_len is not None else None
         if (root is None) == (urls is None):
-            raise ValueError("Set exactly one of data.root=<shard folder> and data.urls=<shard URLs>.")
+            raise ValueError(
+                "Set exactly one of data.root=<shard folder> and data.urls=<shard URLs>."
+            )
         if builtin is not None and (builtin not in BUILTINS or root is None):
-            raise ValueError(f"data.builtin={builtin!r}: choose one of {sorted(BUILTINS)}, with data.root set")
-        for name, value in (("batch_size", batch_size), ("latent_size", latent_size), ("image_size", image_size)):
+            raise ValueError(
+                f"data.builtin={builtin!r}: choose one of {sorted(BUILTINS)}, with data.root set"
+            )
+        for name, value in (
+            ("batch_size", batch_size),
+            ("latent_size", latent_size),
+            ("image_size", image_size),
+        ):
             if value < 1:
                 raise ValueError(f"data.{name}={value} must be positive")
         self.latent_shape = (latent_channels, latent_size, latent_size)
@@ -174,14 +207,18 @@ class LatentShardsDataModule(L.LightningDataModule):
         self._check(self.manifest, self.shard_urls, "data")
         self._counter = SkipCounter()
 
-    def _open(self, root: str | None, urls: Any, manifest_url: str | None) -> tuple[dict[str, Any], list[str]]:
+    def _open(
+        self, root: str | None, urls: Any, manifest_url: str | None
+    ) -> tuple[dict[str, Any], list[str]]:
         """Read the manifest and list the shards: from a folder, or from URLs + a manifest URL."""
         if root is not None:
             if not os.path.isdir(root):
                 raise FileNotFoundError(f"data.root={root} does not exist. {_HOW_TO_MAKE}")
             where = os.path.join(root, MANIFEST)
             if not os.path.isfile(where):
-                raise FileNotFoundError(f"{where} is missing: data.root must hold a latent shard set. {_HOW_TO_MAKE}")
+                raise FileNotFoundError(
+                    f"{where} is missing: data.root must hold a latent shard set. {_HOW_TO_MAKE}"
+                )
             with open(where) as f:
                 manifest = parse_manifest(f.read(), where)
             return manifest, [os.path.join(root, shard["name"]) for shard in manifest["shards"]]
@@ -193,7 +230,9 @@ class LatentShardsDataModule(L.LightningDataModule):
             with wds.gopen(where, "rb") as f:
                 text = f.read().decode()
         except Exception as err:
-            raise FileNotFoundError(f"Cannot read the manifest {where} ({err}); set data.manifest=<path or URL>") from err
+            raise FileNotFoundError(
+                f"Cannot read the manifest {where} ({err}); set data.manifest=<path or URL>"
+            ) from err
         return parse_manifest(text, where), shard_urls
 
     def _check(self, manifest: dict[str, Any], shard_urls: list[str], key: str) -> None:
@@ -207,7 +246,9 @@ class LatentShardsDataModule(L.LightningDataModule):
             )
         for name, want in (("image_size", self.image_size), ("num_classes", self.num_classes)):
             if manifest[name] != want:
-                raise DataFormatError(f"The manifest says {name}={manifest[name]}, but {key}.{name}={want}.")
+                raise DataFormatError(
+                    f"The manifest says {name}={manifest[name]}, but {key}.{name}={want}."
+                )
         if self.text is not None:
             stored = manifest.get("text")
             if not stored:
@@ -235,14 +276,18 @@ class LatentShardsDataModule(L.LightningDataModule):
                     raise DataFormatError("no samples")
                 decode_moments(first, "moments.npy", moments_shape(manifest))
             except DataFormatError as err:
-                raise DataFormatError(f"{local[0]}: {err} (manifest latent_shape {list(stored)})") from err
+                raise DataFormatError(
+                    f"{local[0]}: {err} (manifest latent_shape {list(stored)})"
+                ) from err
 
     # -- loaders ------------------------------------------------------------------------------------
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is not None:
             return self.trainer.global_rank, self.trainer.world_size
-        rank, world_size, _, _ = wds.utils.pytorch_worker_info()  # torch.distributed or RANK/WORLD_SIZE
+        rank, world_size, _, _ = (
+            wds.utils.pytorch_worker_info()
+        )  # torch.distributed or RANK/WORLD_SIZE
         return rank, world_size
 
     def _trainer_consumed(self) -> int | None:
@@ -268,24 +313,38 @@ class LatentShardsDataModule(L.LightningDataModule):
         samples = self.samples_per_epoch or self.manifest["num_samples"]
         n = samples // (self.batch_size * self._rank_world()[1])
         if n < 1:
-            raise ValueError(f"{samples} samples per epoch are fewer than one batch of {self.batch_size} per rank")
+            raise ValueError(
+                f"{samples} samples per epoch are fewer than one batch of {self.batch_size} per rank"
+            )
         return n
 
     def _stream_args(self, urls: list[str], manifest: dict[str, Any]) -> dict[str, Any]:
         rank, world_size = self._rank_world()
         return dict(
-            urls=urls, moments_shape=moments_shape(manifest), scale=float(manifest["vae"]["scale_factor"]),
-            batch_size=self.batch_size, seed=self.seed, rank=rank, world_size=world_size,
-            counter=self._counter, return_keys=self.return_keys, text=self.text,
+            urls=urls,
+            moments_shape=moments_shape(manifest),
+            scale=float(manifest["vae"]["scale_factor"]),
+            batch_size=self.batch_size,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+            counter=self._counter,
+            return_keys=self.return_keys,
+            text=self.text,
         )
 
     def train_dataloader(self) -> ResumableLoader:
         self.setup()
         # A rebuilt loader (Trainer(reload_dataloaders_every_n_epochs=...)) continues where the old one was.
         state = self._resume if self._resume is not None else self.state_dict() or None
-        stream = TrainStream(**self._stream_args(self.shard_urls, self.manifest), shuffle_buffer=self.shuffle_buffer,
-                             flip=self.flip)
-        self._train_loader = ResumableLoader(stream, self.batches_per_epoch, self.num_workers, self._trainer_consumed)
+        stream = TrainStream(
+            **self._stream_args(self.shard_urls, self.manifest),
+            shuffle_buffer=self.shuffle_buffer,
+            flip=self.flip,
+        )
+        self._train_loader = ResumableLoader(
+            stream, self.batches_per_epoch, self.num_workers, self._trainer_consumed
+        )
         if state is not None:
             self._train_loader.load_state_dict(state)
             self._resume = None
@@ -295,11 +354,15 @@ class LatentShardsDataModule(L.LightningDataModule):
         self.setup()
         manifest, urls = self.manifest, self.shard_urls
         if self.val_root is not None:
-            manifest, urls = self._open(os.path.abspath(os.path.expanduser(self.val_root)), None, None)
+            manifest, urls = self._open(
+                os.path.abspath(os.path.expanduser(self.val_root)), None, None
+            )
             self._check(manifest, urls, "data (val_root)")
         rank, world_size = self._rank_world()
         if len(urls) < world_size:
-            raise ValueError(f"The validation pass needs at least one shard per rank: {len(urls)} shards, {world_size} ranks")
+            raise ValueError(
+                f"The validation pass needs at least one shard per rank: {len(urls)} shards, {world_size} ranks"
+            )
         mine = len(urls[rank::world_size])
         stream = ValStream(**self._stream_args(urls, manifest))
         return wds.WebLoader(stream, batch_size=None, num_workers=min(self.num_workers, mine))
@@ -319,4 +382,6 @@ class LatentShardsDataModule(L.LightningDataModule):
             self._resume = dict(state_dict)
 
 
-_HOW_TO_MAKE = "Make one with: python -m data_pipelines.extract_latents source.root=<images> out=<folder>"
+_HOW_TO_MAKE = (
+    "Make one with: python -m data_pipelines.extract_latents source.root=<images> out=<folder>"
+)

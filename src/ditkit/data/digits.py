@@ -22,13 +22,21 @@ def build_digits(root: str, image_size: int = 16, progress: bool = True) -> str:
     if os.path.isfile(os.path.join(root, MANIFEST)):
         return root
     if os.path.exists(root) and os.listdir(root):
-        raise FileExistsError(f"{root} exists but holds no {MANIFEST}; delete it or point data.root elsewhere")
+        raise FileExistsError(
+            f"{root} exists but holds no {MANIFEST}; delete it or point data.root elsewhere"
+        )
     os.makedirs(os.path.dirname(root), exist_ok=True)
     tmp = f"{root}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     extract_latents(
-        DigitsSource(), IdentityVAE(), tmp, image_size=image_size, shard_size=DIGITS_SHARD_SIZE,
-        batch_size=256, num_workers=0, progress=progress,
+        DigitsSource(),
+        IdentityVAE(),
+        tmp,
+        image_size=image_size,
+        shard_size=DIGITS_SHARD_SIZE,
+        batch_size=256,
+        num_workers=0,
+        progress=progress,
     )
     merge_manifest(tmp)
     return publish(tmp, root)

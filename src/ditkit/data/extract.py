@@ -11,8 +11,9 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Iterator
 from contextlib import nullcontext
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -44,8 +45,15 @@ class _ShardImages(IterableDataset):
     dicts with ``shard``, ``keys``, ``labels`` (n,), ``images`` (n, 3, S, S) in [-1, 1], ``skipped``
     [(key, reason)], and ``last`` (True on the final batch of a shard, which may hold no images)."""
 
-    def __init__(self, source: Any, jobs: list[tuple[int, Any]], image_size: int, batch_size: int) -> None:
-        self.source, self.jobs, self.image_size, self.batch_size = source, jobs, image_size, batch_size
+    def __init__(
+        self, source: Any, jobs: list[tuple[int, Any]], image_size: int, batch_size: int
+    ) -> None:
+        self.source, self.jobs, self.image_size, self.batch_size = (
+            source,
+            jobs,
+            image_size,
+            batch_size,
+        )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -71,7 +79,12 @@ class _ShardImages(IterableDataset):
     def _collate(self, batch: dict[str, Any], last: bool) -> dict[str, Any]:
         size = self.image_size
         images = torch.stack(batch["images"]) if batch["images"] else torch.empty(0, 3, size, size)
-        return {**batch, "images": images, "labels": torch.tensor(batch["labels"], dtype=torch.long), "last": last}
+        return {
+            **batch,
+            "images": images,
+            "labels": torch.tensor(batch["labels"], dtype=torch.long),
+            "last": last,
+        }
 
 
 class _ShardWriter:
@@ -95,7 +108,11 @@ class _ShardWriter:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        record = {"num_samples": self.num_samples, "max_label": self.max_label, "skipped": self.skipped}
+        record = {
+            "num_samples": self.num_samples,
+            "max_label": self.max_label,
+            "skipped": self.skipped,
+        }
         write_json_atomic(self.record_path, record)
         os.replace(self.tmp, self.path)  # the shard counts as complete only from here on
 
@@ -138,7 +155,9 @@ def extract_latents(
 ) -> dict[str, int]:
     """Write this rank's missing shards. Returns counts: ``shards`` written, ``samples``, ``skipped``."""
     if image_size % vae.downsample:
-        raise ValueError(f"image_size={image_size} is not a multiple of the VAE downsampling {vae.downsample}")
+        raise ValueError(
+            f"image_size={image_size} is not a multiple of the VAE downsampling {vae.downsample}"
+        )
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; choose one of {sorted(PRECISIONS)}")
     if not 0 <= rank < world_size:
@@ -175,7 +194,9 @@ def extract_latents(
     dtype = PRECISIONS[precision]
     autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype else nullcontext()
     writers: dict[int, _ShardWriter] = {}
-    bar = tqdm(total=total, unit="img", desc=f"extract rank {rank}/{world_size}", disable=not progress)
+    bar = tqdm(
+        total=total, unit="img", desc=f"extract rank {rank}/{world_size}", disable=not progress
+    )
     for batch in loader:
         shard = batch["shard"]
         writer = writers.get(shard) or writers.setdefault(shard, _ShardWriter(out, shard))
@@ -184,7 +205,9 @@ def extract_latents(
             images = batch["images"].to(device)
             with autocast:
                 # One forward for the image and its mirror (the random flip of DiT's training pipeline).
-                moments = vae.encode_moments(torch.cat([images, images.flip(-1)])).float().cpu().numpy()
+                moments = (
+                    vae.encode_moments(torch.cat([images, images.flip(-1)])).float().cpu().numpy()
+                )
             n = len(batch["keys"])
             for j, (key, label) in enumerate(zip(batch["keys"], batch["labels"].tolist())):
                 writer.write(encode_sample(key, label, moments[j], moments[n + j]), label)
@@ -224,7 +247,10 @@ def merge_manifest(out: str) -> dict[str, Any] | None:
         "shards": shards,
         "latent_shape": job["latent_shape"],
         "dtype": DTYPE,
-        "fields": {"moments.npy": "mean ‖ logvar, unscaled", "moments_flip.npy": "same, mirrored image"},
+        "fields": {
+            "moments.npy": "mean ‖ logvar, unscaled",
+            "moments_flip.npy": "same, mirrored image",
+        },
         "vae": job["vae"],
         "image_size": job["image_size"],
         "crop": CROP,

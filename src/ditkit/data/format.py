@@ -12,7 +12,8 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +52,9 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def encode_sample(key: str, label: int, moments: np.ndarray, moments_flip: np.ndarray) -> dict[str, Any]:
+def encode_sample(
+    key: str, label: int, moments: np.ndarray, moments_flip: np.ndarray
+) -> dict[str, Any]:
     """One sample as a WebDataset dict of bytes. moments, moments_flip: (2C, H, W), stored as float16."""
     return {
         "__key__": key,
@@ -124,7 +127,16 @@ def write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-REQUIRED_KEYS = ("format", "version", "num_samples", "shards", "latent_shape", "vae", "image_size", "num_classes")
+REQUIRED_KEYS = (
+    "format",
+    "version",
+    "num_samples",
+    "shards",
+    "latent_shape",
+    "vae",
+    "image_size",
+    "num_classes",
+)
 
 
 def parse_manifest(text: str, where: str) -> dict[str, Any]:
@@ -132,12 +144,18 @@ def parse_manifest(text: str, where: str) -> dict[str, Any]:
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataFormatError(f"{where} is not valid JSON ({err}); rerun data_pipelines.extract_latents") from err
+        raise DataFormatError(
+            f"{where} is not valid JSON ({err}); rerun data_pipelines.extract_latents"
+        ) from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataFormatError(f"{where} is not a {FORMAT} manifest (written by data_pipelines.extract_latents)")
+        raise DataFormatError(
+            f"{where} is not a {FORMAT} manifest (written by data_pipelines.extract_latents)"
+        )
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise DataFormatError(f"{where} lacks {missing}; rerun data_pipelines.extract_latents")
     if manifest["version"] != VERSION:
-        raise DataFormatError(f"{where} has format version {manifest['version']}, this ditkit reads {VERSION}")
+        raise DataFormatError(
+            f"{where} has format version {manifest['version']}, this ditkit reads {VERSION}"
+        )
     return manifest

@@ -33,7 +33,13 @@ def open_rgb(data: bytes | str | os.PathLike) -> Image.Image:
         return to_rgb(image)
     except BadImage:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+    ) as err:
         raise BadImage(f"{type(err).__name__}: {err}") from err
 
 
@@ -65,7 +71,9 @@ def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
     while min(image.size) >= 2 * image_size:
         image = image.resize((image.size[0] // 2, image.size[1] // 2), resample=Image.BOX)
     scale = image_size / min(image.size)
-    image = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)), resample=Image.BICUBIC)
+    image = image.resize(
+        (round(image.size[0] * scale), round(image.size[1] * scale)), resample=Image.BICUBIC
+    )
     array = np.asarray(image)
     top = (array.shape[0] - image_size) // 2
     left = (array.shape[1] - image_size) // 2

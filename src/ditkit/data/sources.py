@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -42,15 +43,23 @@ class ImageFolderSource:
     def __init__(self, root: str, shuffle_seed: int = 0) -> None:
         self.root = os.path.abspath(os.path.expanduser(root))
         if not os.path.isdir(self.root):
-            raise FileNotFoundError(f"source.root={root!r} is not a folder (expected root/<class>/<images>)")
-        self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+            raise FileNotFoundError(
+                f"source.root={root!r} is not a folder (expected root/<class>/<images>)"
+            )
+        self.classes = sorted(
+            e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith(".")
+        )
         if not self.classes:
-            raise FileNotFoundError(f"source.root={root!r} has no class folders (expected root/<class>/<images>)")
+            raise FileNotFoundError(
+                f"source.root={root!r} has no class folders (expected root/<class>/<images>)"
+            )
         self.num_classes = len(self.classes)
         files = []
         for label, name in enumerate(self.classes):
             folder = os.path.join(self.root, name)
-            names = sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))
+            names = sorted(
+                e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")
+            )
             files.extend((f"{name}/{f}", label) for f in names)
         if not files:
             raise FileNotFoundError(f"source.root={root!r}: the class folders hold no files")
@@ -89,7 +98,9 @@ class WebDatasetSource:
 
         self.urls = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else list(urls)
         if not self.urls:
-            raise ValueError("source.urls is empty (give a brace pattern like /data/in-{000000..000146}.tar)")
+            raise ValueError(
+                "source.urls is empty (give a brace pattern like /data/in-{000000..000146}.tar)"
+            )
         self.classes = None
         self.num_classes = num_classes
 
@@ -146,7 +157,11 @@ class DigitsSource:
         self.labels = digits.target.astype(np.int64)
 
     def describe(self) -> dict[str, Any]:
-        return {"type": self.kind, "name": "sklearn.datasets.load_digits", "num_images": len(self.labels)}
+        return {
+            "type": self.kind,
+            "name": "sklearn.datasets.load_digits",
+            "num_images": len(self.labels),
+        }
 
     def plan(self, shard_size: int) -> list[range]:
         n = len(self.labels)

@@ -12,15 +12,24 @@ import contextlib
 import logging
 import multiprocessing
 import zlib
+from collections.abc import Callable, Iterator
 from itertools import islice
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ditkit.data.format import CONTEXT, MOMENTS, MOMENTS_FLIP, POOLED, DataFormatError, decode_label, decode_moments
+from ditkit.data.format import (
+    CONTEXT,
+    MOMENTS,
+    MOMENTS_FLIP,
+    POOLED,
+    DataFormatError,
+    decode_label,
+    decode_moments,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +116,9 @@ class _LatentStream(IterableDataset):
                 self.counter.skip(f"{url}: {type(exn).__name__}: {exn}")
             finally:
                 if stream is not None:
-                    with contextlib.suppress(Exception):  # a failed pipe: its cut-off output was counted above
+                    with contextlib.suppress(
+                        Exception
+                    ):  # a failed pipe: its cut-off output was counted above
                         stream.close()
             yield {}  # end of shard: the last sample is complete (group_by_keys' marker)
 
@@ -118,14 +129,19 @@ class _LatentStream(IterableDataset):
                 condition = decode_label(sample)
             else:
                 length, dim, pooled = self.text
-                condition = (decode_moments(sample, CONTEXT, (length, dim)), decode_moments(sample, POOLED, (pooled,)))
+                condition = (
+                    decode_moments(sample, CONTEXT, (length, dim)),
+                    decode_moments(sample, POOLED, (pooled,)),
+                )
             return condition, decode_moments(sample, field, self.moments_shape)
         except DataFormatError as err:
             self.counter.skip(f"{sample.get('__url__')}#{sample.get('__key__')}: {err}")
             return None
 
     def _collate(
-        self, samples: list[tuple[str, np.ndarray, Any]], noise: Callable[[list[str], tuple], np.ndarray]
+        self,
+        samples: list[tuple[str, np.ndarray, Any]],
+        noise: Callable[[list[str], tuple], np.ndarray],
     ) -> tuple:
         """(key, moments (2C, H, W), condition) samples -> latents (B, C, H, W) float32 drawn with
         ``noise(keys, (B, C, H, W))``, labels (B,) int64 or, with ``text``, {"context": (B, L, D),
@@ -133,13 +149,17 @@ class _LatentStream(IterableDataset):
         keys, moments, labels = zip(*samples)
         moments = np.stack(moments)
         c, h, w = moments.shape[1] // 2, moments.shape[2], moments.shape[3]
-        latents = torch.from_numpy(draw_latents(moments, self.scale, noise(list(keys), (len(keys), c, h, w))))
+        latents = torch.from_numpy(
+            draw_latents(moments, self.scale, noise(list(keys), (len(keys), c, h, w)))
+        )
         if self.text is None:
             condition = torch.tensor(labels, dtype=torch.long)
         else:
             context, pooled = zip(*labels)
-            condition = {"context": torch.from_numpy(np.stack(context).astype(np.float32)),
-                         "pooled": torch.from_numpy(np.stack(pooled).astype(np.float32))}
+            condition = {
+                "context": torch.from_numpy(np.stack(context).astype(np.float32)),
+                "pooled": torch.from_numpy(np.stack(pooled).astype(np.float32)),
+            }
         batch = (latents, condition)
         return batch + (list(keys),) if self.return_keys else batch
 
@@ -155,7 +175,9 @@ class TrainStream(_LatentStream):
     uninterrupted run.
     """
 
-    def __init__(self, *args: Any, shuffle_buffer: int = 1000, flip: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, shuffle_buffer: int = 1000, flip: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.shuffle_buffer, self.flip = shuffle_buffer, flip
         self.epoch = 0
@@ -164,26 +186,34 @@ class TrainStream(_LatentStream):
     def __iter__(self) -> Iterator[tuple]:
         worker, workers = _worker()
         part = (worker + self.start_batch) % workers
-        done = len(range(part, self.start_batch, workers))  # batches j < start_batch with j % W == part
+        done = len(
+            range(part, self.start_batch, workers)
+        )  # batches j < start_batch with j % W == part
         seeds = np.random.SeedSequence([self.seed, self.epoch, self.rank, part]).generate_state(4)
         flips = np.random.default_rng(int(seeds[2]))
         eps = torch.Generator().manual_seed(int(seeds[3]))
         pipeline = wds.DataPipeline(
             # worker_seed=0: the (rank, worker) part is already in the seed; WebDataset's own would use the
             # physical worker id, which a resume remaps.
-            wds.ResampledShards(self.urls, seed=int(seeds[0]), worker_seed=lambda: 0, deterministic=True),
+            wds.ResampledShards(
+                self.urls, seed=int(seeds[0]), worker_seed=lambda: 0, deterministic=True
+            ),
             self._read,
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=int(seeds[1])),
             lambda samples: self._pick(samples, flips),
             wds.batched(
                 self.batch_size,
-                collation_fn=lambda batch: self._collate(batch, lambda keys, shape: torch.randn(shape, generator=eps).numpy()),
+                collation_fn=lambda batch: self._collate(
+                    batch, lambda keys, shape: torch.randn(shape, generator=eps).numpy()
+                ),
                 partial=False,
             ),
         )
         return islice(iter(pipeline), done, None)
 
-    def _pick(self, samples: Iterator[dict[str, Any]], flips: np.random.Generator) -> Iterator[tuple]:
+    def _pick(
+        self, samples: Iterator[dict[str, Any]], flips: np.random.Generator
+    ) -> Iterator[tuple]:
         """Decode the image's or the mirror's moments (a fair coin per read; always the image without flip)."""
         for sample in samples:
             mirror = flips.random() < 0.5 and self.flip
@@ -206,7 +236,11 @@ class ValStream(_LatentStream):
             lambda: iter([{"url": url} for url in mine]),
             self._read,
             self._decoded,
-            wds.batched(self.batch_size, collation_fn=lambda batch: self._collate(batch, self._noise), partial=True),
+            wds.batched(
+                self.batch_size,
+                collation_fn=lambda batch: self._collate(batch, self._noise),
+                partial=True,
+            ),
         )
         return iter(pipeline)
 

@@ -14,7 +14,8 @@ latents to unit variance).
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,7 +50,9 @@ class IdentityVAE(nn.Module):
 class DiffusersVAE(nn.Module):
     """A diffusers ``AutoencoderKL`` with the interface above."""
 
-    def __init__(self, autoencoder: nn.Module, name: str, scale_factor: float | None = None) -> None:
+    def __init__(
+        self, autoencoder: nn.Module, name: str, scale_factor: float | None = None
+    ) -> None:
         super().__init__()
         config = autoencoder.config
         if getattr(config, "shift_factor", None):
@@ -95,7 +98,9 @@ def load_vae(
     if pretrained.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(pretrained)):
         raise FileNotFoundError(f"VAE folder {pretrained!r} does not exist (vae.pretrained=).")
     try:
-        autoencoder = AutoencoderKL.from_pretrained(os.path.expanduser(pretrained), subfolder=subfolder)
+        autoencoder = AutoencoderKL.from_pretrained(
+            os.path.expanduser(pretrained), subfolder=subfolder
+        )
     except (OSError, ValueError) as err:
         raise OSError(
             f"Could not load the VAE {pretrained!r}: {err}\nPass a hub id (e.g. stabilityai/sd-vae-ft-ema) or a "
@@ -114,11 +119,15 @@ def vae_info(vae: IdentityVAE | DiffusersVAE) -> dict[str, Any]:
     }
 
 
-def vae_from_manifest(manifest: Mapping[str, Any], pretrained: str | None = None) -> IdentityVAE | DiffusersVAE:
+def vae_from_manifest(
+    manifest: Mapping[str, Any], pretrained: str | None = None
+) -> IdentityVAE | DiffusersVAE:
     """The VAE a shard set was made with, with the scale factor its latents were trained with.
 
     ``pretrained`` replaces the recorded name (e.g. a local copy of the hub weights on an offline cluster).
     """
     info = manifest["vae"]
     name = pretrained or info["name"]
-    return load_vae(name, scale_factor=float(info["scale_factor"]), channels=int(info["latent_channels"]))
+    return load_vae(
+        name, scale_factor=float(info["scale_factor"]), channels=int(info["latent_channels"])
+    )

@@ -4,7 +4,13 @@ The training-time callback is `ditkit.evaluation.callback.FIDCallback` (not impo
 """
 
 from .inception import inception_features, inception_fingerprint, load_inception
-from .reference import Reference, check_reference, load_reference, read_adm_reference, save_reference
+from .reference import (
+    Reference,
+    check_reference,
+    load_reference,
+    read_adm_reference,
+    save_reference,
+)
 from .runner import METRICS, InceptionMetrics, SamplingPlan, sample_and_score
 from .samples_io import PartStore, save_grid, write_adm_npz
 from .sampling import balanced_labels, plan_batches, sample_noise, to_uint8

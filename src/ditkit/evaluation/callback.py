@@ -9,8 +9,9 @@ seeded streams inside `fork_rng`), so a run with this callback resumes exactly l
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -39,25 +40,49 @@ class FIDCallback(Callback):
     <default_root_dir>/fid/step_XXXXXXX.{json,png}.
     """
 
-    def __init__(self, reference: str | None, every_n_steps: int = 10000, num_samples: int = 5000, batch_size: int = 64,
-                 inception_weights: str | None = None, sampler: str | None = None, steps: int | str | None = None,
-                 sampler_options: dict[str, Any] | None = None, cfg_scale: float = 1.0,
-                 guidance_channels: int | None = None, guidance_interval: Sequence[float] | None = None,
-                 seed: int = 0, vae: str | None = None, metrics: Sequence[str] = ("fid", "is"), grid_images: int = 16):
+    def __init__(
+        self,
+        reference: str | None,
+        every_n_steps: int = 10000,
+        num_samples: int = 5000,
+        batch_size: int = 64,
+        inception_weights: str | None = None,
+        sampler: str | None = None,
+        steps: int | str | None = None,
+        sampler_options: dict[str, Any] | None = None,
+        cfg_scale: float = 1.0,
+        guidance_channels: int | None = None,
+        guidance_interval: Sequence[float] | None = None,
+        seed: int = 0,
+        vae: str | None = None,
+        metrics: Sequence[str] = ("fid", "is"),
+        grid_images: int = 16,
+    ):
         if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
             raise ValueError(
                 f"callbacks.fid: every_n_steps ({every_n_steps}) and batch_size ({batch_size}) must be >= 1, "
                 f"num_samples ({num_samples}) >= 2"
             )
         self.reference_path, self.inception_weights = reference, inception_weights
-        self.every_n_steps, self.num_samples, self.batch_size = every_n_steps, num_samples, batch_size
+        self.every_n_steps, self.num_samples, self.batch_size = (
+            every_n_steps,
+            num_samples,
+            batch_size,
+        )
         self.sampler, self.steps, self.sampler_options = sampler, steps, dict(sampler_options or {})
-        self.guidance = {"cfg_scale": float(cfg_scale), "guidance_channels": guidance_channels,
-                         "guidance_interval": None if guidance_interval is None else [float(v) for v in guidance_interval]}
+        self.guidance = {
+            "cfg_scale": float(cfg_scale),
+            "guidance_channels": guidance_channels,
+            "guidance_interval": None
+            if guidance_interval is None
+            else [float(v) for v in guidance_interval],
+        }
         self.seed, self.vae, self.metrics, self.grid_images = seed, vae, tuple(metrics), grid_images
         InceptionMetrics(self.metrics)  # unknown metric names fail here, at instantiation
         if reference is None and {"fid", "kid", "prc"} & set(self.metrics):
-            raise ValueError(f"callbacks.fid.reference is needed for {list(self.metrics)} ({MAKE_ONE})")
+            raise ValueError(
+                f"callbacks.fid.reference is needed for {list(self.metrics)} ({MAKE_ONE})"
+            )
         self.reference = self.extractor = self._decode = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -72,49 +97,85 @@ class FIDCallback(Callback):
         self.extractor = load_inception(self.inception_weights, pl_module.device)
         image_size = getattr(trainer.datamodule, "image_size", None)
         if image_size is not None and self.reference is not None:
-            check_reference(self.reference, f"callbacks.fid.reference={self.reference_path}", image_size,
-                            inception_fingerprint(self.extractor))
+            check_reference(
+                self.reference,
+                f"callbacks.fid.reference={self.reference_path}",
+                image_size,
+                inception_fingerprint(self.extractor),
+            )
         objective = pl_module.objective
         default_sampler, default_steps = DEFAULT_SAMPLER[objective.name]
         sampler, steps = self.sampler or default_sampler, self.steps or default_steps
         objective.check_sampler(sampler)
-        self.sample_kwargs = {"sampler": sampler, "steps": steps, **self.sampler_options, **self.guidance}
+        self.sample_kwargs = {
+            "sampler": sampler,
+            "steps": steps,
+            **self.sampler_options,
+            **self.guidance,
+        }
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
+    ) -> None:
         step = trainer.global_step
-        if step == 0 or step % self.every_n_steps or (batch_idx + 1) % trainer.accumulate_grad_batches:
+        if (
+            step == 0
+            or step % self.every_n_steps
+            or (batch_idx + 1) % trainer.accumulate_grad_batches
+        ):
             return
         result, grid = self.score(trainer, pl_module)
         # Every rank holds the same merged numbers: logged without a sync, and usable as a checkpoint monitor.
-        pl_module.log_dict({f"val/{k}": float(v) for k, v in result.items() if k != "num_samples"},
-                           on_step=True, on_epoch=False)
+        pl_module.log_dict(
+            {f"val/{k}": float(v) for k, v in result.items() if k != "num_samples"},
+            on_step=True,
+            on_epoch=False,
+        )
         if trainer.is_global_zero:
             folder = Path(trainer.default_root_dir) / "fid"
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"step_{step:07d}.json").write_text(json.dumps({"step": step, **result, **self.sample_kwargs}))
+            (folder / f"step_{step:07d}.json").write_text(
+                json.dumps({"step": step, **result, **self.sample_kwargs})
+            )
             Image.fromarray(grid).save(folder / f"step_{step:07d}.png")
             for logger in trainer.loggers:
                 if hasattr(logger, "log_image"):
                     logger.log_image(key="val/samples", images=[grid], step=step)
             rank_zero_info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
 
-    def score(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[dict[str, float], Any]:
+    def score(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> tuple[dict[str, float], Any]:
         """Sample and score on every rank (collective); returns the metrics and a grid (rows*H, cols*W, 3) uint8."""
         model = pl_module.ema
         if self._decode is None:
             trainer.datamodule.setup()
-            self._decode = make_decoder(vae_from_manifest(trainer.datamodule.manifest, self.vae), pl_module.device)
+            self._decode = make_decoder(
+                vae_from_manifest(trainer.datamodule.manifest, self.vae), pl_module.device
+            )
         plan = SamplingPlan(
-            num_samples=self.num_samples, batch_size=self.batch_size, num_classes=model.num_classes,
-            latent_shape=(model.in_channels, model.input_size, model.input_size), seed=self.seed,
+            num_samples=self.num_samples,
+            batch_size=self.batch_size,
+            num_classes=model.num_classes,
+            latent_shape=(model.in_channels, model.input_size, model.input_size),
+            seed=self.seed,
             sample_kwargs=self.sample_kwargs,
         )
         scores = InceptionMetrics(self.metrics)
         kept = sample_and_score(
-            model, pl_module.objective, self._decode, self.extractor, plan, scores, rank=trainer.global_rank,
-            world_size=trainer.world_size, device=pl_module.device, autocast=trainer.precision_plugin.forward_context,
-            progress=False, keep=self.grid_images, lockstep=True,
+            model,
+            pl_module.objective,
+            self._decode,
+            self.extractor,
+            plan,
+            scores,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            device=pl_module.device,
+            autocast=trainer.precision_plugin.forward_context,
+            progress=False,
+            keep=self.grid_images,
+            lockstep=True,
         )
         result = scores.compute(self.reference, pl_module.device)
         return result, image_grid(kept) if trainer.is_global_zero else None
-

@@ -7,7 +7,8 @@ decoder divides by the scale and runs the VAE's decoder (identity in pixel space
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -17,15 +18,21 @@ from ditkit.data.vae import IdentityVAE, load_vae, vae_from_manifest
 
 def read_run_manifest(data: Mapping[str, Any]) -> dict | None:
     """The shard manifest named by a run's `data` config (data.manifest, else data.root/manifest.json), or None."""
-    where = data.get("manifest") or (os.path.join(data["root"], MANIFEST) if data.get("root") else None)
+    where = data.get("manifest") or (
+        os.path.join(data["root"], MANIFEST) if data.get("root") else None
+    )
     if where is None or not os.path.isfile(where):
         return None
     with open(where) as f:
         return parse_manifest(f.read(), where)
 
 
-def run_vae(data: Mapping[str, Any], pretrained: str | None = None, subfolder: str | None = None,
-            chosen: bool = False) -> torch.nn.Module:
+def run_vae(
+    data: Mapping[str, Any],
+    pretrained: str | None = None,
+    subfolder: str | None = None,
+    chosen: bool = False,
+) -> torch.nn.Module:
     """The VAE of a ditkit run, from its `data` config.
 
     chosen=False (no `vae=` given): the manifest's VAE; without a readable manifest, the identity for the
@@ -36,7 +43,11 @@ def run_vae(data: Mapping[str, Any], pretrained: str | None = None, subfolder: s
     if chosen:
         if pretrained is None or pretrained == "identity":
             return IdentityVAE(3)
-        return vae_from_manifest(manifest, pretrained) if manifest is not None else load_vae(pretrained, subfolder)
+        return (
+            vae_from_manifest(manifest, pretrained)
+            if manifest is not None
+            else load_vae(pretrained, subfolder)
+        )
     if manifest is not None:
         return vae_from_manifest(manifest)
     if data.get("builtin") == "digits":
@@ -47,7 +58,9 @@ def run_vae(data: Mapping[str, Any], pretrained: str | None = None, subfolder: s
     )
 
 
-def make_decoder(vae: torch.nn.Module, device: torch.device | str) -> Callable[[torch.Tensor], torch.Tensor]:
+def make_decoder(
+    vae: torch.nn.Module, device: torch.device | str
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """latents (N, C, h, w) as the model samples them -> images (N, 3, H, W) in about [-1, 1], on `device`."""
     vae = vae.to(device).eval()
     scale = float(vae.scale_factor)

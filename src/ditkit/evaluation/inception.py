@@ -20,7 +20,9 @@ FEATURE_EXTRACTOR = "inception-v3-compat"
 POOL, LOGITS = "2048", "logits_unbiased"
 
 
-def load_inception(weights_path: str | None = None, device: str | torch.device = "cpu") -> FeatureExtractorInceptionV3:
+def load_inception(
+    weights_path: str | None = None, device: str | torch.device = "cpu"
+) -> FeatureExtractorInceptionV3:
     """torch-fidelity's Inception-v3 in eval mode on `device`.
 
     weights_path: a local state-dict file (clusters without internet), or None to use torch-fidelity's
@@ -44,9 +46,13 @@ def load_inception(weights_path: str | None = None, device: str | torch.device =
             ) from err
         weights_path = str(path)
     try:
-        extractor = FeatureExtractorInceptionV3(FEATURE_EXTRACTOR, [POOL, LOGITS], feature_extractor_weights_path=weights_path)
+        extractor = FeatureExtractorInceptionV3(
+            FEATURE_EXTRACTOR, [POOL, LOGITS], feature_extractor_weights_path=weights_path
+        )
     except RuntimeError as err:
-        raise ValueError(f"fid.inception_weights={weights_path} does not hold Inception-v3 weights: {err}") from err
+        raise ValueError(
+            f"fid.inception_weights={weights_path} does not hold Inception-v3 weights: {err}"
+        ) from err
     return extractor.to(device)
 
 
@@ -57,10 +63,14 @@ def inception_fingerprint(extractor: torch.nn.Module) -> str:
 
 
 @torch.no_grad()
-def inception_features(extractor: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def inception_features(
+    extractor: torch.nn.Module, images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """images: (N, 3, H, W) uint8 -> pool features (N, 2048) and logits (N, 1008), float32, on the images' device."""
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"Inception takes uint8 images of shape (N, 3, H, W); got {tuple(images.shape)} {images.dtype}")
+        raise ValueError(
+            f"Inception takes uint8 images of shape (N, 3, H, W); got {tuple(images.shape)} {images.dtype}"
+        )
     device = next(extractor.parameters()).device
     pool, logits = extractor(images.to(device))
     return pool, logits

@@ -44,7 +44,9 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema") -> LoadedChec
             "anything else must be a .ckpt, .pt or .safetensors file"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt={path}: no such file (a ditkit .ckpt, an official DiT .pt or a .safetensors)")
+        raise FileNotFoundError(
+            f"ckpt={path}: no such file (a ditkit .ckpt, an official DiT .pt or a .safetensors)"
+        )
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -54,10 +56,19 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema") -> LoadedChec
         try:
             return LoadedCheckpoint("weights", load_file(path))
         except SafetensorError as err:
-            raise ValueError(f"ckpt={path} is not a readable safetensors file ({err}); export it again") from err
+            raise ValueError(
+                f"ckpt={path} is not a readable safetensors file ({err}); export it again"
+            ) from err
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as err:
+    except (
+        RuntimeError,
+        EOFError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+    ) as err:
         raise ValueError(
             f"ckpt={path} is not a checkpoint that loads with weights_only=True ({type(err).__name__}: {err}); "
             "pass a ditkit .ckpt, an official DiT .pt or a .safetensors"
@@ -76,7 +87,9 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema") -> LoadedChec
             raise ValueError(f"ckpt={path} has no `{prefix}*` weights in its state_dict")
         return LoadedCheckpoint("ditkit", state, obj["ditkit_config"])
     if weights == "raw" and "model" not in obj:
-        raise ValueError(f"weights=raw: {path} holds only EMA weights (official release); drop weights=raw")
+        raise ValueError(
+            f"weights=raw: {path} holds only EMA weights (official release); drop weights=raw"
+        )
     return LoadedCheckpoint("official", _official_state(obj, path, weights))
 
 

@@ -8,8 +8,9 @@ gives the same images whatever the batch size of the text encoders.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,9 @@ def sample_prompts(
     (sampler, steps, cfg_scale, ...: guidance pairs each prompt with the model's null condition).
     decode: latents (n, C, h, w) -> images (n, 3, H, W) in [-1, 1]."""
     if per_prompt < 1 or batch_size < 1:
-        raise ValueError(f"per_prompt and batch_size must be positive, got {per_prompt} and {batch_size}")
+        raise ValueError(
+            f"per_prompt and batch_size must be positive, got {per_prompt} and {batch_size}"
+        )
     context, pooled = encoders(prompts)
     which = torch.arange(len(prompts)).repeat_interleave(per_prompt)
     shape = (model.in_channels, model.input_size, model.input_size)
@@ -60,7 +63,10 @@ def sample_prompts(
     for start in tqdm(range(0, len(which), batch_size), disable=not progress, desc="prompts"):
         stop = min(start + batch_size, len(which))
         noise = sample_noise(start, stop, shape, seed).to(device)
-        kwargs = {"context": context[which[start:stop]].to(device), "pooled": pooled[which[start:stop]].to(device)}
+        kwargs = {
+            "context": context[which[start:stop]].to(device),
+            "pooled": pooled[which[start:stop]].to(device),
+        }
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(int(np.random.SeedSequence([seed, start, 1]).generate_state(1)[0]))
             with autocast():

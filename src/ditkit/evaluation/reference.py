@@ -11,9 +11,9 @@ whose shape gives the image size); they are read as they are.
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -23,7 +23,9 @@ from .inception import FEATURE_EXTRACTOR, inception_features, inception_fingerpr
 from .stats import FeatureStats, frechet_distance, sqrtm_psd
 
 FORMAT_VERSION = 1
-MAKE_ONE = "make one with `python -m data_pipelines.fid_reference source=... image_size=... out=FILE.npz`"
+MAKE_ONE = (
+    "make one with `python -m data_pipelines.fid_reference source=... image_size=... out=FILE.npz`"
+)
 
 
 @dataclass
@@ -56,11 +58,20 @@ def save_reference(path: str | Path, ref: Reference) -> None:
     extra = {} if ref.features is None else {"features": np.asarray(ref.features, np.float32)}
     if ref.sigma_sqrt is not None:
         extra["sigma_sqrt"] = np.asarray(ref.sigma_sqrt, np.float64)
-    with open(path, "wb") as f:  # an open file keeps np.savez from appending ".npz" to other suffixes
+    with open(
+        path, "wb"
+    ) as f:  # an open file keeps np.savez from appending ".npz" to other suffixes
         np.savez(
-            f, mu=np.asarray(ref.mu, np.float64), sigma=np.asarray(ref.sigma, np.float64),
-            image_size=ref.image_size, num_images=ref.num_images, feature_extractor=FEATURE_EXTRACTOR,
-            inception_fingerprint=ref.fingerprint, source=ref.source, ditkit_reference_version=FORMAT_VERSION, **extra,
+            f,
+            mu=np.asarray(ref.mu, np.float64),
+            sigma=np.asarray(ref.sigma, np.float64),
+            image_size=ref.image_size,
+            num_images=ref.num_images,
+            feature_extractor=FEATURE_EXTRACTOR,
+            inception_fingerprint=ref.fingerprint,
+            source=ref.source,
+            ditkit_reference_version=FORMAT_VERSION,
+            **extra,
         )
 
 
@@ -84,16 +95,29 @@ def read_adm_reference(path: str | Path, image_size: int | None = None) -> Refer
     path = Path(path)
     with np.load(path) as z:
         if "mu" not in z.files or "sigma" not in z.files:
-            raise ValueError(f"{path} has no `mu`/`sigma` arrays: it is not an ADM reference batch (keys: {z.files})")
+            raise ValueError(
+                f"{path} has no `mu`/`sigma` arrays: it is not an ADM reference batch (keys: {z.files})"
+            )
         mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
     shape = npz_array_shape(path, "arr_0")
     size = shape[1] if shape is not None and len(shape) == 4 else None
     if image_size is not None and size is not None and image_size != size:
-        raise ValueError(f"image_size={image_size} but the ADM batch {path} holds {size} px images; pass image_size={size}")
+        raise ValueError(
+            f"image_size={image_size} but the ADM batch {path} holds {size} px images; pass image_size={size}"
+        )
     size = size if size is not None else image_size
     if size is None:
-        raise ValueError(f"{path} has no `arr_0` images to read the resolution from: pass image_size=")
-    return Reference(mu, sigma, int(size), int(shape[0]) if shape else 0, fingerprint="", source=f"adm:{path.name}")
+        raise ValueError(
+            f"{path} has no `arr_0` images to read the resolution from: pass image_size="
+        )
+    return Reference(
+        mu,
+        sigma,
+        int(size),
+        int(shape[0]) if shape else 0,
+        fingerprint="",
+        source=f"adm:{path.name}",
+    )
 
 
 def load_reference(path: str | Path) -> Reference:
@@ -104,23 +128,35 @@ def load_reference(path: str | Path) -> Reference:
     try:
         z = np.load(path)
     except Exception as err:
-        raise ValueError(f"fid.reference={path} is not a readable .npz ({err}); {MAKE_ONE}") from err
+        raise ValueError(
+            f"fid.reference={path} is not a readable .npz ({err}); {MAKE_ONE}"
+        ) from err
     with z:
         if "ditkit_reference_version" not in z.files:
             if "mu" in z.files and "sigma" in z.files:
                 return read_adm_reference(path)
-            raise ValueError(f"fid.reference={path} holds no FID statistics (keys: {z.files}); {MAKE_ONE}")
+            raise ValueError(
+                f"fid.reference={path} holds no FID statistics (keys: {z.files}); {MAKE_ONE}"
+            )
         if str(z["feature_extractor"]) != FEATURE_EXTRACTOR:
-            raise ValueError(f"fid.reference={path} was made with {z['feature_extractor']}, not {FEATURE_EXTRACTOR}")
+            raise ValueError(
+                f"fid.reference={path} was made with {z['feature_extractor']}, not {FEATURE_EXTRACTOR}"
+            )
         return Reference(
-            mu=z["mu"], sigma=z["sigma"], image_size=int(z["image_size"]), num_images=int(z["num_images"]),
-            fingerprint=str(z["inception_fingerprint"]), source=str(z["source"]),
+            mu=z["mu"],
+            sigma=z["sigma"],
+            image_size=int(z["image_size"]),
+            num_images=int(z["num_images"]),
+            fingerprint=str(z["inception_fingerprint"]),
+            source=str(z["source"]),
             features=z["features"] if "features" in z.files else None,
             sigma_sqrt=z["sigma_sqrt"] if "sigma_sqrt" in z.files else None,
         )
 
 
-def check_reference(ref: Reference, path: str | Path, image_size: int, fingerprint: str | None = None) -> None:
+def check_reference(
+    ref: Reference, path: str | Path, image_size: int, fingerprint: str | None = None
+) -> None:
     """Refuse a reference made at another resolution or (when `fingerprint` is given) with other Inception
     weights: its FID would mean nothing."""
     if ref.image_size != image_size:
@@ -158,7 +194,9 @@ def compute_reference(
             if images.shape[0] == 0:  # a batch whose files were all undecodable
                 continue
             if images.shape[-2:] != (image_size, image_size):
-                raise ValueError(f"{source}: got {tuple(images.shape[-2:])} images, expected {image_size} px")
+                raise ValueError(
+                    f"{source}: got {tuple(images.shape[-2:])} images, expected {image_size} px"
+                )
             pool, _ = inception_features(extractor, images)
             pool = pool.cpu()
             stats.update(pool)
@@ -171,6 +209,12 @@ def compute_reference(
             bar.update(n)
     mu, sigma = stats.mean_cov()
     return Reference(
-        mu, sigma, image_size, stats.count, inception_fingerprint(extractor), source,
-        features=torch.cat(kept).numpy() if features else None, sigma_sqrt=sqrtm_psd(sigma),
+        mu,
+        sigma,
+        image_size,
+        stats.count,
+        inception_fingerprint(extractor),
+        source,
+        features=torch.cat(kept).numpy() if features else None,
+        sigma_sqrt=sqrtm_psd(sigma),
     )

@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,17 +74,25 @@ class InceptionMetrics:
         if "kid" in self.metrics or "prc" in self.metrics:
             self.pool.append(pool.detach().float().cpu())
 
-    def _gather(self, chunks: list[torch.Tensor], dim: int, device: torch.device | str) -> torch.Tensor:
+    def _gather(
+        self, chunks: list[torch.Tensor], dim: int, device: torch.device | str
+    ) -> torch.Tensor:
         """This rank's rows -> every rank's rows in global sample order (IS splits and KID subsets depend on it)."""
         rows = all_gather_rows(_rows(chunks, dim), device)
-        index = all_gather_rows(torch.cat(self.index) if self.index else torch.zeros(0, dtype=torch.int64), device)
+        index = all_gather_rows(
+            torch.cat(self.index) if self.index else torch.zeros(0, dtype=torch.int64), device
+        )
         return rows[torch.argsort(index)]
 
-    def compute(self, reference: Reference | None, device: torch.device | str = "cpu") -> dict[str, float]:
+    def compute(
+        self, reference: Reference | None, device: torch.device | str = "cpu"
+    ) -> dict[str, float]:
         """Merge the ranks (collective: call on every rank) and score against `reference`."""
         needs_reference = {"fid", "kid", "prc"} & set(self.metrics)
         if reference is None and needs_reference:
-            raise ValueError(f"{sorted(needs_reference)} need reference statistics: set fid.reference=FILE.npz")
+            raise ValueError(
+                f"{sorted(needs_reference)} need reference statistics: set fid.reference=FILE.npz"
+            )
         self.stats.all_reduce(device)
         out: dict[str, float] = {"num_samples": self.stats.count}
         if "fid" in self.metrics:
@@ -95,7 +104,9 @@ class InceptionMetrics:
         if "kid" in self.metrics or "prc" in self.metrics:
             fake = self._gather(self.pool, 2048, device)
             if reference.features is None:
-                raise ValueError("kid / prc need reference features: make the reference with features=N (e.g. 10000)")
+                raise ValueError(
+                    "kid / prc need reference features: make the reference with features=N (e.g. 10000)"
+                )
             real = torch.from_numpy(reference.features)
             if "kid" in self.metrics:
                 out["kid"], out["kid_std"] = kernel_inception_distance(fake, real)
@@ -133,7 +144,12 @@ def sample_and_score(
     batches = plan_batches(plan.num_samples, plan.batch_size, rank, world_size)
     kept: list[torch.Tensor] = []
     share = sum(b - a for a, b in batches)
-    bar = tqdm(total=share, unit="img", desc=f"sampling (rank 0 of {world_size})", disable=not (progress and rank == 0))
+    bar = tqdm(
+        total=share,
+        unit="img",
+        desc=f"sampling (rank 0 of {world_size})",
+        disable=not (progress and rank == 0),
+    )
     t0, fresh = time.perf_counter(), 0
     for start, stop in batches:
         part = store.load(start, stop - start) if store is not None else None
@@ -144,13 +160,23 @@ def sample_and_score(
             labels = labels_all[start:stop]
             noise = sample_noise(start, stop, plan.latent_shape, plan.seed).to(device)
             images = generate_batch(
-                model, objective, decode, labels.to(device), noise, seed=plan.seed, start=start,
-                null_label=plan.num_classes, sample_kwargs=plan.sample_kwargs, autocast=autocast,
+                model,
+                objective,
+                decode,
+                labels.to(device),
+                noise,
+                seed=plan.seed,
+                start=start,
+                null_label=plan.num_classes,
+                sample_kwargs=plan.sample_kwargs,
+                autocast=autocast,
             )
             pool, logits = (f.cpu() for f in inception_features(extractor, images))
             if store is not None:
                 hwc = images.permute(0, 2, 3, 1).numpy()
-                store.save(start, hwc, labels.numpy().astype(np.int64), pool.numpy(), logits.numpy())
+                store.save(
+                    start, hwc, labels.numpy().astype(np.int64), pool.numpy(), logits.numpy()
+                )
             fresh += stop - start
         metrics.add(pool, logits, start)
         if sum(k.shape[0] for k in kept) < keep:
@@ -160,11 +186,21 @@ def sample_and_score(
             rate = fresh / (time.perf_counter() - t0)
             bar.set_postfix_str(f"{rate * world_size:.2f} img/s on all ranks")
     bar.close()
-    rounds = math.ceil(math.ceil(plan.num_samples / plan.batch_size) / world_size)  # batches of the busiest rank
+    rounds = math.ceil(
+        math.ceil(plan.num_samples / plan.batch_size) / world_size
+    )  # batches of the busiest rank
     for _ in range(rounds - len(batches) if lockstep else 0):
         stop = min(plan.batch_size, plan.num_samples)
         generate_batch(
-            model, objective, lambda z: z, labels_all[:stop].to(device), sample_noise(0, stop, plan.latent_shape, plan.seed).to(device),
-            seed=plan.seed, start=0, null_label=plan.num_classes, sample_kwargs=plan.sample_kwargs, autocast=autocast,
+            model,
+            objective,
+            lambda z: z,
+            labels_all[:stop].to(device),
+            sample_noise(0, stop, plan.latent_shape, plan.seed).to(device),
+            seed=plan.seed,
+            start=0,
+            null_label=plan.num_classes,
+            sample_kwargs=plan.sample_kwargs,
+            autocast=autocast,
         )
     return torch.cat(kept)[:keep] if kept else torch.zeros(0, dtype=torch.uint8)

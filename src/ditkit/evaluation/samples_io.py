@@ -36,7 +36,11 @@ class PartStore:
         if plan_file.exists():
             old = json.loads(plan_file.read_text())
             if old != plan:
-                diff = {k: (old.get(k), plan.get(k)) for k in set(old) | set(plan) if old.get(k) != plan.get(k)}
+                diff = {
+                    k: (old.get(k), plan.get(k))
+                    for k in set(old) | set(plan)
+                    if old.get(k) != plan.get(k)
+                }
                 raise ValueError(
                     f"{self.root} holds samples made with other settings {diff} (was, now); "
                     "use a new hydra.run.dir or delete that folder"
@@ -61,7 +65,14 @@ class PartStore:
             return None  # damaged: sample it again
         return part if len(part["labels"]) == count else None
 
-    def save(self, start: int, images: np.ndarray, labels: np.ndarray, pool: np.ndarray, logits: np.ndarray) -> None:
+    def save(
+        self,
+        start: int,
+        images: np.ndarray,
+        labels: np.ndarray,
+        pool: np.ndarray,
+        logits: np.ndarray,
+    ) -> None:
         """images: (n, H, W, 3) uint8; labels: (n,); pool: (n, 2048); logits: (n, 1008)."""
         _atomic_npz(self.path(start), images=images, labels=labels, pool=pool, logits=logits)
 
@@ -82,7 +93,9 @@ def write_adm_npz(path: str | Path, store: PartStore, starts: list[int]) -> None
     tmp = path.with_name(path.name + ".tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False, "shape": (n, h, w, c)})
+            np.lib.format.write_array_header_2_0(
+                f, {"descr": "|u1", "fortran_order": False, "shape": (n, h, w, c)}
+            )
             for s in starts:
                 with np.load(store.path(s)) as z:
                     f.write(np.ascontiguousarray(z["images"], dtype=np.uint8).tobytes())

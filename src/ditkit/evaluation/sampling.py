@@ -9,7 +9,8 @@ resumed run continues the very same samples.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,15 +30,28 @@ def _sub_seed(*keys: int) -> int:
 
 def sample_noise(start: int, stop: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """x_T for global samples start..stop-1: (stop - start, *shape) float32, one generator per sample."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(_sub_seed(seed, i))) for i in range(start, stop)])
+    return torch.stack(
+        [
+            torch.randn(shape, generator=torch.Generator().manual_seed(_sub_seed(seed, i)))
+            for i in range(start, stop)
+        ]
+    )
 
 
-def plan_batches(num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[tuple[int, int]]:
+def plan_batches(
+    num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1
+) -> list[tuple[int, int]]:
     """This rank's (start, stop) global index ranges: batch b of ceil(N/B) goes to rank b % world_size."""
     if num_samples < 1 or batch_size < 1:
-        raise ValueError(f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}")
+        raise ValueError(
+            f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}"
+        )
     starts = range(0, num_samples, batch_size)
-    return [(s, min(s + batch_size, num_samples)) for b, s in enumerate(starts) if b % world_size == rank]
+    return [
+        (s, min(s + batch_size, num_samples))
+        for b, s in enumerate(starts)
+        if b % world_size == rank
+    ]
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -66,7 +80,11 @@ def generate_batch(
     """
     devices = [noise.device] if noise.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(_sub_seed(seed, start, 1))  # the sampler's draws: a stream apart from the x_T streams
+        torch.manual_seed(
+            _sub_seed(seed, start, 1)
+        )  # the sampler's draws: a stream apart from the x_T streams
         with autocast():
-            latents = objective.sample(model, noise, model_kwargs={"y": labels}, null_label=null_label, **sample_kwargs)
+            latents = objective.sample(
+                model, noise, model_kwargs={"y": labels}, null_label=null_label, **sample_kwargs
+            )
     return to_uint8(decode(latents.float())).cpu()

@@ -39,7 +39,13 @@ class FeatureStats:
         """Sum the three statistics over all ranks (no-op outside torch.distributed); every rank ends with the union."""
         if not _distributed():
             return
-        packed = torch.cat([self.total, self.outer.flatten(), torch.tensor([float(self.count)], dtype=torch.float64)])
+        packed = torch.cat(
+            [
+                self.total,
+                self.outer.flatten(),
+                torch.tensor([float(self.count)], dtype=torch.float64),
+            ]
+        )
         packed = packed.to(device)
         dist.all_reduce(packed)
         packed = packed.cpu()
@@ -60,11 +66,18 @@ class FeatureStats:
 def sqrtm_psd(sigma: np.ndarray) -> np.ndarray:
     """The symmetric square root S (S @ S = sigma) of a PSD matrix (D, D), float64, from one eigendecomposition."""
     lam, u = torch.linalg.eigh(torch.from_numpy(np.asarray(sigma, np.float64)))
-    return ((u * lam.clamp(min=0).sqrt()) @ u.T).numpy()  # clamp: rounding makes ~0 eigenvalues slightly negative
+    return (
+        (u * lam.clamp(min=0).sqrt()) @ u.T
+    ).numpy()  # clamp: rounding makes ~0 eigenvalues slightly negative
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     sqrt2: np.ndarray | None = None) -> float:
+def frechet_distance(
+    mu1: np.ndarray,
+    sigma1: np.ndarray,
+    mu2: np.ndarray,
+    sigma2: np.ndarray,
+    sqrt2: np.ndarray | None = None,
+) -> float:
     """FID between two Gaussians (Heusel et al. 2017): |mu1 - mu2|^2 + tr(s1 + s2 - 2 (s1 s2)^(1/2)), float64.
 
     tr (s1 s2)^(1/2) is the sum of the square roots of the eigenvalues of s1 s2, which are those of the
@@ -91,17 +104,25 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
     return out["inception_score_mean"], out["inception_score_std"]
 
 
-def kernel_inception_distance(fake: torch.Tensor, real: torch.Tensor, subsets: int = 100, subset_size: int = 1000) -> tuple[float, float]:
+def kernel_inception_distance(
+    fake: torch.Tensor, real: torch.Tensor, subsets: int = 100, subset_size: int = 1000
+) -> tuple[float, float]:
     """fake (N, 2048), real (M, 2048) -> KID mean and std (Binkowski et al. 2018); subsets shrink to the smaller set."""
     size = min(subset_size, fake.shape[0], real.shape[0])
     # torch-fidelity's defaults otherwise: cubic polynomial kernel, rng seed 2020.
-    out = kid_features_to_metric(fake.cpu(), real.cpu(), kid_subsets=subsets, kid_subset_size=size, verbose=False)
+    out = kid_features_to_metric(
+        fake.cpu(), real.cpu(), kid_subsets=subsets, kid_subset_size=size, verbose=False
+    )
     return out["kernel_inception_distance_mean"], out["kernel_inception_distance_std"]
 
 
-def precision_recall(fake: torch.Tensor, real: torch.Tensor, neighborhood: int = 3) -> tuple[float, float]:
+def precision_recall(
+    fake: torch.Tensor, real: torch.Tensor, neighborhood: int = 3
+) -> tuple[float, float]:
     """fake (N, 2048), real (M, 2048) -> improved precision and recall (Kynkaanniemi et al. 2019)."""
-    out = prc_features_to_metric(fake.cpu(), real.cpu(), prc_neighborhood=neighborhood, verbose=False)
+    out = prc_features_to_metric(
+        fake.cpu(), real.cpu(), prc_neighborhood=neighborhood, verbose=False
+    )
     return out["precision"], out["recall"]
 
 

@@ -6,7 +6,11 @@ from torch import nn
 
 
 def forward_with_cfg(
-    model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+    model: nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    cfg_scale: float,
     guidance_channels: int | None = None,
 ) -> torch.Tensor:
     """Guided output of `model(x, t, y)` on a batch whose second half holds the null labels.

@@ -26,7 +26,9 @@ class AdaLNZeroBlock(nn.Module):
     """DiT block with adaLN-Zero: c regresses shift, scale and a residual gate for both sub-layers;
     the gates start at zero so every block starts as the identity (paper Sec. 3.2)."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float, norm: str, mlp: str, qk_norm: bool):
+    def __init__(
+        self, hidden: int, heads: int, mlp_ratio: float, norm: str, mlp: str, qk_norm: bool
+    ):
         super().__init__()
         self.norm1 = make_norm(norm, hidden)
         self.attn = Attention(hidden, heads, qk_norm)
@@ -34,17 +36,25 @@ class AdaLNZeroBlock(nn.Module):
         self.mlp = make_mlp(mlp, hidden, int(hidden * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: (N, T, D), c: (N, D)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
+            c
+        ).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(
+            modulate(self.norm1(x), shift_msa, scale_msa), rope
+        )
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 class AdaLNBlock(nn.Module):
     """adaLN block (paper Sec. 3.2): c regresses only shift and scale; no residual gates."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float, norm: str, mlp: str, qk_norm: bool):
+    def __init__(
+        self, hidden: int, heads: int, mlp_ratio: float, norm: str, mlp: str, qk_norm: bool
+    ):
         super().__init__()
         self.norm1 = make_norm(norm, hidden)
         self.attn = Attention(hidden, heads, qk_norm)
@@ -52,7 +62,9 @@ class AdaLNBlock(nn.Module):
         self.mlp = make_mlp(mlp, hidden, int(hidden * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 4 * hidden))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None = None
+    ) -> torch.Tensor:
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
         x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         return x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -62,7 +74,9 @@ class CrossAttnBlock(nn.Module):
     """Cross-attention block (paper Sec. 3.2): a multi-head cross-attention to the two conditioning
     tokens [t, y] follows self-attention. c: (N, 2, D)."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float, norm: str, mlp: str, qk_norm: bool):
+    def __init__(
+        self, hidden: int, heads: int, mlp_ratio: float, norm: str, mlp: str, qk_norm: bool
+    ):
         super().__init__()
         self.norm1 = make_norm(norm, hidden, affine=True)
         self.attn = Attention(hidden, heads, qk_norm)
@@ -71,7 +85,9 @@ class CrossAttnBlock(nn.Module):
         self.norm2 = make_norm(norm, hidden, affine=True)
         self.mlp = make_mlp(mlp, hidden, int(hidden * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope)
         x = x + self.cross_attn(self.norm_cross(x), c)
         return x + self.mlp(self.norm2(x))
@@ -81,19 +97,28 @@ class InContextBlock(nn.Module):
     """In-context conditioning (paper Sec. 3.2): t and y are two extra tokens of the sequence, so the
     block is a plain pre-norm ViT block. x: (N, 2 + T, D)."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float, norm: str, mlp: str, qk_norm: bool):
+    def __init__(
+        self, hidden: int, heads: int, mlp_ratio: float, norm: str, mlp: str, qk_norm: bool
+    ):
         super().__init__()
         self.norm1 = make_norm(norm, hidden, affine=True)
         self.attn = Attention(hidden, heads, qk_norm)
         self.norm2 = make_norm(norm, hidden, affine=True)
         self.mlp = make_mlp(mlp, hidden, int(hidden * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope)
         return x + self.mlp(self.norm2(x))
 
 
-BLOCKS = {"adaln_zero": AdaLNZeroBlock, "adaln": AdaLNBlock, "cross_attn": CrossAttnBlock, "in_context": InContextBlock}
+BLOCKS = {
+    "adaln_zero": AdaLNZeroBlock,
+    "adaln": AdaLNBlock,
+    "cross_attn": CrossAttnBlock,
+    "in_context": InContextBlock,
+}
 
 
 class FinalLayer(nn.Module):
@@ -147,7 +172,12 @@ class DiT(nn.Module):
             raise ValueError(f"unknown block design {block!r}; valid: {', '.join(BLOCKS)}")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.hidden_size, self.depth, self.num_heads, self.mlp_ratio = hidden_size, depth, num_heads, mlp_ratio
+        self.hidden_size, self.depth, self.num_heads, self.mlp_ratio = (
+            hidden_size,
+            depth,
+            num_heads,
+            mlp_ratio,
+        )
         self.num_classes, self.learn_sigma, self.block = num_classes, learn_sigma, block
         self.grad_checkpointing = grad_checkpointing
         grid = input_size // patch_size
@@ -155,12 +185,15 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.register_buffer("pos_embed", sincos_2d(hidden_size, grid).unsqueeze(0))  # (1, T, D), fixed
+        self.register_buffer(
+            "pos_embed", sincos_2d(hidden_size, grid).unsqueeze(0)
+        )  # (1, T, D), fixed
         prefix = 2 if block == "in_context" else 0
         rope_table = rope_2d(hidden_size // num_heads, grid, prefix) if rope else None
         self.register_buffer("rope", rope_table, persistent=False)
         self.blocks = nn.ModuleList(
-            BLOCKS[block](hidden_size, num_heads, mlp_ratio, norm, mlp, qk_norm) for _ in range(depth)
+            BLOCKS[block](hidden_size, num_heads, mlp_ratio, norm, mlp, qk_norm)
+            for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm)
         self.initialize_weights()
@@ -203,7 +236,9 @@ class DiT(nn.Module):
         else:
             block_cond = c
         if self.block == "in_context":
-            tokens = torch.cat([t_emb.unsqueeze(1), y_emb.unsqueeze(1), tokens], dim=1)  # (N, 2 + T, D)
+            tokens = torch.cat(
+                [t_emb.unsqueeze(1), y_emb.unsqueeze(1), tokens], dim=1
+            )  # (N, 2 + T, D)
         for blk in self.blocks:
             if self.grad_checkpointing and self.training:
                 tokens = checkpoint(blk, tokens, block_cond, self.rope, use_reentrant=False)
@@ -214,7 +249,12 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(tokens, c))
 
     def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guidance_channels: int | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        cfg_scale: float,
+        guidance_channels: int | None = None,
     ) -> torch.Tensor:
         """Classifier-free guidance on a batch whose second half holds the null labels; see
         `ditkit.models.cfg.forward_with_cfg` (guidance_channels=3 reproduces the reference)."""
@@ -226,10 +266,14 @@ class DiT(nn.Module):
         seq = tokens + (2 if self.block == "in_context" else 0)
         blk = self.blocks[0]
         macs_per_block = seq * d * 4 * d + 2 * seq * seq * d  # qkv + proj, scores + weighted sum
-        macs_per_block += seq * sum(m.in_features * m.out_features for m in (blk.mlp.fc1, blk.mlp.fc2))
+        macs_per_block += seq * sum(
+            m.in_features * m.out_features for m in (blk.mlp.fc1, blk.mlp.fc2)
+        )
         if hasattr(blk, "adaLN_modulation"):  # once per sample, not per token
             macs_per_block += d * blk.adaLN_modulation[-1].out_features
-        if self.block == "cross_attn":  # q and proj over T tokens, kv over the 2 condition tokens, T x 2 scores
+        if (
+            self.block == "cross_attn"
+        ):  # q and proj over T tokens, kv over the 2 condition tokens, T x 2 scores
             macs_per_block += 2 * tokens * d * d + 2 * 2 * d * d + 2 * tokens * 2 * d
         macs = self.depth * macs_per_block
         macs += tokens * self.in_channels * self.patch_size**2 * d  # patch embedding

@@ -34,7 +34,9 @@ class TimestepEmbedder(nn.Module):
     def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
         """t: (N,) possibly fractional -> (N, dim) = [cos(t w_i), sin(t w_i)], w_i = max_period^(-i/half)."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
         args = t[:, None].float() * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -83,10 +85,14 @@ def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
     Half the channels encode the column, half the row, matching the official checkpoints."""
     coords = torch.arange(grid_size, dtype=torch.float64)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-    return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1).float()
+    return torch.cat(
+        [sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1
+    ).float()
 
 
-def rope_2d(head_dim: int, grid_size: int, prefix_tokens: int = 0, theta: float = 10000.0) -> torch.Tensor:
+def rope_2d(
+    head_dim: int, grid_size: int, prefix_tokens: int = 0, theta: float = 10000.0
+) -> torch.Tensor:
     """Rotary tables for 2-D RoPE (Su et al., 2021; axial form as in LightningDiT): the first half of each
     head's channels rotates with the row, the second with the column. Returns (2, T, head_dim): cos, sin.
     `prefix_tokens` (e.g. conditioning tokens) get the identity rotation."""
@@ -96,7 +102,11 @@ def rope_2d(head_dim: int, grid_size: int, prefix_tokens: int = 0, theta: float 
     inv_freq = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     coords = torch.arange(grid_size, dtype=torch.float64)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-    angles = torch.cat([rows.flatten()[:, None] * inv_freq, cols.flatten()[:, None] * inv_freq], dim=1)
-    angles = torch.cat([angles, angles], dim=1)  # (T, head_dim): pairs (i, i + head_dim/2) share an angle
+    angles = torch.cat(
+        [rows.flatten()[:, None] * inv_freq, cols.flatten()[:, None] * inv_freq], dim=1
+    )
+    angles = torch.cat(
+        [angles, angles], dim=1
+    )  # (T, head_dim): pairs (i, i + head_dim/2) share an angle
     angles = torch.cat([torch.zeros(prefix_tokens, head_dim, dtype=torch.float64), angles], dim=0)
     return torch.stack([angles.cos(), angles.sin()]).float()

@@ -22,7 +22,8 @@ from .embeddings import PatchEmbed, TimestepEmbedder, sincos_2d
 
 
 def joint_attention(
-    image_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor], text_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    image_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    text_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One softmax over the concatenated sequence [image; text] (SD3 Fig. 2b).
 
@@ -41,7 +42,9 @@ class Stream(nn.Module):
     A `pre_only` stream (the text stream of the last block) has only the modulated QKV: 2 modulation
     vectors (shift, scale) instead of 6, no projection, no MLP."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float, qk_norm: bool, pre_only: bool = False):
+    def __init__(
+        self, hidden: int, heads: int, mlp_ratio: float, qk_norm: bool, pre_only: bool = False
+    ):
         super().__init__()
         self.pre_only = pre_only
         self.norm1 = make_norm("layernorm", hidden)
@@ -49,15 +52,21 @@ class Stream(nn.Module):
         if not pre_only:
             self.norm2 = make_norm("layernorm", hidden)
             self.mlp = make_mlp("gelu", hidden, int(hidden * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, (2 if pre_only else 6) * hidden))
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden, (2 if pre_only else 6) * hidden)
+        )
 
-    def pre_attention(self, x: torch.Tensor, c: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    def pre_attention(
+        self, x: torch.Tensor, c: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """x: (N, T, D), c: (N, D) -> (q, k, v) each (N, heads, T, hd), and the modulation vectors still needed."""
         mods = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=1)
         qkv = self.attn.heads_qkv(modulate(self.norm1(x), mods[0], mods[1]))
         return qkv, mods[2:]
 
-    def post_attention(self, x: torch.Tensor, attn_out: torch.Tensor, mods: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def post_attention(
+        self, x: torch.Tensor, attn_out: torch.Tensor, mods: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
         """x, attn_out: (N, T, D) -> (N, T, D): gated residual attention, then the gated modulated MLP."""
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         x = x + gate_msa.unsqueeze(1) * self.attn.proj(attn_out)
@@ -67,12 +76,16 @@ class Stream(nn.Module):
 class JointBlock(nn.Module):
     """An MMDiT block: image and text streams with their own weights, one joint attention."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float, qk_norm: bool, last: bool = False):
+    def __init__(
+        self, hidden: int, heads: int, mlp_ratio: float, qk_norm: bool, last: bool = False
+    ):
         super().__init__()
         self.image = Stream(hidden, heads, mlp_ratio, qk_norm)
         self.text = Stream(hidden, heads, mlp_ratio, qk_norm, pre_only=last)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (N, T, D) image tokens, context: (N, L, D) text tokens, c: (N, D).
         Returns the updated (x, context); context is None after the last block."""
         x_qkv, x_mods = self.image.pre_attention(x, c)
@@ -147,11 +160,16 @@ class MMDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden)
         self.context_embedder = nn.Linear(context_dim, hidden)
         # SD3 projects the pooled text with a 2-layer MLP and adds it to the timestep embedding.
-        self.pooled_embedder = nn.Sequential(nn.Linear(pooled_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        table = sincos_2d(hidden, pos_embed_max_size).view(pos_embed_max_size, pos_embed_max_size, hidden)
+        self.pooled_embedder = nn.Sequential(
+            nn.Linear(pooled_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
+        )
+        table = sincos_2d(hidden, pos_embed_max_size).view(
+            pos_embed_max_size, pos_embed_max_size, hidden
+        )
         self.register_buffer("pos_embed", table, persistent=False)  # fixed: rebuilt from the config
         self.blocks = nn.ModuleList(
-            JointBlock(hidden, num_heads, mlp_ratio, qk_norm, last=i == depth - 1) for i in range(depth)
+            JointBlock(hidden, num_heads, mlp_ratio, qk_norm, last=i == depth - 1)
+            for i in range(depth)
         )
         self.final_layer = FinalLayer(hidden, patch_size, self.out_channels, "layernorm")
         self.initialize_weights()
@@ -187,14 +205,20 @@ class MMDiT(nn.Module):
         top, left = (m - grid_h) // 2, (m - grid_w) // 2
         return self.pos_embed[top : top + grid_h, left : left + grid_w].reshape(grid_h * grid_w, -1)
 
-    def null_condition(self, context: torch.Tensor, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+    def null_condition(
+        self, context: torch.Tensor, pooled: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """The unconditional input for classifier-free guidance: zeros shaped like the condition
         (the value caption dropout substitutes in training)."""
         return {"context": torch.zeros_like(context), "pooled": torch.zeros_like(pooled)}
 
-    def drop_captions(self, context: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def drop_captions(
+        self, context: torch.Tensor, pooled: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training-time caption dropout (global torch RNG, one draw per sample, as DiT's label dropout)."""
-        keep = (torch.rand(context.shape[0], device=context.device) >= self.caption_dropout_prob).to(context.dtype)
+        keep = (
+            torch.rand(context.shape[0], device=context.device) >= self.caption_dropout_prob
+        ).to(context.dtype)
         return context * keep[:, None, None], pooled * keep[:, None].to(pooled.dtype)
 
     def unpatchify(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -203,7 +227,9 @@ class MMDiT(nn.Module):
         x = x.reshape(x.shape[0], grid_h, grid_w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, grid_h * p, grid_w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor
+    ) -> torch.Tensor:
         """x: (N, C, H, W) latents, t: (N,) timesteps, context: (N, L, context_dim), pooled: (N, pooled_dim)."""
         h, w = x.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
@@ -231,11 +257,15 @@ class MMDiT(nn.Module):
         n_txt = self.context_len if context_len is None else context_len
         seq, hidden_mlp = n_img + n_txt, int(d * self.mlp_ratio)
         full_stream = 4 * d * d + 2 * d * hidden_mlp  # qkv + proj + MLP, per token
-        macs_block = (n_img + n_txt) * full_stream + 2 * seq * seq * d + 2 * 6 * d * d  # + scores, weighted sum, adaLN
+        macs_block = (
+            (n_img + n_txt) * full_stream + 2 * seq * seq * d + 2 * 6 * d * d
+        )  # + scores, weighted sum, adaLN
         macs_last = n_img * full_stream + n_txt * 3 * d * d + 2 * seq * seq * d + (6 + 2) * d * d
         macs = (self.depth - 1) * macs_block + macs_last
         macs += n_img * self.in_channels * self.patch_size**2 * d  # patch embedding
         macs += self.t_embedder.frequency_embedding_size * d + d * d  # timestep MLP
-        macs += self.pooled_dim * d + d * d + n_txt * self.context_dim * d  # pooled MLP, context embedder
+        macs += (
+            self.pooled_dim * d + d * d + n_txt * self.context_dim * d
+        )  # pooled MLP, context embedder
         macs += 2 * d * d + n_img * d * self.final_layer.linear.out_features  # final layer
         return 2 * macs * batch_size

@@ -31,13 +31,20 @@ def _stage_macs(block: nn.Module, size: int) -> int:
     (per sample). Attention: q, k, v, out projections over size^2 tokens plus QK^T and AV, 2 T^2 D."""
     macs = 0
     for res in block.resnets:
-        macs += _conv_macs(res.conv1, size) + _conv_macs(res.conv2, size) + _linear_macs(res.time_emb_proj)
+        macs += (
+            _conv_macs(res.conv1, size)
+            + _conv_macs(res.conv2, size)
+            + _linear_macs(res.time_emb_proj)
+        )
         if res.conv_shortcut is not None:
             macs += _conv_macs(res.conv_shortcut, size)
     for attn in getattr(block, "attentions", None) or []:
         if attn is not None:
             tokens = size * size
-            macs += sum(_linear_macs(lin, tokens) for lin in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]))
+            macs += sum(
+                _linear_macs(lin, tokens)
+                for lin in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])
+            )
             macs += 2 * tokens * tokens * attn.inner_dim
     return macs
 
@@ -67,8 +74,15 @@ class UNet(nn.Module):
     ):
         super().__init__()
         block_out_channels, attention_levels = tuple(block_out_channels), tuple(attention_levels)
-        self._check(input_size, num_classes, class_dropout_prob, block_out_channels, attention_levels,
-                    attention_head_dim, norm_num_groups)
+        self._check(
+            input_size,
+            num_classes,
+            class_dropout_prob,
+            block_out_channels,
+            attention_levels,
+            attention_head_dim,
+            norm_num_groups,
+        )
         self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.learn_sigma, self.class_dropout_prob = learn_sigma, class_dropout_prob
@@ -77,7 +91,9 @@ class UNet(nn.Module):
             sample_size=input_size,
             in_channels=in_channels,
             out_channels=self.out_channels,
-            down_block_types=tuple("AttnDownBlock2D" if i in attention_levels else "DownBlock2D" for i in levels),
+            down_block_types=tuple(
+                "AttnDownBlock2D" if i in attention_levels else "DownBlock2D" for i in levels
+            ),
             up_block_types=tuple(
                 "AttnUpBlock2D" if i in attention_levels else "UpBlock2D" for i in reversed(levels)
             ),
@@ -94,7 +110,9 @@ class UNet(nn.Module):
         self.initialize_weights()
 
     @staticmethod
-    def _check(input_size, num_classes, class_dropout_prob, channels, attention_levels, head_dim, groups) -> None:
+    def _check(
+        input_size, num_classes, class_dropout_prob, channels, attention_levels, head_dim, groups
+    ) -> None:
         """Raise early, naming the config key, on sizes the U-Net cannot be built with."""
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -107,11 +125,17 @@ class UNet(nn.Module):
                 "times); use fewer model.block_out_channels or another latent size"
             )
         if any(c % groups for c in channels):
-            raise ValueError(f"model.block_out_channels {list(channels)} must be multiples of norm_num_groups={groups}")
+            raise ValueError(
+                f"model.block_out_channels {list(channels)} must be multiples of norm_num_groups={groups}"
+            )
         bad = [i for i in attention_levels if not 0 <= i < len(channels)]
         if bad:
-            raise ValueError(f"model.attention_levels {bad} out of range: levels are 0..{len(channels) - 1}")
-        widths = [c for i, c in enumerate(channels) if i in attention_levels or i == len(channels) - 1]
+            raise ValueError(
+                f"model.attention_levels {bad} out of range: levels are 0..{len(channels) - 1}"
+            )
+        widths = [
+            c for i, c in enumerate(channels) if i in attention_levels or i == len(channels) - 1
+        ]
         if any(c % head_dim for c in widths):
             raise ValueError(
                 f"attention_head_dim {head_dim} must divide the channels of every attention level {widths}"
@@ -145,7 +169,12 @@ class UNet(nn.Module):
         return self.unet(x, t, class_labels=y, return_dict=False)[0]
 
     def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guidance_channels: int | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        cfg_scale: float,
+        guidance_channels: int | None = None,
     ) -> torch.Tensor:
         """Classifier-free guidance on a batch whose second half holds the null labels; see
         `ditkit.models.cfg.forward_with_cfg`."""

@@ -62,20 +62,30 @@ class RectifiedFlow:
         time_scale: float = 1000.0,
     ):
         if time_sampling not in TIME_SAMPLINGS:
-            raise ValueError(f"unknown time_sampling {time_sampling!r}; choose one of {', '.join(TIME_SAMPLINGS)}")
+            raise ValueError(
+                f"unknown time_sampling {time_sampling!r}; choose one of {', '.join(TIME_SAMPLINGS)}"
+            )
         if logit_std <= 0:
             raise ValueError(f"logit_std must be > 0, got {logit_std}")
         # f(u) is monotone (a valid inverse CDF) only for -1 <= scale <= 2 / (pi - 2).
         if not -1.0 <= mode_scale <= 2 / (math.pi - 2):
-            raise ValueError(f"mode_scale must lie in [-1, {2 / (math.pi - 2):.3f}], got {mode_scale}")
+            raise ValueError(
+                f"mode_scale must lie in [-1, {2 / (math.pi - 2):.3f}], got {mode_scale}"
+            )
         if shift <= 0:
             raise ValueError(f"shift must be > 0, got {shift}")
         if shift_reference_area is not None and shift_reference_area <= 0:
-            raise ValueError(f"shift_reference_area must be a positive H*W, got {shift_reference_area}")
+            raise ValueError(
+                f"shift_reference_area must be a positive H*W, got {shift_reference_area}"
+            )
         if cosine_loss_weight < 0:
             raise ValueError(f"cosine_loss_weight must be >= 0, got {cosine_loss_weight}")
         self.time_sampling = time_sampling
-        self.logit_mean, self.logit_std, self.mode_scale = float(logit_mean), float(logit_std), float(mode_scale)
+        self.logit_mean, self.logit_std, self.mode_scale = (
+            float(logit_mean),
+            float(logit_std),
+            float(mode_scale),
+        )
         self.shift, self.shift_reference_area = float(shift), shift_reference_area
         self.shift_training = bool(shift_training)
         self.cosine_loss_weight = float(cosine_loss_weight)
@@ -87,7 +97,9 @@ class RectifiedFlow:
             return self.shift
         return self.shift * math.sqrt(height * width / self.shift_reference_area)
 
-    def sample_t(self, n: int, device=None, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    def sample_t(
+        self, n: int, device=None, height: int | None = None, width: int | None = None
+    ) -> torch.Tensor:
         """(n,) training times from the global RNG, shifted for an H x W latent when asked."""
         if self.time_sampling == "uniform":
             t = torch.rand(n, device=device)
@@ -99,12 +111,16 @@ class RectifiedFlow:
             t = shift_time(t, self.effective_shift(height, width))
         return t
 
-    def interpolate(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def interpolate(
+        self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
         """x_t = (1 - t) x_0 + t eps. x_start, noise: (N, C, H, W); t: (N,)."""
         t = t.view(-1, *([1] * (x_start.ndim - 1)))
         return (1 - t) * x_start + t * noise
 
-    def velocity(self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs=None) -> torch.Tensor:
+    def velocity(
+        self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs=None
+    ) -> torch.Tensor:
         """The model's velocity (N, C, H, W) at x: (N, C, H, W), t: (N,) in [0, 1]."""
         return self._velocity_channels(model(x, t * self.time_scale, **(model_kwargs or {})), x)
 
@@ -112,7 +128,9 @@ class RectifiedFlow:
     def _velocity_channels(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
         if out.shape[1] not in (c, 2 * c):
-            raise ValueError(f"the model gave {out.shape[1]} channels for {c}-channel input; expected {c} or {2 * c}")
+            raise ValueError(
+                f"the model gave {out.shape[1]} channels for {c}-channel input; expected {c} or {2 * c}"
+            )
         return out[:, :c].to(x.dtype)
 
     def training_losses(self, model: Model, x_start, t=None, model_kwargs=None, noise=None) -> dict:
@@ -147,9 +165,20 @@ class RectifiedFlow:
         check_sampler(self.name, sampler, sampler_objective)
 
     @torch.no_grad()
-    def sample(self, model: Model, x_T, model_kwargs=None, sampler="euler", steps: int = 50, cfg_scale=1.0,
-               guidance_channels=None, guidance_interval=None, null_label=None, progress=False,
-               diffusion_norm=1.0) -> torch.Tensor:
+    def sample(
+        self,
+        model: Model,
+        x_T,
+        model_kwargs=None,
+        sampler="euler",
+        steps: int = 50,
+        cfg_scale=1.0,
+        guidance_channels=None,
+        guidance_interval=None,
+        null_label=None,
+        progress=False,
+        diffusion_norm=1.0,
+    ) -> torch.Tensor:
         """x_0: (N, C, H, W) from noise x_T: (N, C, H, W).
 
         sampler: "euler" / "heun" (probability-flow ODE, 1 / 2 model calls per step) or "sde"
@@ -161,7 +190,9 @@ class RectifiedFlow:
             raise ValueError("diffusion_norm applies to sampler=sde only")
         if diffusion_norm < 0:
             raise ValueError(f"diffusion_norm must be >= 0, got {diffusion_norm}")
-        guidance = Guidance.build(model, model_kwargs, cfg_scale, guidance_channels, guidance_interval, null_label)
+        guidance = Guidance.build(
+            model, model_kwargs, cfg_scale, guidance_channels, guidance_interval, null_label
+        )
         grid = self.time_grid(steps, x_T.shape[-2], x_T.shape[-1])
         n, c = x_T.shape[:2]
 

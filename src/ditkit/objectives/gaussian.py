@@ -56,7 +56,9 @@ class GaussianDiffusion:
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+            raise ValueError(
+                f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}"
+            )
         if fixed_variance not in ("large", "small"):
             raise ValueError(f"fixed_variance must be 'large' or 'small', got {fixed_variance!r}")
         self.schedule = schedule
@@ -78,7 +80,11 @@ class GaussianDiffusion:
         # Posterior q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eqs. 6-7).
         post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
         # The posterior variance is 0 at t=0: the log is clipped to its t=1 value.
-        post_log_var = torch.log(torch.cat([post_var[1:2], post_var[1:]])) if len(betas) > 1 else post_var.log()
+        post_log_var = (
+            torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+            if len(betas) > 1
+            else post_var.log()
+        )
         if self.fixed_variance == "large":
             # Ho et al. 2020 sec. 3.2: sigma^2 = beta_t, with the t=0 entry swapped for the
             # posterior variance so the decoder's variance stays small.
@@ -111,7 +117,7 @@ class GaussianDiffusion:
             self._device_coef[t.device] = table
         return table[name][t].view(-1, *([1] * (ndim - 1)))
 
-    def respace(self, spec: str | int) -> "GaussianDiffusion":
+    def respace(self, spec: str | int) -> GaussianDiffusion:
         """The process over the steps kept by `spec` ("250", "ddim50", "10,10,5"); see
         `schedule.space_timesteps`. Its model calls still receive the original timesteps."""
         key = str(spec)
@@ -129,7 +135,9 @@ class GaussianDiffusion:
         return self._c("timestep_map", t, ndim=1)
 
     # ------------------------------------------------------------------ forward process
-    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def q_sample(
+        self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I). x_start: (N, C, H, W), t: (N,)."""
         if noise is None:
             noise = torch.randn_like(x_start)
@@ -145,14 +153,18 @@ class GaussianDiffusion:
     def _predict_xstart(self, x_t, t, pred):
         nd = x_t.ndim
         if self.prediction == "eps":
-            return self._c("sqrt_recip_abar", t, nd) * x_t - self._c("sqrt_recipm1_abar", t, nd) * pred
+            return (
+                self._c("sqrt_recip_abar", t, nd) * x_t - self._c("sqrt_recipm1_abar", t, nd) * pred
+            )
         if self.prediction == "x0":
             return pred
         return self._c("sqrt_abar", t, nd) * x_t - self._c("sqrt_one_minus_abar", t, nd) * pred
 
     def _predict_eps_from_xstart(self, x_t, t, x_start):
         nd = x_t.ndim
-        return (self._c("sqrt_recip_abar", t, nd) * x_t - x_start) / self._c("sqrt_recipm1_abar", t, nd)
+        return (self._c("sqrt_recip_abar", t, nd) * x_t - x_start) / self._c(
+            "sqrt_recipm1_abar", t, nd
+        )
 
     # ------------------------------------------------------------------ reverse process
     def p_mean_variance_from_output(self, output, x, t, clip_denoised=False) -> dict:
@@ -162,15 +174,21 @@ class GaussianDiffusion:
         output = output.float()
         if self.learn_sigma:
             if output.shape[1] != 2 * c:
-                raise ValueError(f"learn_sigma expects {2 * c} output channels, the model gave {output.shape[1]}")
+                raise ValueError(
+                    f"learn_sigma expects {2 * c} output channels, the model gave {output.shape[1]}"
+                )
             output, var_values = output[:, :c], output[:, c:]
             # improved DDPM eq. 15: v in [-1, 1] interpolates log beta_tilde .. log beta.
             frac = (var_values + 1) / 2
-            log_var = frac * self._c("log_betas", t, nd) + (1 - frac) * self._c("post_log_var", t, nd)
+            log_var = frac * self._c("log_betas", t, nd) + (1 - frac) * self._c(
+                "post_log_var", t, nd
+            )
             var = torch.exp(log_var)
         else:
             if output.shape[1] != c:
-                raise ValueError(f"expected {c} output channels (learn_sigma=False), the model gave {output.shape[1]}")
+                raise ValueError(
+                    f"expected {c} output channels (learn_sigma=False), the model gave {output.shape[1]}"
+                )
             var = self._c("fixed_var", t, nd).expand_as(x)
             log_var = self._c("fixed_log_var", t, nd).expand_as(x)
         pred_xstart = self._predict_xstart(x, t, output)
@@ -213,7 +231,10 @@ class GaussianDiffusion:
             target = x_start
         else:
             nd = x_start.ndim
-            target = self._c("sqrt_abar", t, nd) * noise - self._c("sqrt_one_minus_abar", t, nd) * x_start
+            target = (
+                self._c("sqrt_abar", t, nd) * noise
+                - self._c("sqrt_one_minus_abar", t, nd) * x_start
+            )
         terms["mse"] = mean_flat((target - output) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
@@ -223,7 +244,9 @@ class GaussianDiffusion:
         discretised decoder NLL for t = 0 (Ho et al. 2020, eq. 5)."""
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance_from_output(output, x_t, t)
-        kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
+        kl = mean_flat(
+            normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])
+        ) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
         nll = mean_flat(nll) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
@@ -232,12 +255,21 @@ class GaussianDiffusion:
     def _step_output(self, model, x, i, model_kwargs, guidance):
         """Model output at step index i of this process for the whole batch x: (N, C, H, W)."""
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        out = guidance(model, x, self.model_timesteps(t), model_kwargs, self.timestep_map[i], x.shape[1])
+        out = guidance(
+            model, x, self.model_timesteps(t), model_kwargs, self.timestep_map[i], x.shape[1]
+        )
         return t, out
 
     @torch.no_grad()
-    def ddpm_sample(self, model: Model, x_T, model_kwargs=None, progress=False, clip_denoised=False,
-                    guidance: Guidance | None = None) -> torch.Tensor:
+    def ddpm_sample(
+        self,
+        model: Model,
+        x_T,
+        model_kwargs=None,
+        progress=False,
+        clip_denoised=False,
+        guidance: Guidance | None = None,
+    ) -> torch.Tensor:
         """Ancestral sampling x_T -> x_0 over every step of this process. x_T: (N, C, H, W)."""
         guidance = guidance or Guidance()
         x = x_T
@@ -251,8 +283,16 @@ class GaussianDiffusion:
         return x
 
     @torch.no_grad()
-    def ddim_sample(self, model: Model, x_T, model_kwargs=None, eta=0.0, progress=False, clip_denoised=False,
-                    guidance: Guidance | None = None) -> torch.Tensor:
+    def ddim_sample(
+        self,
+        model: Model,
+        x_T,
+        model_kwargs=None,
+        eta=0.0,
+        progress=False,
+        clip_denoised=False,
+        guidance: Guidance | None = None,
+    ) -> torch.Tensor:
         """DDIM (Song et al. 2021, eq. 12) x_T -> x_0 over every step of this process; eta=0 is
         deterministic, eta=1 matches DDPM's posterior variance. x_T: (N, C, H, W)."""
         guidance = guidance or Guidance()
@@ -262,7 +302,9 @@ class GaussianDiffusion:
             x0 = self.p_mean_variance_from_output(out, x, t, clip_denoised)["pred_xstart"]
             eps = self._predict_eps_from_xstart(x, t, x0)
             abar, abar_prev = self._c("abar", t), self._c("abar_prev", t)
-            sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+            sigma = (
+                eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+            )
             x = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
             if eta > 0:
                 x = x + sigma * torch.randn_like(x)  # sigma is 0 at the last step
@@ -272,9 +314,21 @@ class GaussianDiffusion:
         """Raise a clear error unless `sampler` (declared for `sampler_objective`) fits this objective."""
         check_sampler(self.name, sampler, sampler_objective)
 
-    def sample(self, model: Model, x_T, model_kwargs=None, sampler="ddpm", steps: int | str = 250,
-               cfg_scale=1.0, guidance_channels=None, guidance_interval=None, null_label=None,
-               progress=False, eta=0.0, clip_denoised=False) -> torch.Tensor:
+    def sample(
+        self,
+        model: Model,
+        x_T,
+        model_kwargs=None,
+        sampler="ddpm",
+        steps: int | str = 250,
+        cfg_scale=1.0,
+        guidance_channels=None,
+        guidance_interval=None,
+        null_label=None,
+        progress=False,
+        eta=0.0,
+        clip_denoised=False,
+    ) -> torch.Tensor:
         """x_0: (N, C, H, W) from noise x_T: (N, C, H, W).
 
         sampler "ddpm" (ancestral) or "ddim"; steps: a count (evenly respaced for ddpm,
@@ -284,12 +338,25 @@ class GaussianDiffusion:
         self.check_sampler(sampler)
         if sampler == "ddpm" and eta != 0.0:
             raise ValueError("eta applies to sampler=ddim only")
-        guidance = Guidance.build(model, model_kwargs, cfg_scale, guidance_channels, guidance_interval, null_label)
+        guidance = Guidance.build(
+            model, model_kwargs, cfg_scale, guidance_channels, guidance_interval, null_label
+        )
         if sampler == "ddpm":
             return self.respace(str(steps)).ddpm_sample(
-                model, x_T, model_kwargs, progress=progress, clip_denoised=clip_denoised, guidance=guidance
+                model,
+                x_T,
+                model_kwargs,
+                progress=progress,
+                clip_denoised=clip_denoised,
+                guidance=guidance,
             )
         spec = f"ddim{steps}" if isinstance(steps, int) else steps
         return self.respace(spec).ddim_sample(
-            model, x_T, model_kwargs, eta=eta, progress=progress, clip_denoised=clip_denoised, guidance=guidance
+            model,
+            x_T,
+            model_kwargs,
+            eta=eta,
+            progress=progress,
+            clip_denoised=clip_denoised,
+            guidance=guidance,
         )

@@ -14,8 +14,9 @@ condition themselves: `model.null_condition(**model_kwargs)` gives the keywords 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ class Guidance:
         guidance_channels: int | None,
         guidance_interval: tuple[float, float] | list[float] | None,
         null_label: int | None,
-    ) -> "Guidance":
+    ) -> Guidance:
         """Validate the user's options early and find the null label (argument, else
         `model.num_classes`, the DiT convention for the extra 'no class' embedding), or, without
         labels, the null condition of a model that has `null_condition` (text conditioning)."""
@@ -64,9 +65,13 @@ class Guidance:
                     "or give the model a `num_classes` attribute (the null class is index num_classes)"
                 )
         if guidance_channels is not None and int(guidance_channels) < 1:
-            raise ValueError(f"guidance_channels must be None (all) or >= 1, got {guidance_channels}")
+            raise ValueError(
+                f"guidance_channels must be None (all) or >= 1, got {guidance_channels}"
+            )
         if guidance_interval is not None:
-            if len(guidance_interval) != 2 or float(guidance_interval[0]) > float(guidance_interval[1]):
+            if len(guidance_interval) != 2 or float(guidance_interval[0]) > float(
+                guidance_interval[1]
+            ):
                 raise ValueError(
                     f"guidance_interval must be (low, high) with low <= high, got {guidance_interval}"
                 )
@@ -110,14 +115,21 @@ class Guidance:
             )
         n = x.shape[0]
         if self.null_kwargs is not None:
-            doubled = {key: torch.cat([v, self.null_kwargs[key]]) if key in self.null_kwargs else _double(v, n)
-                       for key, v in kwargs.items()}
+            doubled = {
+                key: torch.cat([v, self.null_kwargs[key]])
+                if key in self.null_kwargs
+                else _double(v, n)
+                for key, v in kwargs.items()
+            }
             out = model(torch.cat([x, x]), torch.cat([t, t]), **doubled)
         else:
             y = kwargs.pop("y")
             doubled = {key: _double(v, n) for key, v in kwargs.items()}
             out = model(
-                torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, self.null_label)]), **doubled
+                torch.cat([x, x]),
+                torch.cat([t, t]),
+                y=torch.cat([y, torch.full_like(y, self.null_label)]),
+                **doubled,
             )
         cond, uncond = out[:n], out[n:]
         guided = uncond[:, :k] + self.scale * (cond[:, :k] - uncond[:, :k])

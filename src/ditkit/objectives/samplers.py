@@ -18,7 +18,9 @@ def check_sampler(objective: str, sampler: str, sampler_objective: str | None = 
     valid = ", ".join(samplers_of(objective))
     owner = SAMPLER_OBJECTIVE.get(sampler)
     if owner is None:
-        raise ValueError(f"unknown sampler {sampler!r}; objective={objective} supports sampler={valid}")
+        raise ValueError(
+            f"unknown sampler {sampler!r}; objective={objective} supports sampler={valid}"
+        )
     if sampler_objective is not None and sampler_objective != owner:
         raise ValueError(
             f"the sampler config for {sampler!r} declares objective={sampler_objective}, "

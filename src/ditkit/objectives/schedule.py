@@ -47,9 +47,11 @@ def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
     spec = str(spec).strip()
     if spec.startswith("ddim"):
         try:
-            count = int(spec[len("ddim"):])
+            count = int(spec[len("ddim") :])
         except ValueError:
-            raise ValueError(f"bad respacing {spec!r}: expected 'ddimN' with an integer N") from None
+            raise ValueError(
+                f"bad respacing {spec!r}: expected 'ddimN' with an integer N"
+            ) from None
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == count:
                 return list(range(0, num_timesteps, stride))
@@ -99,7 +101,11 @@ def respaced_betas(alphas_cumprod: torch.Tensor, kept: list[int]) -> torch.Tenso
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
     return 0.5 * (
-        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+        -1.0
+        + logvar2
+        - logvar1
+        + torch.exp(logvar1 - logvar2)
+        + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
     )
 
 
@@ -118,7 +124,9 @@ def discretized_gaussian_log_likelihood(x, means, log_scales) -> torch.Tensor:
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+    return torch.where(
+        x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta)
+    )
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:

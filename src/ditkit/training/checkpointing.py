@@ -84,7 +84,10 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             trainer.strategy.save_checkpoint(checkpoint, tmp)
         except Exception as e:  # noqa: BLE001 - re-raised below on every rank
             error = e
-        if trainer.strategy.reduce_boolean_decision(error is None, all=True) and trainer.is_global_zero:
+        if (
+            trainer.strategy.reduce_boolean_decision(error is None, all=True)
+            and trainer.is_global_zero
+        ):
             try:
                 commit(tmp, filepath)
             except Exception as e:  # noqa: BLE001
@@ -92,7 +95,9 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         if not trainer.strategy.reduce_boolean_decision(error is None, all=True):
             if trainer.is_global_zero:
                 discard(tmp)
-            where = f": {type(error).__name__}: {error}" if error is not None else " on another rank"
+            where = (
+                f": {type(error).__name__}: {error}" if error is not None else " on another rank"
+            )
             raise CheckpointSaveError(
                 f"could not write checkpoint {filepath}{where}. The previous checkpoint is intact; free disk "
                 f"space or fix the folder's permissions, then rerun the same command to resume."
@@ -133,7 +138,9 @@ def checkpoint_step(path: str | Path) -> int:
                 raise ValueError(f"record {bad} fails its CRC-32 check")
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any failure to open means: not usable
-        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is truncated or corrupt") from e
+        raise ValueError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is truncated or corrupt"
+        ) from e
     if not isinstance(ckpt, dict) or "global_step" not in ckpt:
         raise ValueError(f"{path} is not a ditkit training checkpoint (no global_step)")
     return int(ckpt["global_step"])
@@ -148,7 +155,11 @@ def find_resume_checkpoint(folder: str | Path) -> Path | None:
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    candidates = [p for p in folder.iterdir() if p.name.endswith(".ckpt") or p.name.endswith(".ckpt" + OLD_SUFFIX)]
+    candidates = [
+        p
+        for p in folder.iterdir()
+        if p.name.endswith(".ckpt") or p.name.endswith(".ckpt" + OLD_SUFFIX)
+    ]
     for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
         try:
             checkpoint_step(path)

@@ -9,7 +9,15 @@ from ditkit.models import DIT_VARIANTS
 
 from .checkpointing import checkpoint_step
 
-INT_KEYS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes")
+INT_KEYS = (
+    "input_size",
+    "patch_size",
+    "in_channels",
+    "hidden_size",
+    "depth",
+    "num_heads",
+    "num_classes",
+)
 
 
 class ConfigError(ValueError):
@@ -24,7 +32,9 @@ def check_model_fits_data(model: Mapping[str, Any], data: Mapping[str, Any]) -> 
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ConfigError(f"model.{key}={value!r} must be an integer")
     sizes = dict(DIT_VARIANTS.get(model.get("variant"), {}))
-    sizes.update({k: model[k] for k in ("depth", "hidden_size", "num_heads") if model.get(k) is not None})
+    sizes.update(
+        {k: model[k] for k in ("depth", "hidden_size", "num_heads") if model.get(k) is not None}
+    )
     hidden, heads = sizes.get("hidden_size"), sizes.get("num_heads")
     if hidden is not None and heads is not None and hidden % heads:
         divisors = [h for h in range(1, 33) if hidden % h == 0]
@@ -45,9 +55,16 @@ def check_model_fits_data(model: Mapping[str, Any], data: Mapping[str, Any]) -> 
             f"{model.get('_target_')} takes class labels: use a text-to-image model (model=mmdit_d12|mmdit_d24), "
             "or data without text (unset data.context_len/context_dim/pooled_dim to train on the labels)"
         )
-    for model_key, data_key in (("input_size", "latent_size"), ("in_channels", "latent_channels"),
-                                ("num_classes", "num_classes")):
-        if model.get(model_key) is not None and data.get(data_key) is not None and model[model_key] != data[data_key]:
+    for model_key, data_key in (
+        ("input_size", "latent_size"),
+        ("in_channels", "latent_channels"),
+        ("num_classes", "num_classes"),
+    ):
+        if (
+            model.get(model_key) is not None
+            and data.get(data_key) is not None
+            and model[model_key] != data[data_key]
+        ):
             raise ConfigError(
                 f"model.{model_key}={model[model_key]} but the data has {data_key}={data[data_key]}: the model must be "
                 f"built for the data's latents. Drop the model.{model_key} override (it follows data.{data_key}) "
@@ -58,14 +75,18 @@ def check_model_fits_data(model: Mapping[str, Any], data: Mapping[str, Any]) -> 
 def check_resume(resume: str, ckpt_path: str | None, checkpoint_dir: str | Path) -> None:
     """resume: "auto" | "never"; ckpt_path: an explicit checkpoint or None."""
     if resume not in ("auto", "never"):
-        raise ConfigError(f"resume={resume!r}: use resume=auto (continue this run's folder) or resume=never")
+        raise ConfigError(
+            f"resume={resume!r}: use resume=auto (continue this run's folder) or resume=never"
+        )
     if ckpt_path is not None:
         if not Path(ckpt_path).exists():
             raise ConfigError(f"ckpt_path={ckpt_path} does not exist")
         try:
             checkpoint_step(ckpt_path)
         except ValueError as e:
-            raise ConfigError(f"ckpt_path: {e}. Pick another checkpoint, or resume=auto to take the newest good one") from e
+            raise ConfigError(
+                f"ckpt_path: {e}. Pick another checkpoint, or resume=auto to take the newest good one"
+            ) from e
     folder = Path(checkpoint_dir)
     if resume == "never" and ckpt_path is None and folder.is_dir() and any(folder.iterdir()):
         raise ConfigError(

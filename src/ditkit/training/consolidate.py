@@ -10,8 +10,12 @@ from .parallel import consolidate_checkpoint
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[2])
-    parser.add_argument("folder", help="a sharded checkpoint folder, e.g. outputs/RUN/checkpoints/last.ckpt")
-    parser.add_argument("--output", default=None, help="the file to write (default: <folder>.consolidated)")
+    parser.add_argument(
+        "folder", help="a sharded checkpoint folder, e.g. outputs/RUN/checkpoints/last.ckpt"
+    )
+    parser.add_argument(
+        "--output", default=None, help="the file to write (default: <folder>.consolidated)"
+    )
     args = parser.parse_args()
     print(consolidate_checkpoint(args.folder, args.output))
 

@@ -25,8 +25,12 @@ class FSDP2Strategy(ModelParallelStrategy):
     reload it); False gathers a single file on rank 0."""
 
     def __init__(self, save_distributed_checkpoint: bool = True, **kwargs):
-        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
-                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            **kwargs,
+        )
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
@@ -36,7 +40,9 @@ class FSDP2Strategy(ModelParallelStrategy):
 def shard_blocks(model: nn.Module, mesh: DeviceMesh) -> None:
     """fully_shard every module of `model.blocks`, then the root (embedders and final layer)."""
     if not hasattr(model, "blocks"):
-        raise TypeError(f"{type(model).__name__} has no `blocks`; FSDP2 sharding needs the list of transformer blocks")
+        raise TypeError(
+            f"{type(model).__name__} has no `blocks`; FSDP2 sharding needs the list of transformer blocks"
+        )
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -69,11 +75,15 @@ def consolidate_checkpoint(folder: str | Path, output: str | Path | None = None)
 
     folder = Path(folder)
     if not (folder / _METADATA_FILENAME).is_file():
-        raise FileNotFoundError(f"{folder} is not a sharded ditkit/Lightning checkpoint (no {_METADATA_FILENAME} in it)")
+        raise FileNotFoundError(
+            f"{folder} is not a sharded ditkit/Lightning checkpoint (no {_METADATA_FILENAME} in it)"
+        )
     output = Path(output) if output is not None else folder.with_name(folder.name + ".consolidated")
     checkpoint = _load_distributed_checkpoint(folder)
     # ModelParallelStrategy stores optimizers as optimizer_0, optimizer_1, ...; the file format wants a list.
-    keys = sorted((k for k in checkpoint if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
+    keys = sorted(
+        (k for k in checkpoint if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1])
+    )
     if keys:
         checkpoint["optimizer_states"] = [_index_keyed(checkpoint.pop(k)) for k in keys]
     tmp = output.with_name(output.name + ".tmp")

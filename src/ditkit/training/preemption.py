@@ -27,7 +27,9 @@ class Preemption(Callback):
     requeue: on SLURM, `scontrol requeue` the job after saving."""
 
     def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"), requeue: bool = True):
-        self.signals = [signal.Signals[s] if isinstance(s, str) else signal.Signals(s) for s in signals]
+        self.signals = [
+            signal.Signals[s] if isinstance(s, str) else signal.Signals(s) for s in signals
+        ]
         self.requeue = requeue
         self.received: int | None = None
         self._previous: dict[signal.Signals, object] = {}
@@ -53,14 +55,28 @@ class Preemption(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         flag = torch.tensor(0.0 if self.received is None else 1.0, device=pl_module.device)
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank signalled = all ranks stop, together
+            dist.all_reduce(
+                flag, op=dist.ReduceOp.MAX
+            )  # one rank signalled = all ranks stop, together
         if flag.item() == 0:
             return
-        name = signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
-        rank_zero_info(f"ditkit: received {name}; saving last.ckpt at step {trainer.global_step} and stopping")
-        savers = [c for c in trainer.checkpoint_callbacks if isinstance(c, AtomicModelCheckpoint) and c.save_last]
+        name = (
+            signal.Signals(self.received).name
+            if self.received is not None
+            else "a signal on another rank"
+        )
+        rank_zero_info(
+            f"ditkit: received {name}; saving last.ckpt at step {trainer.global_step} and stopping"
+        )
+        savers = [
+            c
+            for c in trainer.checkpoint_callbacks
+            if isinstance(c, AtomicModelCheckpoint) and c.save_last
+        ]
         if not savers:
-            rank_zero_warn("ditkit: preempted, but no checkpoint callback with save_last is configured: nothing saved")
+            rank_zero_warn(
+                "ditkit: preempted, but no checkpoint callback with save_last is configured: nothing saved"
+            )
         for saver in savers:
             saver.save_last_now(trainer)
         trainer.should_stop = True
@@ -70,7 +86,11 @@ class Preemption(Callback):
 
 def _slurm_requeue() -> None:
     array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+    job = (
+        f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        if array_job
+        else os.environ["SLURM_JOB_ID"]
+    )
     if not re.fullmatch(r"[0-9_]+", job):
         rank_zero_warn(f"ditkit: not requeueing: unexpected SLURM job id {job!r}")
         return
@@ -78,4 +98,6 @@ def _slurm_requeue() -> None:
     if result.returncode == 0:
         rank_zero_info(f"ditkit: requeued SLURM job {job}")
     else:
-        rank_zero_warn(f"ditkit: `scontrol requeue {job}` failed with exit code {result.returncode}")
+        rank_zero_warn(
+            f"ditkit: `scontrol requeue {job}` failed with exit code {result.returncode}"
+        )

@@ -15,7 +15,9 @@ from PIL import Image
 DEFAULT_SAMPLER = {"ddpm": ("ddim", 50), "flow": ("euler", 50)}
 
 
-def fixed_inputs(num: int, shape: tuple[int, int, int], labels: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_inputs(
+    num: int, shape: tuple[int, int, int], labels: list[int], seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The same noise (num, C, H, W) and labels (num,) at every call: labels cycle through `labels`."""
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((num, *shape), generator=g)
@@ -55,7 +57,9 @@ def _decoder(trainer: "L.Trainer", vae: str | None):
     return decode
 
 
-def conditions(trainer: "L.Trainer", labels: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor | dict:
+def conditions(
+    trainer: "L.Trainer", labels: torch.Tensor, prompts: list[str] | None = None
+) -> torch.Tensor | dict:
     """The labels, or for captioned data (text-to-image, MMDiT) the text condition {"context", "pooled"} of
     `prompts` (cycled over the labels' positions) or else of the labels' class captions, embedded by the
     text encoders named in the shards' manifest."""
@@ -65,7 +69,11 @@ def conditions(trainer: "L.Trainer", labels: torch.Tensor, prompts: list[str] | 
     from ditkit.data.text import class_prompts, text_encoders_from_manifest
 
     datamodule.setup()
-    texts = [prompts[i % len(prompts)] for i in range(len(labels))] if prompts else class_prompts(datamodule.manifest, labels)
+    texts = (
+        [prompts[i % len(prompts)] for i in range(len(labels))]
+        if prompts
+        else class_prompts(datamodule.manifest, labels)
+    )
     context, pooled = text_encoders_from_manifest(datamodule.manifest)(texts)
     return {"context": context, "pooled": pooled}
 
@@ -81,12 +89,18 @@ def _sample(pl_module, noise, labels, sampler, steps, cfg_scale, batch_size) -> 
     default_sampler, default_steps = DEFAULT_SAMPLER[pl_module.objective.name]
     sampler, steps = sampler or default_sampler, steps or default_steps
     out = []
-    with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
-        torch.manual_seed(0)  # stochastic samplers (ancestral DDPM, SDE) draw the same noise every time
+    with torch.random.fork_rng(
+        devices=[pl_module.device] if pl_module.device.type == "cuda" else []
+    ):
+        torch.manual_seed(
+            0
+        )  # stochastic samplers (ancestral DDPM, SDE) draw the same noise every time
         for i in range(0, len(noise), batch_size):
             x = noise[i : i + batch_size].to(pl_module.device)
             y = _rows(labels, i, i + batch_size, pl_module.device)
-            out.append(pl_module.sample(x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale).float())
+            out.append(
+                pl_module.sample(x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale).float()
+            )
     return torch.cat(out)
 
 
@@ -99,29 +113,66 @@ class SampleGrid(Callback):
     sampler / steps: default ddim 50 (ddpm) or euler 50 (flow). vae: override of the manifest's VAE.
     """
 
-    def __init__(self, every_n_steps: int = 10000, num_images: int = 16, num_classes: int = 1000,
-                 labels: list[int] | None = None, sampler: str | None = None, steps: int | None = None,
-                 cfg_scale: float = 4.0, seed: int = 0, batch_size: int = 64, vae: str | None = None,
-                 output_dir: str | None = None, prompts: list[str] | None = None):
+    def __init__(
+        self,
+        every_n_steps: int = 10000,
+        num_images: int = 16,
+        num_classes: int = 1000,
+        labels: list[int] | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        cfg_scale: float = 4.0,
+        seed: int = 0,
+        batch_size: int = 64,
+        vae: str | None = None,
+        output_dir: str | None = None,
+        prompts: list[str] | None = None,
+    ):
         if every_n_steps < 1:
-            raise ValueError(f"callbacks.sample_grid.every_n_steps must be >= 1, got {every_n_steps}")
+            raise ValueError(
+                f"callbacks.sample_grid.every_n_steps must be >= 1, got {every_n_steps}"
+            )
         self.every_n_steps, self.num_images, self.cfg_scale = every_n_steps, num_images, cfg_scale
-        self.labels = list(labels) if labels else [int(i * num_classes / num_images) for i in range(num_images)]
+        self.labels = (
+            list(labels)
+            if labels
+            else [int(i * num_classes / num_images) for i in range(num_images)]
+        )
         self.sampler, self.steps, self.seed, self.batch_size = sampler, steps, seed, batch_size
-        self.vae, self.output_dir, self.prompts = vae, output_dir, list(prompts) if prompts else None
+        self.vae, self.output_dir, self.prompts = (
+            vae,
+            output_dir,
+            list(prompts) if prompts else None,
+        )
         self._decode = None
         self._condition = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step == 0 or step % self.every_n_steps or (batch_idx + 1) % trainer.accumulate_grad_batches:
+        if (
+            step == 0
+            or step % self.every_n_steps
+            or (batch_idx + 1) % trainer.accumulate_grad_batches
+        ):
             return
         model = pl_module.model
-        noise, labels = fixed_inputs(self.num_images, (model.in_channels, model.input_size, model.input_size),
-                                     self.labels, self.seed)
+        noise, labels = fixed_inputs(
+            self.num_images,
+            (model.in_channels, model.input_size, model.input_size),
+            self.labels,
+            self.seed,
+        )
         if self._condition is None:
             self._condition = conditions(trainer, labels, self.prompts)
-        latents = _sample(pl_module, noise, self._condition, self.sampler, self.steps, self.cfg_scale, self.batch_size)
+        latents = _sample(
+            pl_module,
+            noise,
+            self._condition,
+            self.sampler,
+            self.steps,
+            self.cfg_scale,
+            self.batch_size,
+        )
         if not trainer.is_global_zero:
             return  # every rank samples (FSDP2 all-gathers in the forward); rank 0 decodes and logs
         if self._decode is None:
@@ -132,7 +183,11 @@ class SampleGrid(Callback):
         Image.fromarray(grid).save(folder / f"step_{step:07d}.png")
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
-                caption = f"prompts {self.prompts}" if self.prompts and isinstance(self._condition, dict) else f"labels {self.labels}"
+                caption = (
+                    f"prompts {self.prompts}"
+                    if self.prompts and isinstance(self._condition, dict)
+                    else f"labels {self.labels}"
+                )
                 logger.log_image(key="samples", images=[grid], step=step, caption=[caption])
 
 
@@ -142,7 +197,10 @@ def real_digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
     from ditkit.data.sources import DigitsSource
 
     source = DigitsSource()
-    images = [to_tensor(center_crop_arr(to_rgb(Image.fromarray(a)), image_size)).numpy() for a in source.images]
+    images = [
+        to_tensor(center_crop_arr(to_rgb(Image.fromarray(a)), image_size)).numpy()
+        for a in source.images
+    ]
     return np.stack(images), source.labels
 
 
@@ -157,9 +215,21 @@ class DigitsScore(Callback):
     SVM trained on the real digits assigns to the class that was asked for (`samples/digits_accuracy`,
     also written to <run>/digits_score.json)."""
 
-    def __init__(self, per_class: int = 20, cfg_scale: float = 4.0, sampler: str | None = None,
-                 steps: int | None = None, seed: int = 0, batch_size: int = 200):
-        self.per_class, self.cfg_scale, self.sampler, self.steps = per_class, cfg_scale, sampler, steps
+    def __init__(
+        self,
+        per_class: int = 20,
+        cfg_scale: float = 4.0,
+        sampler: str | None = None,
+        steps: int | None = None,
+        seed: int = 0,
+        batch_size: int = 200,
+    ):
+        self.per_class, self.cfg_scale, self.sampler, self.steps = (
+            per_class,
+            cfg_scale,
+            sampler,
+            steps,
+        )
         self.seed, self.batch_size = seed, batch_size
 
     def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
@@ -169,9 +239,13 @@ class DigitsScore(Callback):
 
         model = pl_module.model
         size = model.input_size
-        noise, labels = fixed_inputs(10 * self.per_class, (model.in_channels, size, size), list(range(10)), self.seed)
+        noise, labels = fixed_inputs(
+            10 * self.per_class, (model.in_channels, size, size), list(range(10)), self.seed
+        )
         condition = conditions(trainer, labels)  # captioned digits: "a handwritten seven" for 7
-        samples = _sample(pl_module, noise, condition, self.sampler, self.steps, self.cfg_scale, self.batch_size)
+        samples = _sample(
+            pl_module, noise, condition, self.sampler, self.steps, self.cfg_scale, self.batch_size
+        )
         if not trainer.is_global_zero:
             return
         images, targets = real_digits(size)
@@ -186,12 +260,18 @@ class DigitsScore(Callback):
             "step": trainer.global_step,
         }
         Path(trainer.default_root_dir).mkdir(parents=True, exist_ok=True)
-        (Path(trainer.default_root_dir) / "digits_score.json").write_text(json.dumps(result, indent=2))
-        Image.fromarray(to_grid(samples[:100], nrow=10)).save(  # labels cycle 0..9: column c holds digit c
+        (Path(trainer.default_root_dir) / "digits_score.json").write_text(
+            json.dumps(result, indent=2)
+        )
+        Image.fromarray(
+            to_grid(samples[:100], nrow=10)
+        ).save(  # labels cycle 0..9: column c holds digit c
             Path(trainer.default_root_dir) / "digits_samples.png"
         )
         for logger in trainer.loggers:
-            logger.log_metrics({"samples/digits_accuracy": result["accuracy"]}, step=trainer.global_step)
+            logger.log_metrics(
+                {"samples/digits_accuracy": result["accuracy"]}, step=trainer.global_step
+            )
         rank_zero_info(
             f"digits score: {result['accuracy']:.1%} of {len(correct)} guided samples (cfg {self.cfg_scale}) are "
             f"classified as the digit asked for by an SVM trained on the real digits"

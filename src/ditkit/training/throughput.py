@@ -66,7 +66,9 @@ class Throughput(Callback):
 
     def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         model = pl_module.model
-        self._flops_per_image = 3.0 * model.forward_flops(1) if hasattr(model, "forward_flops") else None
+        self._flops_per_image = (
+            3.0 * model.forward_flops(1) if hasattr(model, "forward_flops") else None
+        )
         device = pl_module.device
         if device.type == "cuda":
             self._peak = peak_flops(torch.cuda.get_device_name(device), trainer.precision)
@@ -90,6 +92,8 @@ class Throughput(Callback):
         imgs_per_sec = self._images * trainer.world_size / elapsed
         metrics = {"perf/imgs_per_sec": imgs_per_sec}
         if self._flops_per_image is not None and self._peak is not None:
-            metrics["perf/mfu"] = imgs_per_sec * self._flops_per_image / (self._peak * trainer.world_size)
+            metrics["perf/mfu"] = (
+                imgs_per_sec * self._flops_per_image / (self._peak * trainer.world_size)
+            )
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         self._t0, self._images = time.perf_counter(), 0
