@@ -20,9 +20,6 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-REPO = Path(__file__).resolve().parent
-# FID protocol of each objective's papers: DiT 250 ancestral DDPM steps, SiT 250 Euler-Maruyama (SDE) steps.
-DEFAULT_SAMPLER = {"ddpm": "ddpm", "flow": "sde"}
 OFFICIAL_VAE = "stabilityai/sd-vae-ft-ema"  # DiT's sample_ddp.py default
 
 
@@ -37,12 +34,19 @@ def run_name(overrides: str) -> str:
 OmegaConf.register_new_resolver("ditkit.eval_run_name", run_name, replace=True)
 
 
+def register_configs() -> None:
+    """The `sampler` group's choices come from the sampler registry (one definition per sampler)."""
+    from ditkit.objectives.samplers import register_configs as register_samplers
+
+    register_samplers()
+
+
 def _checkpoint_file(ckpt: str, run_dir: Path) -> Path:
     """`ckpt`, or for a sharded (FSDP) checkpoint folder its consolidated copy in the run folder."""
     path = Path(ckpt)
     if not path.is_dir() or not (path / ".metadata").is_file():
         return path
-    from ditkit.training import consolidate_checkpoint
+    from ditkit.checkpoints import consolidate_checkpoint
 
     out = run_dir / "consolidated.ckpt"
     if not out.is_file():  # made once, before the other ranks start
@@ -58,12 +62,16 @@ def build(cfg: DictConfig, ckpt):
     from ditkit.checkpoints import dit_config_from_state_dict
     from ditkit.data.vae import load_vae
     from ditkit.evaluation.decoding import run_vae
-    from ditkit.models import DiT
+    from ditkit.models import DiT, check_backbone
 
     vae_cfg = cfg.get("vae")
     if ckpt.kind == "ditkit":
         run = ckpt.run_config
-        model = instantiate(run["model"])
+        model_cfg = dict(run["model"])
+        # Checkpoints of ditkit 0.1 name activation checkpointing in the model config; it is applied
+        # from outside the model now (module.activation_checkpointing) and means nothing here.
+        model_cfg.pop("grad_checkpointing", None)
+        model = instantiate(model_cfg)
         objective_cfg = cfg.objective if cfg.get("objective") is not None else run["objective"]
         vae = run_vae(
             run["data"],
@@ -88,7 +96,8 @@ def build(cfg: DictConfig, ckpt):
         pretrained = vae_cfg.pretrained if vae_cfg else OFFICIAL_VAE
         vae = load_vae(pretrained or "identity", vae_cfg.subfolder if vae_cfg else None)
         image_size = None
-    if getattr(model, "num_classes", None) is None and cfg.get("prompts") is None:
+    check_backbone(model, f"the model of ckpt={cfg.ckpt}")
+    if tuple(model.condition_keys) != ("y",) and cfg.get("prompts") is None:
         raise ValueError(
             f"ckpt={cfg.ckpt}: evaluate.py scores class-conditional models; this one ({type(model).__name__}) has "
             "no classes (a text-to-image model samples from prompts=FILE)"
@@ -105,25 +114,27 @@ def build(cfg: DictConfig, ckpt):
         else dict(objective_cfg)
     )
     if "learn_sigma" in objective_cfg or objective_cfg["_target_"].endswith("GaussianDiffusion"):
-        objective_cfg.learn_sigma = bool(
-            model.learn_sigma
-        )  # follows the model (objective/ddpm.yaml interpolates it)
+        # Follows the model (objective/ddpm.yaml interpolates it).
+        objective_cfg.learn_sigma = bool(model.learn_sigma)
+    if "terms" in objective_cfg:
+        objective_cfg.terms = {}  # training-only losses (probes, projectors): sampling needs none
     return model.eval(), instantiate(objective_cfg), vae, image_size
 
 
 def sampler_settings(cfg: DictConfig, objective) -> dict:
-    """objective.sample keyword arguments from the sampler group (default: by objective) and the guidance keys."""
+    """objective.sample keyword arguments from the sampler group (null: the objective's evaluation
+    protocol, ddpm 250 for ddpm and sde 250 for flow, from the sampler registry) and the guidance keys."""
+    from ditkit.objectives.samplers import resolve
+
     sampler = cfg.get("sampler")
-    if sampler is None:
-        sampler = OmegaConf.load(
-            REPO / "conf" / "sampler" / f"{DEFAULT_SAMPLER[objective.name]}.yaml"
-        )
-    objective.check_sampler(sampler.name, sampler.get("objective"))
-    interval, options = cfg.guidance_interval, sampler.get("options")
+    if sampler is not None:
+        sampler = OmegaConf.to_container(sampler)
+    spec, steps, options = resolve(sampler, objective.name, "evaluate")
+    interval = cfg.guidance_interval
     return {
-        "sampler": sampler.name,
-        "steps": sampler.steps,
-        **(OmegaConf.to_container(options) if options is not None else {}),
+        "sampler": spec.name,
+        "steps": steps,
+        **options,
         "cfg_scale": float(cfg.cfg_scale),
         "guidance_channels": cfg.guidance_channels,
         "guidance_interval": None if interval is None else [float(v) for v in interval],
@@ -139,7 +150,7 @@ def evaluate_prompts(cfg: DictConfig, run_dir: Path) -> dict:
 
     from ditkit.data.text import text_encoders_from_manifest
     from ditkit.evaluation.decoding import make_decoder, read_run_manifest
-    from ditkit.evaluation.loading import read_checkpoint
+    from ditkit.checkpoints import read_checkpoint
     from ditkit.evaluation.prompts import read_prompts, sample_prompts
     from ditkit.evaluation.samples_io import image_grid
 
@@ -150,7 +161,7 @@ def evaluate_prompts(cfg: DictConfig, run_dir: Path) -> dict:
             f"prompts= needs a ditkit checkpoint of a text-to-image model (MMDiT); ckpt={cfg.ckpt} is not one"
         )
     model, objective, vae, _ = build(cfg, ckpt)
-    if not hasattr(model, "null_condition"):
+    if set(model.condition_keys) != {"context", "pooled"}:
         raise ValueError(
             f"prompts= needs a text-to-image model (MMDiT); ckpt={cfg.ckpt} holds a {type(model).__name__}"
         )
@@ -211,7 +222,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         write_adm_npz,
     )
     from ditkit.evaluation.decoding import make_decoder
-    from ditkit.evaluation.loading import read_checkpoint
+    from ditkit.checkpoints import read_checkpoint
 
     metrics = list(cfg.metrics)
     unknown = set(metrics) - set(METRICS)
@@ -360,4 +371,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_configs()
     main()

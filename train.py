@@ -14,7 +14,10 @@ import warnings
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+
+CONF = Path(__file__).resolve().parent / "conf"
 
 # The EMA copy of the model is in eval mode on purpose (it only samples); Lightning warns about it.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -51,9 +54,11 @@ def train(cfg: DictConfig) -> Path:
     from hydra.utils import instantiate
     from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-    from ditkit.training.checkpointing import find_resume_checkpoint
-    from ditkit.training.checks import check_model_fits_data, check_resume
+    from ditkit.checkpoints import find_resume_checkpoint
+    from ditkit.training.checks import check_experiment_sizes, check_model_fits_data, check_resume
 
+    choices = HydraConfig.get().runtime.choices
+    check_experiment_sizes(CONF, choices.get("experiment"), choices.get("model"))
     rank_zero_info(OmegaConf.to_yaml(cfg, resolve=True))
     check_model_fits_data(
         OmegaConf.to_container(cfg.model, resolve=True),
@@ -66,13 +71,18 @@ def train(cfg: DictConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    datamodule.setup(
-        "fit"
-    )  # reads the shards' manifest now: shards that do not fit the config fail here
+    # Reads the shards' manifest now: shards that do not fit the config fail here.
+    datamodule.setup("fit")
     model = instantiate(cfg.model)
     objective = instantiate(cfg.objective)
+    # Plain Python values (lists, not ListConfig) go into the optimizer's state_dict, which
+    # checkpoints store and load with weights_only=True.
     module = instantiate(cfg.module)(
-        model=model, objective=objective, run_config=OmegaConf.to_container(cfg, resolve=True)
+        model=model,
+        objective=objective,
+        optimizer=instantiate(cfg.optimizer, _convert_="all"),
+        lr_schedule=instantiate(cfg.lr_schedule, _convert_="all"),
+        run_config=OmegaConf.to_container(cfg, resolve=True),
     )
     callbacks = [
         instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c

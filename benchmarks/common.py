@@ -78,6 +78,12 @@ def peak_memory_mb(device: torch.device) -> float:
     )  # Linux reports KiB; whole process
 
 
+def sig(x: float, digits: int = 6) -> float:
+    """x to `digits` significant digits: rounding to a fixed number of decimals would lose all of a
+    small number (a 1.3 GFLOP/s bf16 peak on a CPU without bf16 units) and keep noise in a big one."""
+    return float(f"{x:.{digits}g}")
+
+
 def summarize(times: list[float]) -> float:
     return statistics.median(times)
 

@@ -53,7 +53,7 @@ def ditkit_step(variant, patch, state, x, y, dtype, device, compile_model):
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = objective.training_losses(model, x, model_kwargs={"y": y})["loss"].mean()
+            loss = objective.training_losses(model, {"x": x, "y": y})["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

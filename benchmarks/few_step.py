@@ -2,7 +2,7 @@
 
     python train.py experiment=quickstart                                   # rectified flow
     python train.py experiment=quickstart objective=ddpm model.learn_sigma=true \\
-        callbacks.digits_score.sampler=ddpm callbacks.digits_score.steps=250  # DiT's DDPM recipe
+        callbacks.digits_score.sampler.name=ddpm callbacks.digits_score.sampler.steps=250  # DiT's DDPM recipe
     python benchmarks/few_step.py flow_ckpt=outputs/experiment-quickstart/checkpoints/last.ckpt \\
         ddpm_ckpt=outputs/experiment-quickstart+model.learn_sigma-true+objective-ddpm/checkpoints/last.ckpt
 
@@ -20,12 +20,12 @@ import time
 
 import numpy as np
 import torch
-from common import emit, parse_args
+from common import emit, parse_args, sig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from sample import CountingModel
 
-from ditkit.evaluation.loading import read_checkpoint
+from ditkit.checkpoints import read_checkpoint
 from ditkit.evaluation.stats import frechet_distance
 from ditkit.training.samples import digits_features, fixed_inputs, real_digits
 
@@ -38,6 +38,7 @@ def load(path: str):
             f"{path} is a {ckpt.kind} checkpoint; pass one written by train.py (it holds the run's config)"
         )
     cfg = OmegaConf.create(ckpt.run_config)
+    cfg.model.pop("grad_checkpointing", None)  # ditkit 0.1 checkpoints name it; applied from outside now
     model = instantiate(cfg.model)
     model.load_state_dict(ckpt.state_dict)
     return model.eval(), instantiate(cfg.objective)
@@ -73,8 +74,8 @@ def score(model, objective, sampler: str, steps: int, args: dict, classifier, re
         cfg_scale=args["cfg_scale"],
         accuracy=round(accuracy, 4),
         fd_pixels=round(float(frechet_distance(mu, sigma, *real_stats)), 3),
-        seconds=round(seconds, 6),
-        imgs_per_sec=round(len(images) / seconds, 2),
+        seconds=sig(seconds),
+        imgs_per_sec=sig(len(images) / seconds),
     )
 
 

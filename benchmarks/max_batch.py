@@ -17,7 +17,7 @@ def fits(model, objective, batch: int, latent_size: int, dtype, device) -> bool:
         x = torch.randn(batch, 4, latent_size, latent_size, device=device)
         y = torch.randint(0, 1000, (batch,), device=device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = objective.training_losses(model, x, model_kwargs={"y": y})["loss"].mean()
+            loss = objective.training_losses(model, {"x": x, "y": y})["loss"].mean()
         loss.backward()
         return True
     except torch.OutOfMemoryError:

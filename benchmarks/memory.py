@@ -69,7 +69,7 @@ def activation_bytes(args: dict, grad_checkpointing: bool, device: torch.device)
     dtype = PRECISIONS[args["precision"]]
     before = bytes_in_use(device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        loss = objective.training_losses(model, x, model_kwargs={"y": y})["loss"].mean()
+        loss = objective.training_losses(model, {"x": x, "y": y})["loss"].mean()
     held = bytes_in_use(device) - before
     loss.backward()
     return held
@@ -104,7 +104,7 @@ def training_state(args: dict, mesh=None) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     s = args["latent_size"]
     loss = objective.training_losses(
-        model, torch.randn(2, 4, s, s), model_kwargs={"y": torch.tensor([1, 2])}
+        model, {"x": torch.randn(2, 4, s, s), "y": torch.tensor([1, 2])}
     )["loss"]
     loss.mean().backward()
     opt.step()

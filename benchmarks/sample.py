@@ -1,9 +1,9 @@
-"""Time sampling N latents with each sampler, against the bare model forwards it needs.
+"""Time sampling N latents with each registered sampler, against the bare model forwards it needs.
 
     python benchmarks/sample.py model=dit_xl num_samples=32 cfg_scale=1.5 precision=bf16-mixed
     python benchmarks/sample.py tiny=true        # a depth-2, width-32 DiT on 8x8 latents (tests)
 
-Prints one JSON line per sampler (conf/sampler/*.yaml: its objective and default steps; steps=N
+Prints one JSON line per sampler (the sampler registry gives its objective and default steps; steps=N
 overrides them): steps, model_evals (model calls, a guided call being one batch of 2N), seconds
 (the whole sampler), forward_seconds (the same sequence of model calls on prepared inputs, nothing
 else), and overhead = seconds / forward_seconds - 1, the sampler's own cost (target: < 5%), images/s, the model's
@@ -15,45 +15,60 @@ import time
 from pathlib import Path
 
 import torch
-from common import PRECISIONS, device_of, emit, matmul_peak_flops, parse_args, peak_memory_mb, sync
+from common import (
+    PRECISIONS,
+    device_of,
+    emit,
+    matmul_peak_flops,
+    parse_args,
+    peak_memory_mb,
+    sig,
+    sync,
+)
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+
+from ditkit.objectives import get_sampler
+from ditkit.objectives.samplers import all_samplers
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2"]
 
 
 def build(args: dict, sampler: str):
-    """Model, objective (the sampler's) and sampler config from the real Hydra configs."""
+    """Model and the sampler's objective from the real Hydra configs, and the sampler's spec (its
+    objective and default steps) from the registry."""
+    spec = get_sampler(sampler)
     overrides = [
         f"+model={args['model']}",
-        f"+sampler={sampler}",
+        f"+objective={spec.objective}",
         f"+data.latent_size={args['latent_size']}",
         "+data.latent_channels=4",
         f"+data.num_classes={args['num_classes']}",
     ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(overrides=overrides + (TINY if args["tiny"] else []))
-        cfg_obj = compose(overrides=overrides + [f"+objective={cfg.sampler.objective}"])
-    objective = instantiate(cfg_obj.objective)
-    objective.check_sampler(cfg.sampler.name, cfg.sampler.objective)
-    return instantiate(cfg.model), objective, cfg.sampler
+    return instantiate(cfg.model), instantiate(cfg.objective), spec
 
 
 class CountingModel(torch.nn.Module):
     """The model, recording the batch size of every call. dry=True returns zeros of the output's shape
-    instead of calling it: the sampler's sequence of calls, recorded without the model's cost."""
+    instead of calling it: the sampler's sequence of calls, recorded without the model's cost.
+    It passes the Backbone contract's condition through, so guidance works on it as on the model."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
-        self.model, self.batches, self.dry = model, [], False
-        self.num_classes = model.num_classes
+        self.model = model
+        self.batches = []
+        self.dry = False
+        self.condition_keys = model.condition_keys
+        self.null_condition = model.null_condition
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, **condition):
         self.batches.append(x.shape[0])
         if self.dry:
             return x.new_zeros(x.shape[0], self.model.out_channels, *x.shape[2:])
-        return self.model(x, t, y)
+        return self.model(x, t, **condition)
 
 
 def timed(fn, device: torch.device) -> float:
@@ -67,7 +82,7 @@ def timed(fn, device: torch.device) -> float:
 def bench(args: dict, sampler: str, device: torch.device) -> dict:
     model, objective, scfg = build(args, sampler)
     model.to(device).eval()
-    steps = args["steps"] or scfg.steps
+    steps = args["steps"] or scfg.default_steps
     n, c, s = args["num_samples"], model.in_channels, model.input_size
     g = torch.Generator(device=device).manual_seed(0)
     x_T = torch.randn(n, c, s, s, device=device, generator=g)
@@ -127,13 +142,13 @@ def bench(args: dict, sampler: str, device: torch.device) -> dict:
         latent=[c, s, s],
         precision=args["precision"],
         device=str(device),
-        seconds=round(seconds, 6),
-        forward_seconds=round(forward_seconds, 6),
-        overhead=round(seconds / forward_seconds - 1, 4),
-        imgs_per_sec=round(n / seconds, 3),
-        gflops_per_sec=round(flops / seconds / 1e9, 2),
-        peak_gflops=round(peak / 1e9, 1),
-        mfu=round(flops / seconds / peak, 4),
+        seconds=sig(seconds),
+        forward_seconds=sig(forward_seconds),
+        overhead=sig(seconds / forward_seconds - 1),
+        imgs_per_sec=sig(n / seconds),
+        gflops_per_sec=sig(flops / seconds / 1e9),
+        peak_gflops=sig(peak / 1e9),
+        mfu=sig(flops / seconds / peak),
         peak_mem_mb=round(peak_memory_mb(device), 1),
     )
 
@@ -146,7 +161,7 @@ def main() -> None:
             latent_size=32,
             num_classes=1000,
             num_samples=32,
-            samplers="ddpm,ddim,euler,heun,sde",
+            samplers="all",  # comma-separated names, or all: every registered sampler
             steps=0,
             cfg_scale=1.5,
             precision="32-true",
@@ -163,7 +178,8 @@ def main() -> None:
         torch.set_num_threads(args["threads"])
     torch.backends.cuda.matmul.allow_tf32 = True
     with torch.inference_mode():
-        for sampler in args["samplers"].split(","):
+        names = all_samplers() if args["samplers"] == "all" else args["samplers"].split(",")
+        for sampler in names:
             emit(bench(args, sampler.strip(), device))
 
 

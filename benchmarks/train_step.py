@@ -17,6 +17,7 @@ from common import (
     matmul_peak_flops,
     parse_args,
     peak_memory_mb,
+    sig,
     summarize,
     time_calls,
 )
@@ -24,7 +25,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from ditkit.training.ema import update_ema
-from ditkit.training.parallel import compile_blocks
+from ditkit.training.parallel import checkpoint_blocks, compile_blocks
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -46,11 +47,16 @@ def build(model: str, objective: str, latent_size: int, overrides: list[str]):
 
 
 def build_from_args(args: dict):
-    """build() for the scripts' common keys: model, objective, latent_size, grad_checkpointing, depth."""
-    overrides = [f"model.grad_checkpointing={args['grad_checkpointing']}"]
-    if args["depth"] is not None:
-        overrides.append(f"model.depth={args['depth']}")
-    return build(args["model"], args["objective"], args["latent_size"], overrides)
+    """build() for the scripts' common keys: model, objective, latent_size, depth; then, from
+    outside the model and in the training module's order, `compile` (when the script has it) and
+    `grad_checkpointing` (module.compile / module.activation_checkpointing)."""
+    overrides = [] if args["depth"] is None else [f"model.depth={args['depth']}"]
+    model, objective = build(args["model"], args["objective"], args["latent_size"], overrides)
+    if args.get("compile"):
+        compile_blocks(model)  # each block, compiled once for all
+    if args["grad_checkpointing"]:
+        checkpoint_blocks(model)
+    return model, objective
 
 
 def main() -> None:
@@ -74,10 +80,6 @@ def main() -> None:
     model, objective = build_from_args(args)
     model.to(device).train()
     ema = [p.detach().float().clone() for p in model.parameters()]
-    if args["compile"]:
-        compile_blocks(
-            model
-        )  # as training's `module.compile=true`: each block, compiled once for all
     opt = torch.optim.AdamW(
         model.parameters(), lr=1e-4, weight_decay=0.0, fused=True
     )  # as DiffusionModule
@@ -88,7 +90,7 @@ def main() -> None:
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = objective.training_losses(model, x, model_kwargs={"y": y})["loss"].mean()
+            loss = objective.training_losses(model, {"x": x, "y": y})["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -106,11 +108,11 @@ def main() -> None:
         grad_checkpointing=args["grad_checkpointing"],
         device=str(device),
         threads=torch.get_num_threads(),
-        step_s=round(step_s, 4),
-        imgs_per_sec=round(b / step_s, 2),
-        gflops_per_sec=round(flops / step_s / 1e9, 2),
-        peak_gflops=round(peak / 1e9, 1),
-        mfu=round(flops / step_s / peak, 4),
+        step_s=sig(step_s),
+        imgs_per_sec=sig(b / step_s),
+        gflops_per_sec=sig(flops / step_s / 1e9),
+        peak_gflops=sig(peak / 1e9),
+        mfu=sig(flops / step_s / peak),
         peak_mem_mb=round(peak_memory_mb(device), 1),
     )
     print(

@@ -1,8 +1,7 @@
 """Test helpers for FID: stand-in Inception weights (nothing downloads), small synthetic image sets,
 evaluate.py in a fresh process, a reference made through fid_reference.
 
-Use in a test module:  `from helpers_fid import inception_weights`  (a session fixture: the path of a
-stand-in weights file), or call `make_standin_inception_weights(path)` directly.
+The session fixture `inception_weights` (tests/conftest.py) is the path of such a stand-in file.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
-import pytest
 import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from hydra import compose, initialize_config_dir
@@ -50,14 +48,6 @@ def make_standin_inception_weights(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     torch.save(model.state_dict(), path)
     return path
-
-
-@pytest.fixture(scope="session")
-def inception_weights(tmp_path_factory) -> Path:
-    """Path of a stand-in Inception weights file, made once per test session."""
-    return make_standin_inception_weights(
-        tmp_path_factory.mktemp("inception") / "inception-standin.pth"
-    )
 
 
 def blob_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:

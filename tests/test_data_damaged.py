@@ -110,13 +110,6 @@ def test_bad_arguments_fail_at_construction(shards):
         make(shards, builtin="mnist")
 
 
-def test_validation_needs_a_shard_per_rank(shards, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("RANK", "0")
-    with pytest.raises(ValueError, match="3 shards, 4 ranks"):
-        make(shards).val_dataloader()
-
-
 def write_damaged(root):
     """4 shards of 5 samples (keys k0000..k0019) with: k0002 a corrupt .npy, k0006 no cls, k0011 a wrong
     latent shape, and shard 3 cut in the middle of k0017's moments. Returns the keys that are intact."""
@@ -144,12 +137,17 @@ def write_damaged(root):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_damaged_samples_and_a_truncated_shard_are_skipped_and_counted(tmp_path, workers, caplog):
     intact = write_damaged(tmp_path / "damaged")
-    dm = make(tmp_path / "damaged", num_workers=workers)
+    # No flips: every read decodes moments.npy (k0002's mirror moments are intact, and a flipped
+    # read of it would be used).
+    dm = make(tmp_path / "damaged", num_workers=workers, flip=False)
+    loader = dm.train_dataloader()
     with caplog.at_level(logging.WARNING, logger="ditkit.data.stream"):
-        seen = [k for batch in dm.val_dataloader() for k in batch[2]]
+        seen = {k for _ in range(4) for batch in loader for k in batch["key"]}
+    # 4 epochs of shard draws with replacement read every shard: every intact sample, no other.
     assert sorted(seen) == intact
-    # k0002, k0006, k0011, and the cut shard: the tar error, then k0017's member-less remains.
-    assert dm.skipped == 5
+    # Each read of shards 0-2 skips one sample (k0002, k0006, k0011); each of the cut shard 3, two
+    # (the tar error, then k0017's member-less remains): at least one of each kind was counted.
+    assert dm.skipped >= 5
     if workers == 0:
         messages = "\n".join(r.getMessage() for r in caplog.records)
         assert (
@@ -166,7 +164,7 @@ def test_training_goes_on_through_damage_and_a_shard_lost_mid_run(tmp_path):
     os.remove(tmp_path / "damaged" / shard_name(2))  # vanishes after the start checks
     batches = list(loader) + list(loader)
     assert len(batches) == 2 * 10  # every epoch has its batches, however many reads were bad
-    assert all(np.isfinite(b[0].numpy()).all() for b in batches)
+    assert all(np.isfinite(b["x"].numpy()).all() for b in batches)
     assert dm.skipped > 0
 
 

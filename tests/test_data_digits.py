@@ -6,13 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from helpers_data import write_latent_shards
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from ditkit.data.digits import build_digits
-from ditkit.data.format import MANIFEST
+from ditkit.data.format import MANIFEST, decode_label
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 # np.bincount(sklearn.datasets.load_digits().target)
@@ -48,9 +49,12 @@ def test_digits_config_builds_the_set_once_and_feeds_pixel_batches(data_dir):
         and dm.manifest["num_shards"] == 8
         and dm.scale_factor == 1.0
     )
-    labels = np.concatenate([b[1].numpy() for b in dm.val_dataloader()])
-    assert np.bincount(labels).tolist() == DIGIT_COUNTS
-    latents, labels = next(iter(dm.train_dataloader()))
+    labels = [decode_label(s) for s in wds.tariterators.tarfile_samples(
+        [{"url": u} for u in dm.shard_urls]
+    )]
+    assert np.bincount(labels).tolist() == DIGIT_COUNTS  # every digit, once
+    batch = next(iter(dm.train_dataloader()))
+    latents, labels = batch["x"], batch["y"]
     assert latents.shape == (64, 3, 16, 16) and labels.dtype == torch.int64
     assert (
         latents.min() >= -1.001 and latents.max() <= 1.001
@@ -85,7 +89,8 @@ def test_imagenet_latents_config_reads_any_shard_set(tmp_path):
     )
     assert cfg.model.input_size == 8 and cfg.model.in_channels == 4
     dm = instantiate(cfg.data)
-    assert sorted(k for b in dm.val_dataloader() for k in b[2]) == keys
     assert dm.state_dict() == {}  # nothing to resume before training starts
+    loader = dm.train_dataloader()
+    assert {k for _ in range(4) for b in loader for k in b["key"]} == set(keys)
     with pytest.raises(InstantiationException, match="exactly one of data.root"):
         instantiate(compose_train("data=imagenet_latents").data)

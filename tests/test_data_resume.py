@@ -18,7 +18,7 @@ class Recorder(L.LightningModule):
         self.seen = []
 
     def training_step(self, batch, batch_idx):
-        latents, labels, keys = batch
+        latents, labels, keys = batch["x"], batch["y"], batch["key"]
         self.seen.append((tuple(keys), labels.tolist(), latents.sum().item()))
         return (self.weight * latents.mean() - 1) ** 2
 

@@ -14,14 +14,14 @@ from helpers_fid import (
     make_reference,
     run_evaluate,
     write_image_folder,
-)  # noqa: F401
+)
 
 FIXTURE = REPO / "tests" / "fixtures" / "dit_reference_tiny.pt"
 N = 8  # samples per run: Inception at 299 px is the slow part on CPU
 
 
 @pytest.fixture(scope="module")
-def official(tmp_path_factory, inception_weights):  # noqa: F811
+def official(tmp_path_factory, inception_weights):
     """The tiny reference DiT as a bare official-layout .pt, a tiny AutoencoderKL (8x8x4 latents -> 64 px), a
     64 px reference made from a folder of PNGs, and one finished 1-process evaluate.py run."""
     from diffusers import AutoencoderKL

@@ -14,7 +14,7 @@ from helpers_fid import REPO
 from hydra import compose, initialize_config_dir
 
 from ditkit.evaluation import Reference, save_reference
-from ditkit.evaluation.loading import read_checkpoint
+from ditkit.checkpoints import read_checkpoint
 
 FIXTURE = REPO / "tests" / "fixtures" / "dit_reference_tiny.pt"
 
@@ -160,7 +160,8 @@ def test_safetensors_weights_build_the_model_and_settings_follow_the_config(tmp_
     assert evaluate_entry.sampler_settings(cfg, objective) == {
         "sampler": "ddim",
         "steps": 10,
-        "eta": 0.0,
+        "eta": 0.0,  # the sampler's registered options, with their defaults
+        "clip_denoised": False,
         "cfg_scale": 4.0,
         "guidance_channels": 3,
         "guidance_interval": [0.0, 700.0],

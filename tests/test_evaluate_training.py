@@ -9,7 +9,7 @@ import csv
 import json
 
 import pytest
-from helpers_fid import inception_weights, make_reference, run_evaluate  # noqa: F401  (fixture)
+from helpers_fid import make_reference, run_evaluate
 from helpers_training import TINY_MODEL, run_overrides, run_train, write_synthetic_shards
 
 from ditkit.evaluation import load_reference
@@ -18,7 +18,7 @@ SAMPLING = {"num_samples": 8, "batch_size": 4, "sampler": "ddim", "steps": 2}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, inception_weights):  # noqa: F811
+def trained(tmp_path_factory, inception_weights):
     root = tmp_path_factory.mktemp("training")
     shards = write_synthetic_shards(
         root / "shards", num_samples=8, shape=(3, 8, 8), num_classes=10, num_shards=2
@@ -44,8 +44,8 @@ def trained(tmp_path_factory, inception_weights):  # noqa: F811
         "callbacks.fid.every_n_steps=2",
         f"callbacks.fid.num_samples={SAMPLING['num_samples']}",
         f"callbacks.fid.batch_size={SAMPLING['batch_size']}",
-        f"callbacks.fid.sampler={SAMPLING['sampler']}",
-        f"callbacks.fid.steps={SAMPLING['steps']}",
+        f"callbacks.fid.sampler.name={SAMPLING['sampler']}",
+        f"callbacks.fid.sampler.steps={SAMPLING['steps']}",
         "callbacks.fid.grid_images=4",
     ]
     run_train(

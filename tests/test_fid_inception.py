@@ -6,7 +6,7 @@ Images are 32 px blobs, 8 per set; Inception resizes to 299 px itself, which is 
 import numpy as np
 import pytest
 import torch
-from helpers_fid import blob_images, inception_weights, make_reference, write_image_folder  # noqa: F401  (fixture)
+from helpers_fid import blob_images, make_reference, write_image_folder
 
 from ditkit.evaluation import (
     FeatureStats,
@@ -20,7 +20,7 @@ N, SIZE = 8, 32
 
 
 @pytest.fixture(scope="module")
-def extractor(inception_weights):  # noqa: F811
+def extractor(inception_weights):
     return load_inception(str(inception_weights))
 
 
@@ -33,7 +33,7 @@ def folder_a(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference_a(folder_a, inception_weights, tmp_path_factory):  # noqa: F811
+def reference_a(folder_a, inception_weights, tmp_path_factory):
     """fid_reference run on folder A through its Hydra config (features kept for KID / precision-recall)."""
     out = tmp_path_factory.mktemp("ref") / "ref_a.npz"
     return make_reference(folder_a, out, inception_weights, SIZE, f"features={N}")

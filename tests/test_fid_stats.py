@@ -208,14 +208,14 @@ def test_image_grid_places_images_row_by_row():
 class _NoisyObjective:
     """A stand-in objective whose sampler draws from the global RNG, like ancestral DDPM."""
 
-    def sample(self, model, x_T, model_kwargs, null_label, **kwargs):
+    def sample(self, model, x_T, model_kwargs, **kwargs):
         return x_T + 0.1 * torch.randn_like(x_T)
 
 
 def test_sampling_leaves_the_training_rng_untouched_and_is_reproducible():
     """The FID callback samples mid-training: the global RNG must be where it was (exact resume), and a batch
     must not depend on it."""
-    kwargs = dict(seed=3, start=8, null_label=10, sample_kwargs={}, autocast=contextlib.nullcontext)
+    kwargs = dict(seed=3, start=8, sample_kwargs={}, autocast=contextlib.nullcontext)
     noise, labels = sample_noise(8, 12, (3, 4, 4), seed=3), torch.arange(4)
     torch.manual_seed(123)
     a = generate_batch(None, _NoisyObjective(), lambda z: z, labels, noise, **kwargs)

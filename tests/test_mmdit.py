@@ -109,22 +109,23 @@ def ref_block(block, x, ctx, c, heads, qk_norm):
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("last", [False, True])
 def test_joint_block_equals_reference(qk_norm, last):
-    block = perturb(JointBlock(32, 2, 4.0, qk_norm, last=last))
+    block = perturb(JointBlock(32, 2, 4.0, qk_norm, last=last)).double()
     g = torch.Generator().manual_seed(3)
     x, ctx, c = (
-        torch.randn(2, 16, 32, generator=g),
-        torch.randn(2, 5, 32, generator=g),
-        torch.randn(2, 32, generator=g),
+        torch.randn(2, 16, 32, generator=g, dtype=torch.float64),
+        torch.randn(2, 5, 32, generator=g, dtype=torch.float64),
+        torch.randn(2, 32, generator=g, dtype=torch.float64),
     )
     with torch.no_grad():
         got_x, got_ctx = block(x, ctx, c)
         want_x, want_ctx = ref_block(block, x, ctx, c, heads=2, qk_norm=qk_norm)
-    # outputs reach ~30 with these random weights: allow float32 rounding of that size
-    torch.testing.assert_close(got_x, want_x, rtol=1e-5, atol=1e-5)
+    # Two float64 computations of outputs that reach ~30: they agree to ~1e-13 on any CPU (in
+    # float32 the two orders of summation would differ by ~1e-5, by more on some CPUs).
+    torch.testing.assert_close(got_x, want_x, rtol=0, atol=1e-10)
     if last:
         assert got_ctx is None and not hasattr(block.text, "mlp") and block.text.attn.proj is None
     else:
-        torch.testing.assert_close(got_ctx, want_ctx, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_ctx, want_ctx, rtol=0, atol=1e-10)
 
 
 def test_text_changes_image_and_image_changes_text():
@@ -316,11 +317,13 @@ def test_training_loss_falls_and_follows_the_text():
 
 def test_guidance_pairs_the_text_with_the_zero_null_condition():
     """One Euler step of rectified flow from t=1 with cfg: x_0 = x_T - [v_null + s (v_text - v_null)],
-    v_null being the model on the zero condition (what caption dropout trains)."""
+    v_null being the model on the zero condition (what caption dropout trains). In float64: the
+    guided call runs a batch of 6 where the check runs 3, and float32 matmuls of other shapes round
+    differently from CPU to CPU (7e-5 seen on an AMD EPYC); in float64 that is ~1e-15."""
     from ditkit.objectives import RectifiedFlow
 
-    model = perturb(MMDiT(**TINY))
-    x, _, ctx, pooled = inputs(n=3)
+    model = perturb(MMDiT(**TINY)).double()
+    x, _, ctx, pooled = (v.double() for v in inputs(n=3))
     t = torch.full((3,), 1000.0)
     flow = RectifiedFlow(time_sampling="uniform")
     with torch.no_grad():
@@ -334,7 +337,7 @@ def test_guidance_pairs_the_text_with_the_zero_null_condition():
         )
         v_text = model(x, t, ctx, pooled)
         v_null = model(x, t, torch.zeros_like(ctx), torch.zeros_like(pooled))
-    torch.testing.assert_close(got, x - (v_null + 3.0 * (v_text - v_null)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, x - (v_null + 3.0 * (v_text - v_null)), rtol=0, atol=1e-12)
 
 
 def test_config_errors_name_the_fix():

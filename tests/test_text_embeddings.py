@@ -228,8 +228,9 @@ def test_datamodule_yields_the_stored_text_embeddings(captioned):
     root, _ = captioned
     stored = read_samples(root / "t2i")
     dm = datamodule(root / "t2i", context_len=16, context_dim=32, pooled_dim=32)
-    x, cond, keys = next(iter(dm.train_dataloader()))
-    assert set(cond) == {"context", "pooled"} and cond["context"].dtype == torch.float32
+    cond = next(iter(dm.train_dataloader()))
+    keys = cond["key"]
+    assert set(cond) == {"x", "context", "pooled", "key"} and cond["context"].dtype == torch.float32
     for i, key in enumerate(keys):
         np.testing.assert_array_equal(
             cond["context"][i].numpy(),
@@ -239,9 +240,9 @@ def test_datamodule_yields_the_stored_text_embeddings(captioned):
             cond["pooled"][i].numpy(),
             np.load(io.BytesIO(stored[key]["pooled.npy"])).astype(np.float32),
         )
-    _, labels, keys = next(
-        iter(datamodule(root / "t2i").train_dataloader())
-    )  # no text keys: labels, as before
+    batch = next(iter(datamodule(root / "t2i").train_dataloader()))  # no text keys: labels
+    labels, keys = batch["y"], batch["key"]
+    assert set(batch) == {"x", "y", "key"}
     assert labels.tolist() == [int(stored[k]["cls"]) for k in keys]
 
 

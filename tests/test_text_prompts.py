@@ -88,8 +88,9 @@ def test_prompt_major_order_and_batch_size_invariance(encoders):
 
 def test_callback_conditions_for_captioned_data(encoders):
     labels = torch.tensor([7, 3, 7])
-    plain = SimpleNamespace(datamodule=SimpleNamespace(text=None))
-    assert conditions(plain, labels) is labels
+    labelled = SimpleNamespace(condition_keys=("y",))
+    text = SimpleNamespace(condition_keys=("context", "pooled"))
+    assert conditions(None, labelled, labels)["y"] is labels  # a class-conditional backbone
     captions = class_captions([str(i) for i in range(10)], "a handwritten {}", DIGIT_WORDS)
     manifest = {
         "text": {
@@ -100,14 +101,14 @@ def test_callback_conditions_for_captioned_data(encoders):
     trainer = SimpleNamespace(
         datamodule=SimpleNamespace(text=(16, 32, 32), manifest=manifest, setup=lambda: None)
     )
-    cond = conditions(trainer, labels)
+    cond = conditions(trainer, text, labels)
     context, pooled = encoders(
         ["a handwritten seven", "a handwritten three", "a handwritten seven"]
     )
     torch.testing.assert_close(cond["context"], context, rtol=0, atol=0)
     torch.testing.assert_close(cond["pooled"], pooled, rtol=0, atol=0)
     cond = conditions(
-        trainer, labels, prompts=["a handwritten one", "a handwritten two"]
+        trainer, text, labels, prompts=["a handwritten one", "a handwritten two"]
     )  # prompts cycle
     torch.testing.assert_close(
         cond["pooled"], encoders(["a handwritten one", "a handwritten two", "a handwritten one"])[1]

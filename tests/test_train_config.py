@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from ditkit.training.checks import ConfigError, check_model_fits_data
+from ditkit.training.checks import ConfigError, check_experiment_sizes, check_model_fits_data
 
 EXPERIMENTS = ["quickstart", "dit_xl2_in256", "sit_xl2_in256", "lightningdit_xl1_in256"]
 
@@ -37,7 +37,9 @@ def test_experiment_recipes():
     dit = composed("experiment=dit_xl2_in256")
     assert (dit.model.variant, dit.model.patch_size, dit.model.learn_sigma) == ("XL", 2, True)
     assert dit.objective._target_ == "ditkit.objectives.GaussianDiffusion"
-    assert (dit.module.lr, dit.module.weight_decay, dit.module.ema_decay) == (1e-4, 0.0, 0.9999)
+    assert (dit.optimizer.lr, dit.optimizer.weight_decay, dit.module.ema_decay) == (1e-4, 0.0, 0.9999)
+    assert dit.optimizer._target_ == "torch.optim.AdamW" and dit.optimizer.fused
+    assert dit.lr_schedule.kind == "constant" and dit.lr_schedule.warmup_steps == 0
     assert dit.data.batch_size * 8 == 256 and dit.trainer.max_steps == 400_000
     sit = composed("experiment=sit_xl2_in256")
     assert (
@@ -171,3 +173,15 @@ def test_submitit_launcher_config():
     )
     assert launcher.nodes == 4 and launcher.tasks_per_node == launcher.gpus_per_node == 8
     assert launcher.signal_delay_s == 120
+
+
+def test_experiment_without_a_size_for_the_model_is_refused_before_training(tmp_path):
+    """experiment=quickstart sizes dit_s and unet_s only: model=dit_b would be a full DiT-B on CPU."""
+    proc = run_train("experiment=quickstart", "model=dit_b", f"paths.output_dir={tmp_path}",
+                     "logger=csv", check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "experiment=quickstart has model sizes for model=dit_s|unet_s only" in proc.stderr
+    assert "conf/experiment_model/quickstart/dit_b.yaml" in proc.stderr
+    assert "Seed set" not in proc.stdout + proc.stderr  # nothing was built
+    check_experiment_sizes(REPO / "conf", "quickstart", "unet_s")  # a sized model passes
+    check_experiment_sizes(REPO / "conf", "dit_xl2_in256", "dit_b")  # not a per-model experiment

@@ -79,7 +79,7 @@ def test_two_job_sweep_with_offline_wandb(tmp_path):
     grid = [
         f"callbacks.sample_grid.every_n_steps={STEPS}",
         "callbacks.sample_grid.num_images=4",
-        "callbacks.sample_grid.steps=2",
+        "callbacks.sample_grid.sampler.steps=2",
     ]
     proc = run_train(
         "-m",

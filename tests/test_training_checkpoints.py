@@ -9,18 +9,19 @@ import time
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
+from ditkit.data import TensorDict
 from ditkit.models import DiT
 from ditkit.objectives import GaussianDiffusion
-from ditkit.training import (
+from ditkit.checkpoints import (
     AtomicModelCheckpoint,
     CheckpointSaveError,
-    DiffusionModule,
-    checkpointing,
+    atomic,
+    checkpoint_step,
     find_resume_checkpoint,
 )
-from ditkit.training.checkpointing import checkpoint_step
+from ditkit.training import DiffusionModule
 from ditkit.training.checks import ConfigError, check_resume
 
 
@@ -44,8 +45,8 @@ def run(tmp_path, steps, savers, ckpt_path=None):
         num_classes=10,
     )
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(
-        torch.randn(64, 4, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
+    data = TensorDict(
+        {"x": torch.randn(64, 4, 8, 8, generator=g), "y": torch.randint(0, 10, (64,), generator=g)}
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -84,7 +85,7 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_byte_identical(tmp_path, 
     def crash(src, dst):
         raise OSError("simulated kill during rename")
 
-    monkeypatch.setattr(checkpointing.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(CheckpointSaveError, match=r"last.ckpt.*previous checkpoint is intact"):
         run(tmp_path, 4, [last_saver(folder)], ckpt_path=folder / "last.ckpt")
     monkeypatch.undo()
@@ -94,7 +95,7 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_byte_identical(tmp_path, 
     ]  # the partial temp file was removed
 
     # A kill leaves a temp file behind (here: newer, and claiming a later step): auto-resume ignores it.
-    shutil.copy(folder / "last.ckpt", folder / "last.ckpt.tmp")
+    shutil.copy(folder / "last.ckpt", atomic.temporary_name(folder / "last.ckpt"))
     assert find_resume_checkpoint(folder) == folder / "last.ckpt"
 
 

@@ -2,16 +2,20 @@
 EMA), EMA arithmetic, warm-up, NaN skipping, MFU table."""
 
 import copy
+import math
+from functools import partial
 
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
+from ditkit.data import TensorDict
 from ditkit.models import DiT
 from ditkit.objectives import GaussianDiffusion, RectifiedFlow
 from ditkit.training import DiffusionModule, NonFiniteLossError, ema_decay, peak_flops, update_ema
 from ditkit.training.module import step_seed
+from ditkit.training.schedules import lr_schedule
 
 
 @pytest.fixture(autouse=True)
@@ -36,11 +40,17 @@ def tiny_dit(seed: int = 0) -> DiT:
     )
 
 
-def tiny_data(n: int = 48, seed: int = 0) -> TensorDataset:
+def tiny_data(n: int = 48, seed: int = 0) -> TensorDict:
+    """{"x": (4, 8, 8), "y": ()} samples: the loader collates them into batch dicts, as the shards'."""
     g = torch.Generator().manual_seed(seed)
-    return TensorDataset(
-        torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return TensorDict(
+        {"x": torch.randn(n, 4, 8, 8, generator=g), "y": torch.randint(0, 10, (n,), generator=g)}
     )
+
+
+def adamw(lr: float):
+    """conf/optimizer/adamw.yaml's optimizer at another lr (DiT's settings: no weight decay)."""
+    return partial(torch.optim.AdamW, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8, fused=True)
 
 
 def fit(module, steps: int, batch_size: int = 4, **trainer_kwargs) -> L.Trainer:
@@ -92,7 +102,7 @@ def test_steps_equal_a_hand_written_loop(objective):
     steps, seed, decay = 5, 7, 0.9
     reference = tiny_dit()
     module = DiffusionModule(
-        copy.deepcopy(reference), objective, lr=1e-3, ema_decay=decay, seed=seed
+        copy.deepcopy(reference), objective, optimizer=adamw(1e-3), ema_decay=decay, seed=seed
     )
     fit(module, steps)
 
@@ -100,9 +110,9 @@ def test_steps_equal_a_hand_written_loop(objective):
     opt = torch.optim.AdamW(
         reference.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8, fused=True
     )
-    for step, (x, y) in zip(range(steps), DataLoader(tiny_data(), batch_size=4)):
+    for step, batch in zip(range(steps), DataLoader(tiny_data(), batch_size=4)):
         torch.manual_seed(step_seed(seed, step, 0, 0))
-        loss = objective.training_losses(reference, x, model_kwargs={"y": y})["loss"].mean()
+        loss = objective.training_losses(reference, batch)["loss"].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -119,15 +129,20 @@ def test_clipping_uses_the_global_norm_and_warmup_scales_lr():
     """gradient_clip_val clips like torch.nn.utils.clip_grad_norm_; warmup_steps=W gives lr * (s + 1) / W."""
     objective, steps, clip, warmup = GaussianDiffusion(), 3, 0.05, 4
     reference = tiny_dit()
-    module = DiffusionModule(copy.deepcopy(reference), objective, lr=1e-3, warmup_steps=warmup)
+    module = DiffusionModule(
+        copy.deepcopy(reference),
+        objective,
+        optimizer=adamw(1e-3),
+        lr_schedule=partial(lr_schedule, kind="warmup", warmup_steps=warmup),
+    )
     trainer = fit(module, steps, gradient_clip_val=clip)
 
-    opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, fused=True)
+    opt = adamw(1e-3)(reference.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     norms = []
-    for step, (x, y) in zip(range(steps), DataLoader(tiny_data(), batch_size=4)):
+    for step, batch in zip(range(steps), DataLoader(tiny_data(), batch_size=4)):
         torch.manual_seed(step_seed(0, step, 0, 0))
-        loss = objective.training_losses(reference, x, model_kwargs={"y": y})["loss"].mean()
+        loss = objective.training_losses(reference, batch)["loss"].mean()
         opt.zero_grad()
         loss.backward()
         norms.append(torch.nn.utils.clip_grad_norm_(reference.parameters(), clip).item())
@@ -148,8 +163,11 @@ class NaNAt(torch.nn.Module):
     def __init__(self, model, bad):
         super().__init__()
         self.inner, self.bad, self.calls = model, set(bad), 0
+        # The Backbone contract, passed through.
         self.blocks, self.num_classes = model.blocks, model.num_classes
         self.in_channels, self.input_size = model.in_channels, model.input_size
+        self.condition_keys, self.learn_sigma = model.condition_keys, model.learn_sigma
+        self.null_condition, self.forward_flops = model.null_condition, model.forward_flops
 
     def forward(self, x, t, y):
         out = self.inner(x, t, y)
@@ -165,7 +183,7 @@ def _snapshot(module):
 
 def test_nan_step_is_skipped_and_counted_weights_and_ema_unchanged():
     module = DiffusionModule(
-        NaNAt(tiny_dit(), bad={2}), GaussianDiffusion(), lr=1e-3, ema_decay=0.5
+        NaNAt(tiny_dit(), bad={2}), GaussianDiffusion(), optimizer=adamw(1e-3), ema_decay=0.5
     )
     states = []
 
@@ -185,7 +203,7 @@ def test_nan_step_is_skipped_and_counted_weights_and_ema_unchanged():
 
 
 def test_too_many_nan_steps_in_a_row_stop_with_a_clear_error(tmp_path):
-    from ditkit.training import AtomicModelCheckpoint
+    from ditkit.checkpoints import AtomicModelCheckpoint
 
     module = DiffusionModule(
         NaNAt(tiny_dit(), bad={3, 4, 5}), GaussianDiffusion(), max_consecutive_skips=3
@@ -201,7 +219,7 @@ def test_too_many_nan_steps_in_a_row_stop_with_a_clear_error(tmp_path):
         enable_model_summary=False,
         callbacks=[saver],
     )
-    with pytest.raises(NonFiniteLossError, match=r"3 optimizer steps in a row .* lower module.lr"):
+    with pytest.raises(NonFiniteLossError, match=r"3 optimizer steps in a row .* lower optimizer.lr"):
         trainer.fit(module, DataLoader(tiny_data(), batch_size=4))
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 5  # saved after the last skipped step before the fatal one...
@@ -264,10 +282,57 @@ def test_throughput_and_mfu_arithmetic(monkeypatch):
     callback = Throughput(log_every_n_steps=3)
     callback.on_train_start(trainer, pl_module)
     callback._peak = 1e12  # as if on a GPU with a 1 TFLOP/s peak
-    batch = (torch.zeros(8, 4, 8, 8), torch.zeros(8))
+    batch = {"x": torch.zeros(8, 4, 8, 8), "y": torch.zeros(8)}
     for step in (1, 2, 3):
         trainer.global_step = step
         callback.on_train_batch_end(trainer, pl_module, None, batch, step - 1)
     # steps 2 and 3 after the first: 2 x 8 images per rank x 2 ranks in 2 s
     assert logged["perf/imgs_per_sec"] == 16.0
     assert logged["perf/mfu"] == pytest.approx(16.0 * 3 * model.forward_flops(1) / (1e12 * 2))
+
+
+def test_optimizer_and_lr_schedule_groups_build_from_their_configs():
+    """optimizer=muon: Muon takes the 2-D weights inside the blocks, AdamW the rest, one optimizer
+    with one lr per group logged; lr_schedule=cosine: warm-up, then the cosine to the final lr."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    conf = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(
+            overrides=["+optimizer=muon", "+lr_schedule=cosine", "+trainer.max_steps=4",
+                       "lr_schedule.warmup_steps=2"]
+        )
+    module = DiffusionModule(
+        tiny_dit(),
+        RectifiedFlow(),
+        optimizer=instantiate(cfg.optimizer, _convert_="all"),
+        lr_schedule=instantiate(cfg.lr_schedule, _convert_="all"),
+    )
+    trainer = fit(module, 4)
+    muon, adamw = trainer.optimizers[0].param_groups
+    assert (muon["algorithm"], adamw["algorithm"]) == ("muon", "adamw")
+    assert all(n.startswith("model.blocks.") for n in muon["param_names"])
+    assert "model.blocks.0.attn.qkv.weight" in muon["param_names"]
+    assert "model.blocks.0.attn.qkv.bias" in adamw["param_names"]
+    assert "model.final_layer.linear.weight" in adamw["param_names"]
+    # step 3 of 4 (0-based), warm-up 2: p = (3 - 2) / (4 - 2) = 0.5, factor (1 + cos(pi/2)) / 2
+    factor = 0.5 * (1 + math.cos(math.pi * 0.5))
+    assert trainer.callback_metrics["train/lr_muon"].item() == pytest.approx(1e-4 * factor)
+    assert trainer.callback_metrics["train/lr_adamw"].item() == pytest.approx(1e-4 * factor)
+
+
+def test_lr_factors_in_closed_form():
+    from ditkit.training.schedules import lr_factor
+
+    assert [lr_factor(s, "warmup", 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_factor(0, "constant") == 1.0 and lr_factor(10**6, "constant") == 1.0
+    # cosine over steps 10..110 to 0.1: halfway (s = 60) the factor is 0.1 + 0.9 / 2
+    assert lr_factor(60, "cosine", 10, 110, 0.1) == pytest.approx(0.55)
+    assert lr_factor(110, "cosine", 10, 110, 0.1) == pytest.approx(0.1)
+    assert lr_factor(500, "cosine", 10, 110, 0.1) == pytest.approx(0.1)  # held after the end
+    assert lr_factor(35, "linear_decay", 10, 110, 0.0) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="lr_schedule=constant|warmup|cosine|linear_decay"):
+        lr_schedule(None, kind="step")
+    with pytest.raises(ValueError, match="must exceed lr_schedule.warmup_steps=100"):
+        lr_schedule(None, kind="cosine", warmup_steps=100, total_steps=50)

@@ -164,11 +164,14 @@ def test_sigterm_saves_exits_cleanly_and_the_rerun_matches(straight, shards):
 
 
 def test_sigusr1_in_process_saves_at_the_step_boundary_and_stops(tmp_path):
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader
+
+    from ditkit.data import TensorDict
 
     from ditkit.models import DiT
     from ditkit.objectives import RectifiedFlow
-    from ditkit.training import AtomicModelCheckpoint, DiffusionModule, Preemption
+    from ditkit.checkpoints import AtomicModelCheckpoint
+    from ditkit.training import DiffusionModule, Preemption
 
     class SignalAt(L.Callback):
         def on_train_batch_start(self, trainer, *args):
@@ -184,7 +187,7 @@ def test_sigusr1_in_process_saves_at_the_step_boundary_and_stops(tmp_path):
         num_heads=2,
         num_classes=10,
     )
-    data = TensorDataset(torch.randn(64, 4, 8, 8), torch.randint(0, 10, (64,)))
+    data = TensorDict({"x": torch.randn(64, 4, 8, 8), "y": torch.randint(0, 10, (64,))})
     saver = AtomicModelCheckpoint(
         dirpath=tmp_path, every_n_train_steps=1000, save_top_k=0, save_last=True
     )

@@ -2,6 +2,7 @@
 
 from ditkit.data.datamodule import LatentShardsDataModule
 from ditkit.data.format import DataFormatError
+from ditkit.data.tensors import TensorDict
 from ditkit.data.vae import DiffusersVAE, IdentityVAE, load_vae, vae_from_manifest
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "DiffusersVAE",
     "IdentityVAE",
     "LatentShardsDataModule",
+    "TensorDict",
     "load_vae",
     "vae_from_manifest",
 ]

@@ -20,6 +20,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from ditkit.checkpoints.atomic import atomic_write
 from ditkit.data.format import (
     CONTEXT,
     MANIFEST,
@@ -29,6 +30,7 @@ from ditkit.data.format import (
     decode_label,
     npy_bytes,
     parse_manifest,
+    tar_writer,
     write_json_atomic,
 )
 
@@ -186,11 +188,7 @@ def add_text_embeddings(
         if os.path.isfile(target):  # complete: written by an earlier run of this same job
             bar.update(shard["num_samples"])
             continue
-        tmp = f"{target}.tmp-{os.getpid()}"
-        with (
-            open(tmp, "wb") as f,
-            wds.TarWriter(f, encoder=False, mtime=0, format="PAX_FORMAT") as tar,
-        ):
+        with atomic_write(target) as f, tar_writer(f) as tar:
             pending: list[dict[str, Any]] = []
             path = os.path.join(src, shard["name"])
             try:
@@ -204,7 +202,6 @@ def add_text_embeddings(
                     f"{path} cannot be read ({err}); rerun data_pipelines.extract_latents for it"
                 ) from err
             _write(tar, encoders, pending, caption, bar)
-        os.replace(tmp, target)
     bar.close()
     captioned = {
         **manifest,

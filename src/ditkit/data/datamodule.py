@@ -1,5 +1,6 @@
-"""`LatentShardsDataModule`: latent shards -> batches ``(latents float32 (B, C, H, W) scaled, labels int64 (B,))``
-for any number of ranks, with a stream position that checkpoints resume exactly."""
+"""`LatentShardsDataModule`: latent shards -> batch dicts ``{"x": latents float32 (B, C, H, W) scaled,
+"y": labels int64 (B,)}`` (or text fields) for any number of ranks, with a stream position that
+checkpoints resume exactly."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from ditkit.data.format import (
     moments_shape,
     parse_manifest,
 )
-from ditkit.data.stream import SkipCounter, TrainStream, ValStream
+from ditkit.data.stream import SkipCounter, TrainStream
 
 BUILTINS = {"digits": build_digits, "digits_t2i": build_captioned_digits}
 
@@ -60,7 +61,7 @@ class ResumableLoader:
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def __iter__(self) -> Iterator[tuple]:
+    def __iter__(self) -> Iterator[dict]:
         epoch, start = self.position()
         if start >= self.batches_per_epoch:
             epoch, start = epoch + 1, 0
@@ -113,7 +114,10 @@ class ResumableLoader:
 
 
 class LatentShardsDataModule(L.LightningDataModule):
-    """Batches of VAE latents from a latent shard set (see `ditkit.data.format`).
+    """Batches of VAE latents from a latent shard set (see `ditkit.data.format`), as dicts:
+    ``{"x": (B, C, H, W) float32, "y": (B,) int64}`` for labelled shards, ``{"x", "context",
+    "pooled"}`` for captioned ones, plus ``"key"`` with return_keys. Fields the training module does
+    not know pass through it to the objective.
 
     Args:
         latent_size, latent_channels: the latent grid the model is built for; checked against the manifest.
@@ -124,9 +128,8 @@ class LatentShardsDataModule(L.LightningDataModule):
         batch_size: per rank. seed: of the stream (the same seed and world size give the same batches).
         shuffle_buffer: samples mixed in each worker. samples_per_epoch: default the manifest's count;
             one epoch is ``samples_per_epoch // (batch_size * world_size)`` batches on every rank.
-        val_root: a held-out shard set for `val_dataloader`; default the training shards.
         builtin: ``"digits"`` builds the built-in set at ``root`` in `prepare_data` when it is missing.
-        return_keys: batches gain a third item, the sample keys (tests and debugging).
+        return_keys: batches gain a "key" field, the sample keys (tests and debugging).
         flip: train on the mirror image half the time (DiT's augmentation); off for data whose mirror image is
             something else, such as digits.
         context_len, context_dim, pooled_dim: set all three (as the manifest's ``text`` section says) to train
@@ -148,7 +151,6 @@ class LatentShardsDataModule(L.LightningDataModule):
         seed: int = 0,
         shuffle_buffer: int = 1000,
         samples_per_epoch: int | None = None,
-        val_root: str | None = None,
         builtin: str | None = None,
         return_keys: bool = False,
         flip: bool = True,
@@ -184,7 +186,7 @@ class LatentShardsDataModule(L.LightningDataModule):
         self.urls, self.manifest_url = urls, manifest
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.shuffle_buffer, self.samples_per_epoch = shuffle_buffer, samples_per_epoch
-        self.val_root, self.builtin, self.return_keys = val_root, builtin, return_keys
+        self.builtin, self.return_keys = builtin, return_keys
         self.flip = flip
         self.manifest: dict[str, Any] | None = None
         self._counter: SkipCounter | None = None
@@ -318,12 +320,16 @@ class LatentShardsDataModule(L.LightningDataModule):
             )
         return n
 
-    def _stream_args(self, urls: list[str], manifest: dict[str, Any]) -> dict[str, Any]:
+    def train_dataloader(self) -> ResumableLoader:
+        self.setup()
+        # A rebuilt loader (Trainer(reload_dataloaders_every_n_epochs=...)) continues where the old
+        # one was.
+        state = self._resume if self._resume is not None else self.state_dict() or None
         rank, world_size = self._rank_world()
-        return dict(
-            urls=urls,
-            moments_shape=moments_shape(manifest),
-            scale=float(manifest["vae"]["scale_factor"]),
+        stream = TrainStream(
+            urls=self.shard_urls,
+            moments_shape=moments_shape(self.manifest),
+            scale=float(self.manifest["vae"]["scale_factor"]),
             batch_size=self.batch_size,
             seed=self.seed,
             rank=rank,
@@ -331,14 +337,6 @@ class LatentShardsDataModule(L.LightningDataModule):
             counter=self._counter,
             return_keys=self.return_keys,
             text=self.text,
-        )
-
-    def train_dataloader(self) -> ResumableLoader:
-        self.setup()
-        # A rebuilt loader (Trainer(reload_dataloaders_every_n_epochs=...)) continues where the old one was.
-        state = self._resume if self._resume is not None else self.state_dict() or None
-        stream = TrainStream(
-            **self._stream_args(self.shard_urls, self.manifest),
             shuffle_buffer=self.shuffle_buffer,
             flip=self.flip,
         )
@@ -349,23 +347,6 @@ class LatentShardsDataModule(L.LightningDataModule):
             self._train_loader.load_state_dict(state)
             self._resume = None
         return self._train_loader
-
-    def val_dataloader(self) -> wds.WebLoader:
-        self.setup()
-        manifest, urls = self.manifest, self.shard_urls
-        if self.val_root is not None:
-            manifest, urls = self._open(
-                os.path.abspath(os.path.expanduser(self.val_root)), None, None
-            )
-            self._check(manifest, urls, "data (val_root)")
-        rank, world_size = self._rank_world()
-        if len(urls) < world_size:
-            raise ValueError(
-                f"The validation pass needs at least one shard per rank: {len(urls)} shards, {world_size} ranks"
-            )
-        mine = len(urls[rank::world_size])
-        stream = ValStream(**self._stream_args(urls, manifest))
-        return wds.WebLoader(stream, batch_size=None, num_workers=min(self.num_workers, mine))
 
     # -- resume -------------------------------------------------------------------------------------
 

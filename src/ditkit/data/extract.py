@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from ditkit.checkpoints.atomic import TMP_MARK, AtomicFile, atomic_write
 from ditkit.data.format import (
     CROP,
     DTYPE,
@@ -93,9 +94,8 @@ class _ShardWriter:
     def __init__(self, out: str, shard: int) -> None:
         self.path = os.path.join(out, shard_name(shard))
         self.record_path = os.path.join(out, PARTS, shard_name(shard).replace(".tar", ".json"))
-        self.tmp = f"{self.path}.tmp-{os.getpid()}"
-        self.file = open(self.tmp, "wb")
-        self.tar = tar_writer(self.file)
+        self.target = AtomicFile(self.path)
+        self.tar = tar_writer(self.target.file)
         self.num_samples, self.max_label, self.skipped = 0, -1, []
 
     def write(self, sample: dict[str, Any], label: int) -> None:
@@ -105,16 +105,13 @@ class _ShardWriter:
 
     def commit(self) -> None:
         self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
         record = {
             "num_samples": self.num_samples,
             "max_label": self.max_label,
             "skipped": self.skipped,
         }
         write_json_atomic(self.record_path, record)
-        os.replace(self.tmp, self.path)  # the shard counts as complete only from here on
+        self.target.commit()  # the shard counts as complete only from here on
 
 
 def _is_complete(out: str, shard: int) -> bool:
@@ -180,7 +177,7 @@ def extract_latents(
     )
     pending = [(i, jobs[i]) for i in range(rank, len(jobs), world_size) if not _is_complete(out, i)]
     for i, _ in pending:  # leftovers of an interrupted run
-        for stale in glob.glob(os.path.join(out, shard_name(i) + ".tmp-*")):
+        for stale in glob.glob(os.path.join(out, shard_name(i) + TMP_MARK + "*")):
             os.remove(stale)
     counts = {"shards": 0, "samples": 0, "skipped": 0}
     if not pending:
@@ -259,8 +256,7 @@ def merge_manifest(out: str) -> dict[str, Any] | None:
         "source": job["source"],
     }
     skipped_path = os.path.join(out, SKIPPED)
-    with open(f"{skipped_path}.tmp-{os.getpid()}", "w") as f:
+    with atomic_write(skipped_path, "w") as f:
         f.writelines(f"{key}\t{reason}\n" for key, reason in skipped)
-    os.replace(f"{skipped_path}.tmp-{os.getpid()}", skipped_path)
     write_json_atomic(os.path.join(out, MANIFEST), manifest)
     return manifest

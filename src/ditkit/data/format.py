@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from ditkit.checkpoints.atomic import atomic_write
 
 FORMAT = "ditkit-latent-shards"
 VERSION = 1
@@ -118,13 +119,9 @@ def moments_shape(manifest: Mapping[str, Any]) -> tuple[int, int, int]:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to a temporary name in the same folder, then rename: readers never see half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    """Write JSON atomically (`atomic_write`): readers never see half a file."""
+    with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 REQUIRED_KEYS = (

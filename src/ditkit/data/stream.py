@@ -1,5 +1,5 @@
-"""Streams of latent batches read from shards: an endless, resampled, resumable training stream and a
-finite validation stream. Both skip (and count) damaged samples and shards instead of crashing.
+"""The training stream of latent batches read from shards: endless, resampled, resumable. It skips
+(and counts) damaged samples and shards instead of crashing.
 
 Each time the training stream reads a sample it picks the image or its mirror at random and draws
 ``latent = scale * (mean + exp(logvar / 2) * eps)``, eps ~ N(0, I): the VAE posterior sample a model
@@ -11,8 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from itertools import islice
 from typing import Any
 
@@ -72,10 +71,20 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-class _LatentStream(IterableDataset):
-    """What both streams share: shard URLs, the expected moments shape (2C, H, W), scale, batching.
-    With ``text`` = (context_len, context_dim, pooled_dim) the condition of a sample is its text embeddings
-    (captioned shards) instead of its label."""
+class TrainStream(IterableDataset):
+    """Endless stream of batches for one rank, a deterministic function of (seed, epoch, rank, worker).
+
+    Shards are drawn with replacement (`wds.ResampledShards`), so every rank and worker reads an
+    independent random sequence of all shards, then a shuffle buffer mixes samples across shards.
+    The DataLoader takes batches from its workers in turn (batch j from worker j % W). To continue an
+    epoch at batch ``start_batch``, worker w plays the part of worker (w + start_batch) % W and drops the
+    batches that part had already delivered, so the batches after a resume are exactly those of an
+    uninterrupted run.
+
+    urls: the shards; moments_shape: (2C, H, W) of the stored moments; scale: the VAE's scale
+    factor; batch_size: per rank. With ``text`` = (context_len, context_dim, pooled_dim) the
+    condition of a sample is its text embeddings (captioned shards) instead of its label.
+    """
 
     def __init__(
         self,
@@ -89,11 +98,24 @@ class _LatentStream(IterableDataset):
         counter: SkipCounter,
         return_keys: bool = False,
         text: tuple[int, int, int] | None = None,
+        shuffle_buffer: int = 1000,
+        flip: bool = True,
     ) -> None:
         super().__init__()
-        self.urls, self.moments_shape, self.scale = list(urls), tuple(moments_shape), float(scale)
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.counter, self.return_keys, self.text = counter, return_keys, text
+        self.urls = list(urls)
+        self.moments_shape = tuple(moments_shape)
+        self.scale = float(scale)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.counter = counter
+        self.return_keys = return_keys
+        self.text = text
+        self.shuffle_buffer = shuffle_buffer
+        self.flip = flip
+        self.epoch = 0
+        self.start_batch = 0
 
     def _damaged(self, exn: Exception) -> bool:
         """WebDataset handler: skip and count what cannot be read."""
@@ -122,68 +144,45 @@ class _LatentStream(IterableDataset):
                         stream.close()
             yield {}  # end of shard: the last sample is complete (group_by_keys' marker)
 
-    def _decode(self, sample: dict[str, Any], field: str) -> tuple[Any, np.ndarray] | None:
-        """-> (condition, moments): the label, or (context (L, D), pooled (P,)) with ``text``."""
+    def _decode(self, sample: dict[str, Any], field: str) -> tuple[dict, np.ndarray] | None:
+        """-> (condition fields, moments): {"y": label}, or with ``text`` {"context": (L, D),
+        "pooled": (P,)}; None (skipped and counted) when the sample is damaged."""
         try:
             if self.text is None:
-                condition = decode_label(sample)
+                condition = {"y": decode_label(sample)}
             else:
                 length, dim, pooled = self.text
-                condition = (
-                    decode_moments(sample, CONTEXT, (length, dim)),
-                    decode_moments(sample, POOLED, (pooled,)),
-                )
+                condition = {
+                    "context": decode_moments(sample, CONTEXT, (length, dim)),
+                    "pooled": decode_moments(sample, POOLED, (pooled,)),
+                }
             return condition, decode_moments(sample, field, self.moments_shape)
         except DataFormatError as err:
             self.counter.skip(f"{sample.get('__url__')}#{sample.get('__key__')}: {err}")
             return None
 
-    def _collate(
-        self,
-        samples: list[tuple[str, np.ndarray, Any]],
-        noise: Callable[[list[str], tuple], np.ndarray],
-    ) -> tuple:
-        """(key, moments (2C, H, W), condition) samples -> latents (B, C, H, W) float32 drawn with
-        ``noise(keys, (B, C, H, W))``, labels (B,) int64 or, with ``text``, {"context": (B, L, D),
-        "pooled": (B, P)} float32[, keys]. Drawing per batch rather than per sample: one vectorised op."""
-        keys, moments, labels = zip(*samples)
+    def _collate(self, samples: list[tuple[str, np.ndarray, dict]], eps: torch.Generator) -> dict:
+        """(key, moments (2C, H, W), condition fields) samples -> the batch dict: "x" latents
+        (B, C, H, W) float32 drawn with `eps`, "y" (B,) int64 or "context" (B, L, D) and "pooled"
+        (B, P) float32, and "key" (B sample keys) with return_keys. Drawing per batch rather than
+        per sample: one vectorised op."""
+        keys, moments, fields = zip(*samples)
         moments = np.stack(moments)
         c, h, w = moments.shape[1] // 2, moments.shape[2], moments.shape[3]
-        latents = torch.from_numpy(
-            draw_latents(moments, self.scale, noise(list(keys), (len(keys), c, h, w)))
-        )
-        if self.text is None:
-            condition = torch.tensor(labels, dtype=torch.long)
-        else:
-            context, pooled = zip(*labels)
-            condition = {
-                "context": torch.from_numpy(np.stack(context).astype(np.float32)),
-                "pooled": torch.from_numpy(np.stack(pooled).astype(np.float32)),
-            }
-        batch = (latents, condition)
-        return batch + (list(keys),) if self.return_keys else batch
+        noise = torch.randn((len(keys), c, h, w), generator=eps).numpy()
+        batch = {"x": torch.from_numpy(draw_latents(moments, self.scale, noise))}
+        for name in fields[0]:
+            values = [f[name] for f in fields]
+            if name == "y":
+                batch[name] = torch.tensor(values, dtype=torch.long)
+            else:
+                batch[name] = torch.from_numpy(np.stack(values).astype(np.float32))
+        if self.return_keys:
+            batch["key"] = list(keys)
+        return batch
 
 
-class TrainStream(_LatentStream):
-    """Endless stream of batches for one rank, a deterministic function of (seed, epoch, rank, worker).
-
-    Shards are drawn with replacement (`wds.ResampledShards`), so every rank and worker reads an
-    independent random sequence of all shards, then a shuffle buffer mixes samples across shards.
-    The DataLoader takes batches from its workers in turn (batch j from worker j % W). To continue an
-    epoch at batch ``start_batch``, worker w plays the part of worker (w + start_batch) % W and drops the
-    batches that part had already delivered, so the batches after a resume are exactly those of an
-    uninterrupted run.
-    """
-
-    def __init__(
-        self, *args: Any, shuffle_buffer: int = 1000, flip: bool = True, **kwargs: Any
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.shuffle_buffer, self.flip = shuffle_buffer, flip
-        self.epoch = 0
-        self.start_batch = 0
-
-    def __iter__(self) -> Iterator[tuple]:
+    def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker()
         part = (worker + self.start_batch) % workers
         done = len(
@@ -203,9 +202,7 @@ class TrainStream(_LatentStream):
             lambda samples: self._pick(samples, flips),
             wds.batched(
                 self.batch_size,
-                collation_fn=lambda batch: self._collate(
-                    batch, lambda keys, shape: torch.randn(shape, generator=eps).numpy()
-                ),
+                collation_fn=lambda batch: self._collate(batch, eps),
                 partial=False,
             ),
         )
@@ -219,38 +216,5 @@ class TrainStream(_LatentStream):
             mirror = flips.random() < 0.5 and self.flip
             decoded = self._decode(sample, MOMENTS_FLIP if mirror else MOMENTS)
             if decoded is not None:
-                label, moments = decoded
-                yield sample["__key__"], moments, label
-
-
-class ValStream(_LatentStream):
-    """One finite pass: shard i goes to rank i % R, then to worker (i // R) % W of that rank, so ranks x
-    workers together read every sample exactly once. No flip; eps is seeded by (seed, key), so the
-    latents do not depend on how many ranks or workers read them. The last batch may be smaller, and
-    ranks may get different numbers of batches (log validation metrics per epoch, not per step)."""
-
-    def __iter__(self) -> Iterator[tuple]:
-        worker, workers = _worker()
-        mine = self.urls[self.rank :: self.world_size][worker::workers]
-        pipeline = wds.DataPipeline(
-            lambda: iter([{"url": url} for url in mine]),
-            self._read,
-            self._decoded,
-            wds.batched(
-                self.batch_size,
-                collation_fn=lambda batch: self._collate(batch, self._noise),
-                partial=True,
-            ),
-        )
-        return iter(pipeline)
-
-    def _decoded(self, samples: Iterator[dict[str, Any]]) -> Iterator[tuple]:
-        for sample in samples:
-            decoded = self._decode(sample, MOMENTS)
-            if decoded is not None:
-                yield sample["__key__"], decoded[1], decoded[0]
-
-    def _noise(self, keys: list[str], shape: tuple) -> np.ndarray:
-        """eps for each sample from a generator seeded by (seed, key): the same whoever reads it."""
-        rngs = (np.random.default_rng([self.seed, zlib.crc32(k.encode())]) for k in keys)
-        return np.stack([rng.standard_normal(shape[1:], np.float32) for rng in rngs])
+                fields, moments = decoded
+                yield sample["__key__"], moments, fields

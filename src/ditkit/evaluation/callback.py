@@ -18,7 +18,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
+from ditkit.checkpoints.atomic import atomic_write
 from ditkit.data.vae import vae_from_manifest
+
+from ditkit.objectives.samplers import resolve
 
 from .decoding import make_decoder
 from .inception import inception_fingerprint, load_inception
@@ -26,16 +29,14 @@ from .reference import MAKE_ONE, check_reference, load_reference
 from .runner import InceptionMetrics, SamplingPlan, sample_and_score
 from .samples_io import image_grid
 
-# Cheap deterministic samplers by default: a training-time FID tracks progress, it is not the paper number.
-DEFAULT_SAMPLER = {"ddpm": ("ddim", 50), "flow": ("euler", 50)}
-
-
 class FIDCallback(Callback):
     """Every `every_n_steps` optimizer steps: FID (and IS / KID / PR) of `num_samples` EMA samples vs `reference`.
 
     reference: a FID reference .npz (data_pipelines.fid_reference) at the data's image size.
     inception_weights: a local Inception weights file, or None for torch-fidelity's download.
-    batch_size: per rank. sampler / steps / sampler_options: default ddim 50 (ddpm) or euler 50 (flow).
+    batch_size: per rank. sampler: null | name | {name, steps, options}; null parts mean the
+    objective's cheap preview sampler (ddim for ddpm, euler for flow) at its default steps: a
+    training-time FID tracks progress, it is not the paper number.
     vae: a local copy of the manifest's VAE (None: as the manifest names it). Results also go to
     <default_root_dir>/fid/step_XXXXXXX.{json,png}.
     """
@@ -47,9 +48,7 @@ class FIDCallback(Callback):
         num_samples: int = 5000,
         batch_size: int = 64,
         inception_weights: str | None = None,
-        sampler: str | None = None,
-        steps: int | str | None = None,
-        sampler_options: dict[str, Any] | None = None,
+        sampler: str | dict[str, Any] | None = None,
         cfg_scale: float = 1.0,
         guidance_channels: int | None = None,
         guidance_interval: Sequence[float] | None = None,
@@ -69,7 +68,7 @@ class FIDCallback(Callback):
             num_samples,
             batch_size,
         )
-        self.sampler, self.steps, self.sampler_options = sampler, steps, dict(sampler_options or {})
+        self.sampler = sampler
         self.guidance = {
             "cfg_scale": float(cfg_scale),
             "guidance_channels": guidance_channels,
@@ -103,16 +102,14 @@ class FIDCallback(Callback):
                 image_size,
                 inception_fingerprint(self.extractor),
             )
-        objective = pl_module.objective
-        default_sampler, default_steps = DEFAULT_SAMPLER[objective.name]
-        sampler, steps = self.sampler or default_sampler, self.steps or default_steps
-        objective.check_sampler(sampler)
-        self.sample_kwargs = {
-            "sampler": sampler,
-            "steps": steps,
-            **self.sampler_options,
-            **self.guidance,
-        }
+        if tuple(pl_module.model.condition_keys) != ("y",):
+            raise ValueError(
+                "callbacks.fid samples balanced class labels, but the backbone "
+                f"({type(pl_module.model).__name__}) takes {list(pl_module.model.condition_keys)}: "
+                "drop callbacks.fid and sample prompts with evaluate.py prompts=FILE"
+            )
+        spec, steps, options = resolve(self.sampler, pl_module.objective.name, "preview")
+        self.sample_kwargs = {"sampler": spec.name, "steps": steps, **options, **self.guidance}
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
@@ -134,10 +131,10 @@ class FIDCallback(Callback):
         if trainer.is_global_zero:
             folder = Path(trainer.default_root_dir) / "fid"
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"step_{step:07d}.json").write_text(
-                json.dumps({"step": step, **result, **self.sample_kwargs})
-            )
-            Image.fromarray(grid).save(folder / f"step_{step:07d}.png")
+            with atomic_write(folder / f"step_{step:07d}.json", "w") as f:
+                json.dump({"step": step, **result, **self.sample_kwargs}, f)
+            with atomic_write(folder / f"step_{step:07d}.png") as f:
+                Image.fromarray(grid).save(f, format="PNG")
             for logger in trainer.loggers:
                 if hasattr(logger, "log_image"):
                     logger.log_image(key="val/samples", images=[grid], step=step)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ditkit.checkpoints.atomic import atomic_write
+
 from .inception import FEATURE_EXTRACTOR, inception_features, inception_fingerprint
 from .stats import FeatureStats, frechet_distance, sqrtm_psd
 
@@ -58,9 +60,8 @@ def save_reference(path: str | Path, ref: Reference) -> None:
     extra = {} if ref.features is None else {"features": np.asarray(ref.features, np.float32)}
     if ref.sigma_sqrt is not None:
         extra["sigma_sqrt"] = np.asarray(ref.sigma_sqrt, np.float64)
-    with open(
-        path, "wb"
-    ) as f:  # an open file keeps np.savez from appending ".npz" to other suffixes
+    # An open file keeps np.savez from appending ".npz" to other suffixes.
+    with atomic_write(path) as f:
         np.savez(
             f,
             mu=np.asarray(ref.mu, np.float64),

@@ -135,7 +135,7 @@ def sample_and_score(
     """Sample this rank's share of `plan`, feed `metrics`; returns up to `keep` of its images (k, 3, H, W) uint8.
 
     With a `store`, every batch is written as a part and batches already there are read back instead
-    of sampled again (resume). The model runs on `device`; the null class for guidance is num_classes.
+    of sampled again (resume). The model runs on `device`; guidance uses the model's null_condition.
     lockstep: every rank runs as many model batches as the busiest one (a rank with one batch fewer samples
     a throw-away batch), for sharded (FSDP2) models whose forward is a collective.
     """
@@ -167,7 +167,6 @@ def sample_and_score(
                 noise,
                 seed=plan.seed,
                 start=start,
-                null_label=plan.num_classes,
                 sample_kwargs=plan.sample_kwargs,
                 autocast=autocast,
             )
@@ -199,7 +198,6 @@ def sample_and_score(
             sample_noise(0, stop, plan.latent_shape, plan.seed).to(device),
             seed=plan.seed,
             start=0,
-            null_label=plan.num_classes,
             sample_kwargs=plan.sample_kwargs,
             autocast=autocast,
         )

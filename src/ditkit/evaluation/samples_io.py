@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import zipfile
 from pathlib import Path
 
@@ -18,12 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-
-def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)  # a kill mid-write leaves a .tmp, never a truncated part
+from ditkit.checkpoints.atomic import atomic_write
 
 
 class PartStore:
@@ -46,9 +40,8 @@ class PartStore:
                     "use a new hydra.run.dir or delete that folder"
                 )
         else:
-            tmp = plan_file.with_name("plan.json.tmp")
-            tmp.write_text(json.dumps(plan, indent=1, sort_keys=True))
-            os.replace(tmp, plan_file)
+            with atomic_write(plan_file, "w") as f:
+                json.dump(plan, f, indent=1, sort_keys=True)
 
     def path(self, start: int) -> Path:
         return self.root / f"part-{start:09d}.npz"
@@ -74,7 +67,9 @@ class PartStore:
         logits: np.ndarray,
     ) -> None:
         """images: (n, H, W, 3) uint8; labels: (n,); pool: (n, 2048); logits: (n, 1008)."""
-        _atomic_npz(self.path(start), images=images, labels=labels, pool=pool, logits=logits)
+        # A kill mid-write leaves a temporary file, never a truncated part.
+        with atomic_write(self.path(start)) as f:
+            np.savez(f, images=images, labels=labels, pool=pool, logits=logits)
 
 
 def write_adm_npz(path: str | Path, store: PartStore, starts: list[int]) -> None:
@@ -89,9 +84,10 @@ def write_adm_npz(path: str | Path, store: PartStore, starts: list[int]) -> None
             labels.append(z["labels"])
     n = sum(sh[0] for sh in shapes)
     h, w, c = shapes[0][1:]
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with (
+        atomic_write(path) as out,
+        zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf,
+    ):
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_2_0(
                 f, {"descr": "|u1", "fortran_order": False, "shape": (n, h, w, c)}
@@ -101,7 +97,6 @@ def write_adm_npz(path: str | Path, store: PartStore, starts: list[int]) -> None
                     f.write(np.ascontiguousarray(z["images"], dtype=np.uint8).tobytes())
         with zf.open("arr_1.npy", "w") as f:
             np.lib.format.write_array(f, np.concatenate(labels).astype(np.int64))
-    os.replace(tmp, path)
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
@@ -118,4 +113,5 @@ def image_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
 
 def save_grid(path: str | Path, images: torch.Tensor) -> None:
     """images: (N, 3, H, W) uint8 -> a PNG grid."""
-    Image.fromarray(image_grid(images)).save(path)
+    with atomic_write(path) as f:
+        Image.fromarray(image_grid(images)).save(f, format="PNG")

@@ -69,7 +69,6 @@ def generate_batch(
     *,
     seed: int,
     start: int,
-    null_label: int,
     sample_kwargs: dict[str, Any],
     autocast: Callable[[], Any],
 ) -> torch.Tensor:
@@ -85,6 +84,6 @@ def generate_batch(
         )  # the sampler's draws: a stream apart from the x_T streams
         with autocast():
             latents = objective.sample(
-                model, noise, model_kwargs={"y": labels}, null_label=null_label, **sample_kwargs
+                model, noise, model_kwargs={"y": labels}, **sample_kwargs
             )
     return to_uint8(decode(latents.float())).cpu()

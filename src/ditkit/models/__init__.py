@@ -1,13 +1,15 @@
-"""Backbones. A model maps (x_t, t, condition) to an output of the latent's layout; it knows nothing of diffusion."""
+"""Backbones. A model maps (x_t, t, condition) to an output of the latent's layout; it knows nothing
+of diffusion. The contract every backbone meets is `Backbone` (protocol.py, docs/extending.md)."""
 
 from .dit import DIT_VARIANTS, DiT, build_dit
 from .mmdit import MMDiT
+from .protocol import Backbone, check_backbone
 
-__all__ = ["DiT", "DIT_VARIANTS", "MMDiT", "UNet", "build_dit"]
+__all__ = ["DIT_VARIANTS", "Backbone", "DiT", "MMDiT", "UNet", "build_dit", "check_backbone"]
 
 
 def __getattr__(name: str):
-    # The U-Net baseline wraps diffusers' blocks; importing diffusers costs seconds, so only on first use.
+    # The U-Net baseline wraps diffusers' blocks; importing diffusers costs seconds: first use only.
     if name == "UNet":
         from .unet import UNet
 

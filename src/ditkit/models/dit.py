@@ -8,11 +8,16 @@ the keys and shapes of the official checkpoints. The model knows nothing of diff
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, CrossAttention, make_mlp, make_norm
-from .cfg import forward_with_cfg
-from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, rope_2d, sincos_2d
+from .embeddings import (
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    null_labels,
+    rope_2d,
+    sincos_2d,
+)
 
 BLOCK_DESIGNS = ("adaln_zero", "adaln", "cross_attn", "in_context")
 
@@ -137,11 +142,15 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Class-conditional Diffusion Transformer. forward(x: (N, C, H, W), t: (N,), y: (N,)) -> (N, C_out, H, W).
+    """Class-conditional Diffusion Transformer (a `Backbone`).
+    forward(x: (N, C, H, W), t: (N,), y: (N,)) -> (N, C_out, H, W).
 
     Beyond the reference (each off by default): `block` design, `qk_norm`, `norm="rmsnorm"`,
-    `mlp="swiglu"`, `rope` (2-D RoPE on top of the fixed sin-cos table), `grad_checkpointing` per block.
+    `mlp="swiglu"`, `rope` (2-D RoPE on top of the fixed sin-cos table). Activation checkpointing,
+    compile and FSDP2 are applied to `blocks` from outside (ditkit.training.parallel).
     """
+
+    condition_keys = ("y",)
 
     def __init__(
         self,
@@ -160,7 +169,6 @@ class DiT(nn.Module):
         norm: str = "layernorm",
         mlp: str = "gelu",
         rope: bool = False,
-        grad_checkpointing: bool = False,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -170,16 +178,17 @@ class DiT(nn.Module):
             )
         if block not in BLOCKS:
             raise ValueError(f"unknown block design {block!r}; valid: {', '.join(BLOCKS)}")
-        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.hidden_size, self.depth, self.num_heads, self.mlp_ratio = (
-            hidden_size,
-            depth,
-            num_heads,
-            mlp_ratio,
-        )
-        self.num_classes, self.learn_sigma, self.block = num_classes, learn_sigma, block
-        self.grad_checkpointing = grad_checkpointing
+        self.hidden_size = hidden_size
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.num_classes = num_classes
+        self.learn_sigma = learn_sigma
+        self.block = block
         grid = input_size // patch_size
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -240,25 +249,15 @@ class DiT(nn.Module):
                 [t_emb.unsqueeze(1), y_emb.unsqueeze(1), tokens], dim=1
             )  # (N, 2 + T, D)
         for blk in self.blocks:
-            if self.grad_checkpointing and self.training:
-                tokens = checkpoint(blk, tokens, block_cond, self.rope, use_reentrant=False)
-            else:
-                tokens = blk(tokens, block_cond, self.rope)
+            tokens = blk(tokens, block_cond, self.rope)
         if self.block == "in_context":
             tokens = tokens[:, 2:]
         return self.unpatchify(self.final_layer(tokens, c))
 
-    def forward_with_cfg(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor,
-        cfg_scale: float,
-        guidance_channels: int | None = None,
-    ) -> torch.Tensor:
-        """Classifier-free guidance on a batch whose second half holds the null labels; see
-        `ditkit.models.cfg.forward_with_cfg` (guidance_channels=3 reproduces the reference)."""
-        return forward_with_cfg(self, x, t, y, cfg_scale, guidance_channels)
+    def null_condition(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Classifier-free guidance's unconditional half: every label replaced by the null class
+        (index num_classes, the row label dropout trains; Ho & Salimans 2022)."""
+        return {"y": null_labels(y, self.y_embedder)}
 
     def forward_flops(self, batch_size: int = 1) -> int:
         """Analytic forward FLOPs (2 x multiply-adds) of the matmuls, attention included."""

@@ -73,6 +73,19 @@ def drop_labels(labels: torch.Tensor, null_label: int, prob: float) -> torch.Ten
     return torch.where(drop, null_label, labels)
 
 
+def null_labels(labels: torch.Tensor, embedder: nn.Embedding | LabelEmbedder) -> torch.Tensor:
+    """labels (N,) -> (N,) all the null class (index num_classes), checking the table has that row
+    (a model built with class_dropout_prob=0 never learned one, so it cannot be guided)."""
+    table = embedder.embedding_table if isinstance(embedder, LabelEmbedder) else embedder
+    null = table.num_embeddings - 1
+    if isinstance(embedder, LabelEmbedder) and embedder.dropout_prob <= 0:
+        raise ValueError(
+            "this model was built with class_dropout_prob=0, so it has no null class and cannot "
+            "be sampled with classifier-free guidance: use cfg_scale=1"
+        )
+    return torch.full_like(labels, null)
+
+
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     """pos: (M,) -> (M, dim) = [sin(pos w), cos(pos w)], w_i = 10000^(-2i/dim) (MAE's table)."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))

@@ -98,13 +98,17 @@ class JointBlock(nn.Module):
 
 
 class MMDiT(nn.Module):
-    """Text-conditional MMDiT. forward(x: (N, C, H, W), t: (N,), context: (N, L, context_dim),
-    pooled: (N, pooled_dim)) -> (N, C_out, H, W), C_out = 2C if learn_sigma else C.
+    """Text-conditional MMDiT (a `Backbone`). forward(x: (N, C, H, W), t: (N,),
+    context: (N, L, context_dim), pooled: (N, pooled_dim)) -> (N, C_out, H, W),
+    C_out = 2C if learn_sigma else C.
 
     Width = num_heads * head_dim; num_heads defaults to depth (SD3: d heads of 64, width 64 d).
-    The fixed 2-D sin-cos table covers a pos_embed_max_size^2 grid (default: the input_size grid) and is
-    centre-cropped to each input's grid (SD3), so one model takes several resolutions up to that size.
+    The fixed 2-D sin-cos table covers a pos_embed_max_size^2 grid (default: the input_size grid)
+    and is centre-cropped to each input's grid (SD3), so one model takes several resolutions up to
+    that size.
     """
+
+    condition_keys = ("context", "pooled")
 
     def __init__(
         self,

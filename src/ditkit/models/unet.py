@@ -13,8 +13,7 @@ from diffusers.models.attention_processor import Attention as DiffusersAttention
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from .cfg import forward_with_cfg
-from .embeddings import drop_labels
+from .embeddings import drop_labels, null_labels
 
 
 def _conv_macs(conv: nn.Conv2d, out_size: int) -> int:
@@ -50,13 +49,16 @@ def _stage_macs(block: nn.Module, size: int) -> int:
 
 
 class UNet(nn.Module):
-    """Class-conditional U-Net with DiT's interface. forward(x: (N, C, H, W), t: (N,), y: (N,)) -> (N, C_out, H, W).
+    """Class-conditional U-Net with DiT's interface (a `Backbone`).
+    forward(x: (N, C, H, W), t: (N,), y: (N,)) -> (N, C_out, H, W).
 
     block_out_channels: channels of each resolution level (level i works at input_size / 2^i);
     layers_per_block: residual blocks per level on the way down (one more on the way up, as in ADM);
     attention_levels: the levels that get a self-attention after each residual block (the middle
     block always has one); attention_head_dim: channels per head (ADM uses 64).
     """
+
+    condition_keys = ("y",)
 
     def __init__(
         self,
@@ -70,7 +72,6 @@ class UNet(nn.Module):
         attention_levels: tuple[int, ...] | list[int] = (1, 2, 3),
         attention_head_dim: int = 64,
         norm_num_groups: int = 32,
-        grad_checkpointing: bool = False,
     ):
         super().__init__()
         block_out_channels, attention_levels = tuple(block_out_channels), tuple(attention_levels)
@@ -83,9 +84,12 @@ class UNet(nn.Module):
             attention_head_dim,
             norm_num_groups,
         )
-        self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
+        self.input_size = input_size
+        self.in_channels = in_channels
+        self.num_classes = num_classes
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.learn_sigma, self.class_dropout_prob = learn_sigma, class_dropout_prob
+        self.learn_sigma = learn_sigma
+        self.class_dropout_prob = class_dropout_prob
         levels = range(len(block_out_channels))
         self.unet = UNet2DModel(
             sample_size=input_size,
@@ -105,8 +109,6 @@ class UNet(nn.Module):
             resnet_time_scale_shift="scale_shift",
             num_class_embeds=num_classes + 1,  # + the null class, always (guidance needs it)
         )
-        if grad_checkpointing:
-            self.unet.enable_gradient_checkpointing()
         self.initialize_weights()
 
     @staticmethod
@@ -168,17 +170,9 @@ class UNet(nn.Module):
             y = drop_labels(y, self.num_classes, self.class_dropout_prob)
         return self.unet(x, t, class_labels=y, return_dict=False)[0]
 
-    def forward_with_cfg(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor,
-        cfg_scale: float,
-        guidance_channels: int | None = None,
-    ) -> torch.Tensor:
-        """Classifier-free guidance on a batch whose second half holds the null labels; see
-        `ditkit.models.cfg.forward_with_cfg`."""
-        return forward_with_cfg(self, x, t, y, cfg_scale, guidance_channels)
+    def null_condition(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Classifier-free guidance's unconditional half: the null class (index num_classes)."""
+        return {"y": null_labels(y, self.unet.class_embedding)}
 
     def forward_flops(self, batch_size: int = 1) -> int:
         """Analytic forward FLOPs (2 x multiply-adds) at input_size: convolutions, linears and attention

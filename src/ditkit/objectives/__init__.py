@@ -1,8 +1,26 @@
-"""Training objectives and their samplers: Gaussian diffusion (DDPM/DDIM, as DiT) and
-rectified flow (SD3 / SiT style), with classifier-free guidance for every sampler."""
+"""Training objectives and their samplers: Gaussian diffusion (DDPM/DDIM, as DiT) and rectified
+flow (SD3 / SiT style), with classifier-free guidance for every sampler. The contract an objective
+meets is `Objective` (protocol.py); samplers live in one registry (samplers.py)."""
 
 from .flow import RectifiedFlow
 from .gaussian import GaussianDiffusion
 from .guidance import Guidance
+from .protocol import DiffusionObjective, Objective, check_objective
+from .samplers import SAMPLERS, get_sampler, register_sampler, samplers_of
+from .terms import LinearProbe, Term, TermInputs
 
-__all__ = ["GaussianDiffusion", "RectifiedFlow", "Guidance"]
+__all__ = [
+    "SAMPLERS",
+    "DiffusionObjective",
+    "GaussianDiffusion",
+    "LinearProbe",
+    "Guidance",
+    "Objective",
+    "RectifiedFlow",
+    "Term",
+    "TermInputs",
+    "check_objective",
+    "get_sampler",
+    "register_sampler",
+    "samplers_of",
+]

@@ -14,9 +14,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from collections.abc import Mapping
+
 from .guidance import Guidance, Model
-from .samplers import check_sampler, samplers_of
+from .protocol import DiffusionObjective, model_inputs
+from .samplers import register_sampler
 from .schedule import mean_flat
+from .terms import Term, TermInputs
 
 TIME_SAMPLINGS = ("uniform", "logit_normal", "mode")
 
@@ -32,7 +36,7 @@ def mode_time(u: torch.Tensor, scale: float) -> torch.Tensor:
     return 1 - u - scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
 
 
-class RectifiedFlow:
+class RectifiedFlow(DiffusionObjective):
     """Rectified-flow objective.
 
     time_sampling: training t ~ "uniform" U(0, 1), "logit_normal" sigmoid(N(logit_mean,
@@ -44,10 +48,11 @@ class RectifiedFlow:
     cosine_loss_weight: weight of 1 - cos(v_pred, v) over channels (LightningDiT).
     time_scale: the model sees t * time_scale.
     A model with 2C output channels (learn_sigma) has its first C read as the velocity.
+    terms: extra losses with their own parameters ({name: Term}, see terms.py).
     """
 
     name = "flow"
-    samplers = samplers_of("flow")
+    default_sampler = "euler"
 
     def __init__(
         self,
@@ -60,7 +65,9 @@ class RectifiedFlow:
         shift_training: bool = True,
         cosine_loss_weight: float = 0.0,
         time_scale: float = 1000.0,
+        terms: Mapping[str, Term] | None = None,
     ):
+        super().__init__(terms)
         if time_sampling not in TIME_SAMPLINGS:
             raise ValueError(
                 f"unknown time_sampling {time_sampling!r}; choose one of {', '.join(TIME_SAMPLINGS)}"
@@ -133,25 +140,28 @@ class RectifiedFlow:
             )
         return out[:, :c].to(x.dtype)
 
-    def training_losses(self, model: Model, x_start, t=None, model_kwargs=None, noise=None) -> dict:
-        """Per-sample losses (N,): `loss`, `mse`, and `cos` when cosine_loss_weight > 0.
+    def training_losses(self, model: Model, batch: Mapping, t=None, noise=None) -> dict:
+        """Per-sample losses (N,): `loss`, `mse`, `cos` when cosine_loss_weight > 0, one per term.
 
-        x_start: (N, C, H, W); t: (N,) in [0, 1], drawn when None; noise drawn when None
-        (t first, then noise, from the global RNG)."""
+        batch: {"x": (N, C, H, W) x_0, and the model's condition fields}; t: (N,) in [0, 1],
+        drawn when None; noise drawn when None (t first, then noise, from the global RNG)."""
+        x_start, condition = model_inputs(model, batch)
         n, _, h, w = x_start.shape
         if t is None:
             t = self.sample_t(n, x_start.device, h, w)
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.interpolate(x_start, t, noise)
-        pred = self.velocity(model, x_t, t, model_kwargs).float()
+        output, hidden = self.forward_model(model, x_t, t * self.time_scale, condition)
+        output = output.float()
+        pred = self._velocity_channels(output, x_t)
         target = noise - x_start
         terms = {"mse": mean_flat((pred - target) ** 2)}
         terms["loss"] = terms["mse"]
         if self.cosine_loss_weight > 0:
             terms["cos"] = mean_flat(1 - F.cosine_similarity(pred, target, dim=1))
             terms["loss"] = terms["mse"] + self.cosine_loss_weight * terms["cos"]
-        return terms
+        return self.add_terms(terms, TermInputs(model, batch, x_t, t, output, hidden))
 
     def time_grid(self, steps: int, height: int, width: int) -> list[float]:
         """steps + 1 times from 1 to 0, evenly spaced then shifted for an H x W latent."""
@@ -160,72 +170,71 @@ class RectifiedFlow:
         shift = self.effective_shift(height, width)
         return [shift_time(1 - i / steps, shift) for i in range(int(steps) + 1)]
 
-    def check_sampler(self, sampler: str, sampler_objective: str | None = None) -> None:
-        """Raise a clear error unless `sampler` (declared for `sampler_objective`) fits this objective."""
-        check_sampler(self.name, sampler, sampler_objective)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        model: Model,
-        x_T,
-        model_kwargs=None,
-        sampler="euler",
-        steps: int = 50,
-        cfg_scale=1.0,
-        guidance_channels=None,
-        guidance_interval=None,
-        null_label=None,
-        progress=False,
-        diffusion_norm=1.0,
+    def guided_velocity(
+        self, model: Model, x: torch.Tensor, t: float, model_kwargs: dict | None, guidance: Guidance
     ) -> torch.Tensor:
-        """x_0: (N, C, H, W) from noise x_T: (N, C, H, W).
+        """The (guided) velocity (N, C, H, W) at x: (N, C, H, W) and flow time t (a number)."""
+        t_model = torch.full((x.shape[0],), t * self.time_scale, device=x.device)
+        return self._velocity_channels(guidance(model, x, t_model, model_kwargs, t, x.shape[1]), x)
 
-        sampler: "euler" / "heun" (probability-flow ODE, 1 / 2 model calls per step) or "sde"
-        (Euler-Maruyama, 1 call per step). guidance_interval is in flow time t in [0, 1].
-        diffusion_norm (sde only): the SDE's diffusion g(t)^2 = diffusion_norm * t.
-        """
-        self.check_sampler(sampler)
-        if sampler != "sde" and diffusion_norm != 1.0:
-            raise ValueError("diffusion_norm applies to sampler=sde only")
-        if diffusion_norm < 0:
-            raise ValueError(f"diffusion_norm must be >= 0, got {diffusion_norm}")
-        guidance = Guidance.build(
-            model, model_kwargs, cfg_scale, guidance_channels, guidance_interval, null_label
-        )
-        grid = self.time_grid(steps, x_T.shape[-2], x_T.shape[-1])
-        n, c = x_T.shape[:2]
 
-        def velocity(x, t: float):
-            t_model = torch.full((n,), t * self.time_scale, device=x.device, dtype=torch.float32)
-            return self._velocity_channels(guidance(model, x, t_model, model_kwargs, t, c), x)
+# ---------------------------------------------------------------------- registered samplers
+def _grid(objective: RectifiedFlow, x_T: torch.Tensor, steps: int, progress: bool, name: str):
+    """(t, t_next, last) over the shifted grid from 1 to 0, with a progress bar."""
+    grid = objective.time_grid(steps, x_T.shape[-2], x_T.shape[-1])
+    for i in tqdm(range(len(grid) - 1), disable=not progress, desc=name):
+        yield grid[i], grid[i + 1], i == len(grid) - 2
 
-        x = x_T
-        for i in tqdm(range(len(grid) - 1), disable=not progress, desc=sampler):
-            t, t_next = grid[i], grid[i + 1]
-            dt = t_next - t  # negative: integrating from noise to data
-            v = velocity(x, t)
-            if sampler == "euler":
-                x = x + dt * v
-            elif sampler == "heun":
-                # Heun's method (trapezoidal predictor-corrector), 2nd order (Karras et al. 2022, alg. 1).
-                v_next = velocity(x + dt * v, t_next)
-                x = x + dt * 0.5 * (v + v_next)
-            else:
-                x = self._sde_step(x, v, t, dt, diffusion_norm, last=i == len(grid) - 2)
-        return x
 
-    @staticmethod
-    def _sde_step(x, v, t: float, dt: float, norm: float, last: bool):
-        """One reverse-time Euler-Maruyama step of dx = [v - g^2/2 * score] dt + g dW.
+@register_sampler("euler", "flow", default_steps=50, description="Euler on the probability-flow ODE")
+def euler_sampler(objective, model, x_T, model_kwargs, *, steps, guidance, progress):
+    x = x_T
+    for t, t_next, _ in _grid(objective, x_T, steps, progress, "euler"):
+        x = x + (t_next - t) * objective.guided_velocity(model, x, t, model_kwargs, guidance)
+    return x
 
-        For x_t = (1 - t) x_0 + t eps the score is -E[eps | x_t] / t and E[eps | x_t] =
-        x_t + (1 - t) v, so with g^2 = norm * t (SiT's 'sigma' diffusion) the drift
-        v + norm/2 * (x + (1 - t) v) stays finite as t -> 0. Every such SDE has the ODE's
-        marginals (Song et al. 2021, eq. 13). The last step takes the mean (no noise).
-        """
-        drift = v + 0.5 * norm * (x + (1 - t) * v)
-        x = x + dt * drift
-        if not last and norm > 0:
-            x = x + math.sqrt(norm * t * -dt) * torch.randn_like(x)
-        return x
+
+@register_sampler(
+    "heun", "flow", default_steps=25, nfe_per_step=2,
+    description="Heun (2nd order) on the probability-flow ODE",
+)
+def heun_sampler(objective, model, x_T, model_kwargs, *, steps, guidance, progress):
+    x = x_T
+    for t, t_next, _ in _grid(objective, x_T, steps, progress, "heun"):
+        dt = t_next - t  # negative: integrating from noise to data
+        v = objective.guided_velocity(model, x, t, model_kwargs, guidance)
+        # Heun's method (trapezoidal predictor-corrector), 2nd order (Karras et al. 2022, alg. 1).
+        v_next = objective.guided_velocity(model, x + dt * v, t_next, model_kwargs, guidance)
+        x = x + dt * 0.5 * (v + v_next)
+    return x
+
+
+@register_sampler(
+    "sde", "flow", default_steps=250, diffusion_norm=1.0,
+    description="Euler-Maruyama on the SDE with the ODE's marginals (SiT's FID protocol: 250)",
+)
+def sde_sampler(objective, model, x_T, model_kwargs, *, steps, guidance, progress,
+                diffusion_norm=1.0):
+    """diffusion_norm: the SDE's diffusion g(t)^2 = diffusion_norm * t."""
+    if diffusion_norm < 0:
+        raise ValueError(f"diffusion_norm must be >= 0, got {diffusion_norm}")
+    x = x_T
+    for t, t_next, last in _grid(objective, x_T, steps, progress, "sde"):
+        v = objective.guided_velocity(model, x, t, model_kwargs, guidance)
+        x = sde_step(x, v, t, t_next - t, diffusion_norm, last)
+    return x
+
+
+def sde_step(x, v, t: float, dt: float, norm: float, last: bool):
+    """One reverse-time Euler-Maruyama step of dx = [v - g^2/2 * score] dt + g dW.
+
+    For x_t = (1 - t) x_0 + t eps the score is -E[eps | x_t] / t and E[eps | x_t] =
+    x_t + (1 - t) v, so with g^2 = norm * t (SiT's 'sigma' diffusion) the drift
+    v + norm/2 * (x + (1 - t) v) stays finite as t -> 0. Every such SDE has the ODE's
+    marginals (Song et al. 2021, eq. 13). The last step takes the mean (no noise).
+    """
+    drift = v + 0.5 * norm * (x + (1 - t) * v)
+    x = x + dt * drift
+    if not last and norm > 0:
+        x = x + math.sqrt(norm * t * -dt) * torch.randn_like(x)
+    return x

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 
 import torch
 from tqdm.auto import tqdm
 
 from .guidance import Guidance, Model
-from .samplers import check_sampler, samplers_of
+from .protocol import DiffusionObjective, model_inputs
+from .samplers import register_sampler
+from .terms import Term, TermInputs
 from .schedule import (
     SCHEDULES,
     beta_schedule,
@@ -30,7 +33,7 @@ from .schedule import (
 PREDICTIONS = ("eps", "x0", "v")
 
 
-class GaussianDiffusion:
+class GaussianDiffusion(DiffusionObjective):
     """DDPM objective.
 
     num_timesteps: T of the training process. schedule: "linear" | "cosine" betas.
@@ -40,10 +43,11 @@ class GaussianDiffusion:
     (v = sqrt(abar) eps - sqrt(1 - abar) x0, Salimans & Ho 2022).
     fixed_variance: sampling variance when learn_sigma is False: "large" (beta_t, DiT's
     default) or "small" (the posterior variance).
+    terms: extra losses with their own parameters ({name: Term}, see terms.py).
     """
 
     name = "ddpm"
-    samplers = samplers_of("ddpm")
+    default_sampler = "ddpm"
 
     def __init__(
         self,
@@ -52,7 +56,9 @@ class GaussianDiffusion:
         learn_sigma: bool = True,
         prediction: str = "eps",
         fixed_variance: str = "large",
+        terms: Mapping[str, Term] | None = None,
     ):
+        super().__init__(terms)
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if prediction not in PREDICTIONS:
@@ -204,21 +210,25 @@ class GaussianDiffusion:
         return self.p_mean_variance_from_output(output, x, t, clip_denoised)
 
     # ------------------------------------------------------------------ training
-    def training_losses(self, model: Model, x_start, t=None, model_kwargs=None, noise=None) -> dict:
-        """Per-sample losses (N,): `loss`, `mse`, and `vb` when learn_sigma.
+    def training_losses(self, model: Model, batch: Mapping, t=None, noise=None) -> dict:
+        """Per-sample losses (N,): `loss`, `mse`, `vb` when learn_sigma, and one per term.
 
-        x_start: (N, C, H, W). t: (N,) step indices, drawn uniformly when None; noise drawn
-        when None (both from the global RNG, in that order, as the reference training loop).
-        With learn_sigma the VLB term sees the mean prediction detached, so it trains only
-        the variance (improved DDPM, sec. 3.1, L_hybrid = L_simple + L_vlb).
+        batch: {"x": (N, C, H, W) x_0, and the model's condition fields}. t: (N,) step indices,
+        drawn uniformly when None; noise drawn when None (both from the global RNG, in that order,
+        as the reference training loop). With learn_sigma the VLB term sees the mean prediction
+        detached, so it trains only the variance (improved DDPM, sec. 3.1, L_hybrid = L_simple +
+        L_vlb).
         """
+        x_start, condition = model_inputs(model, batch)
         n = x_start.shape[0]
         if t is None:
             t = torch.randint(0, self.num_timesteps, (n,), device=x_start.device)
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise)
-        output = model(x_t, self.model_timesteps(t), **(model_kwargs or {})).float()
+        output, hidden = self.forward_model(model, x_t, self.model_timesteps(t), condition)
+        output = output.float()
+        full_output = output
         c = x_start.shape[1]
         terms = {}
         if self.learn_sigma:
@@ -237,7 +247,7 @@ class GaussianDiffusion:
             )
         terms["mse"] = mean_flat((target - output) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
-        return terms
+        return self.add_terms(terms, TermInputs(model, batch, x_t, t, full_output, hidden))
 
     def _vb_bits_per_dim(self, output, x_start, x_t, t) -> torch.Tensor:
         """The VLB term L_t in bits/dim, (N,): KL to the true posterior for t > 0, the
@@ -310,53 +320,33 @@ class GaussianDiffusion:
                 x = x + sigma * torch.randn_like(x)  # sigma is 0 at the last step
         return x
 
-    def check_sampler(self, sampler: str, sampler_objective: str | None = None) -> None:
-        """Raise a clear error unless `sampler` (declared for `sampler_objective`) fits this objective."""
-        check_sampler(self.name, sampler, sampler_objective)
 
-    def sample(
-        self,
-        model: Model,
-        x_T,
-        model_kwargs=None,
-        sampler="ddpm",
-        steps: int | str = 250,
-        cfg_scale=1.0,
-        guidance_channels=None,
-        guidance_interval=None,
-        null_label=None,
-        progress=False,
-        eta=0.0,
-        clip_denoised=False,
-    ) -> torch.Tensor:
-        """x_0: (N, C, H, W) from noise x_T: (N, C, H, W).
+# ---------------------------------------------------------------------- registered samplers
+@register_sampler(
+    "ddpm", "ddpm", default_steps=250, clip_denoised=False,
+    description="ancestral DDPM over evenly respaced steps (DiT's FID protocol: 250)",
+)
+def ddpm_sampler(
+    objective: GaussianDiffusion, model, x_T, model_kwargs, *, steps, guidance, progress,
+    clip_denoised=False,
+) -> torch.Tensor:
+    """steps: a count (evenly respaced) or any respacing spec string ("250", "10,10,5")."""
+    return objective.respace(str(steps)).ddpm_sample(
+        model, x_T, model_kwargs, progress=progress, clip_denoised=clip_denoised, guidance=guidance
+    )
 
-        sampler "ddpm" (ancestral) or "ddim"; steps: a count (evenly respaced for ddpm,
-        "ddimN" stride for ddim) or any respacing spec string. guidance_interval is in
-        original timesteps, e.g. (0, 700). eta: DDIM's noise (ddim only).
-        """
-        self.check_sampler(sampler)
-        if sampler == "ddpm" and eta != 0.0:
-            raise ValueError("eta applies to sampler=ddim only")
-        guidance = Guidance.build(
-            model, model_kwargs, cfg_scale, guidance_channels, guidance_interval, null_label
-        )
-        if sampler == "ddpm":
-            return self.respace(str(steps)).ddpm_sample(
-                model,
-                x_T,
-                model_kwargs,
-                progress=progress,
-                clip_denoised=clip_denoised,
-                guidance=guidance,
-            )
-        spec = f"ddim{steps}" if isinstance(steps, int) else steps
-        return self.respace(spec).ddim_sample(
-            model,
-            x_T,
-            model_kwargs,
-            eta=eta,
-            progress=progress,
-            clip_denoised=clip_denoised,
-            guidance=guidance,
-        )
+
+@register_sampler(
+    "ddim", "ddpm", default_steps=50, eta=0.0, clip_denoised=False,
+    description="DDIM (Song et al. 2021, eq. 12); eta=0 deterministic, eta=1 DDPM's variance",
+)
+def ddim_sampler(
+    objective: GaussianDiffusion, model, x_T, model_kwargs, *, steps, guidance, progress,
+    eta=0.0, clip_denoised=False,
+) -> torch.Tensor:
+    """steps: a count (the "ddimN" stride) or any respacing spec string."""
+    spec = f"ddim{steps}" if isinstance(steps, int) else steps
+    return objective.respace(spec).ddim_sample(
+        model, x_T, model_kwargs, eta=eta, progress=progress, clip_denoised=clip_denoised,
+        guidance=guidance,
+    )

@@ -1,20 +1,20 @@
-"""Classifier-free guidance (Ho & Salimans 2022), shared by every sampler of both objectives.
+"""Classifier-free guidance (Ho & Salimans 2022), the one implementation every sampler uses.
 
-The conditional and the null-label batch go through the model as ONE batch of 2N, and the
-prediction becomes  uncond + scale * (cond - uncond).  Options beyond the paper:
+The conditional and the null-condition batch go through the model as ONE batch of 2N, and the
+prediction becomes  uncond + scale * (cond - uncond)  (Ho & Salimans, eq. 6). The null condition is
+the backbone's own (`model.null_condition(**condition)`: DiT's null class, MMDiT's zero text), so
+guidance works for any backbone that meets the contract. Options beyond the paper:
 - `channels`: guide only the first k output channels. The DiT reference guides the first 3
   of its 4 latent channels (a quirk of its `forward_with_cfg`); k=3 reproduces it.
   Channels past k -- and a learned-variance half -- are taken from the conditional output.
 - `interval`: guide only while the objective's time lies in [low, high] (Kynkaenniemi et al.
   2024, "Applying guidance in a limited interval"; used by LightningDiT and REPA). Outside
   it the model runs on the N conditional samples only.
-Text-conditional models (MMDiT: model_kwargs {"context", "pooled"}, no "y") define their null
-condition themselves: `model.null_condition(**model_kwargs)` gives the keywords of the null half.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +23,23 @@ import torch
 Model = Callable[..., torch.Tensor]
 
 
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """uncond + scale * (cond - uncond): scale 1 is the conditional model, 0 the unconditional."""
+    return uncond + scale * (cond - uncond)
+
+
+def _double(value: Any, n: int) -> Any:
+    """Repeat a per-sample keyword (leading dim n) for the doubled batch; leave others as they are."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == n:
+        return torch.cat([value, value])
+    return value
+
+
 @dataclass(frozen=True)
 class Guidance:
     """A resolved guidance setting; `scale == 1` means no guidance (one batch of N)."""
 
     scale: float = 1.0
-    null_label: int | None = None
-    null_kwargs: dict | None = None  # the null half's keywords, for a model with `null_condition`
     channels: int | None = None
     interval: tuple[float, float] | None = None
 
@@ -38,51 +48,43 @@ class Guidance:
         cls,
         model: Any,
         model_kwargs: dict | None,
-        cfg_scale: float,
-        guidance_channels: int | None,
-        guidance_interval: tuple[float, float] | list[float] | None,
-        null_label: int | None,
+        cfg_scale: float = 1.0,
+        guidance_channels: int | None = None,
+        guidance_interval: Sequence[float] | None = None,
     ) -> Guidance:
-        """Validate the user's options early and find the null label (argument, else
-        `model.num_classes`, the DiT convention for the extra 'no class' embedding), or, without
-        labels, the null condition of a model that has `null_condition` (text conditioning)."""
+        """Validate the options before the first model call: the model must name its condition and
+        give its null, and the condition must be in `model_kwargs`."""
         cfg_scale = float(cfg_scale)
         if cfg_scale == 1.0:
             return cls()
-        null_kwargs = None
-        if model_kwargs and model_kwargs.get("y") is None and hasattr(model, "null_condition"):
-            null_kwargs = dict(model.null_condition(**model_kwargs))
-        elif not model_kwargs or model_kwargs.get("y") is None:
+        keys = getattr(model, "condition_keys", None)
+        if keys is None or not hasattr(model, "null_condition"):
             raise ValueError(
-                f"cfg_scale={cfg_scale} needs class labels: pass model_kwargs={{'y': labels}} "
-                "(or a text condition to a model with `null_condition`, or cfg_scale=1.0 for an unconditional model)"
+                f"cfg_scale={cfg_scale} needs a model with `condition_keys` and `null_condition` "
+                "(the Backbone contract, docs/extending.md), or cfg_scale=1.0"
             )
-        if null_kwargs is None and null_label is None:
-            null_label = getattr(model, "num_classes", None)
-            if null_label is None:
-                raise ValueError(
-                    "classifier-free guidance needs the null class: pass null_label=..., "
-                    "or give the model a `num_classes` attribute (the null class is index num_classes)"
-                )
+        missing = [k for k in keys if k not in (model_kwargs or {})]
+        if missing:
+            raise ValueError(
+                f"cfg_scale={cfg_scale} guides toward a condition, but model_kwargs lacks "
+                f"{missing} (the model takes {list(keys)}); pass them, or cfg_scale=1.0"
+            )
         if guidance_channels is not None and int(guidance_channels) < 1:
             raise ValueError(
                 f"guidance_channels must be None (all) or >= 1, got {guidance_channels}"
             )
+        interval = None
         if guidance_interval is not None:
             if len(guidance_interval) != 2 or float(guidance_interval[0]) > float(
                 guidance_interval[1]
             ):
                 raise ValueError(
-                    f"guidance_interval must be (low, high) with low <= high, got {guidance_interval}"
+                    f"guidance_interval must be (low, high) with low <= high, got "
+                    f"{guidance_interval}"
                 )
-            guidance_interval = (float(guidance_interval[0]), float(guidance_interval[1]))
-        return cls(
-            scale=cfg_scale,
-            null_label=None if null_kwargs is not None else int(null_label),
-            null_kwargs=null_kwargs,
-            channels=None if guidance_channels is None else int(guidance_channels),
-            interval=guidance_interval,
-        )
+            interval = (float(guidance_interval[0]), float(guidance_interval[1]))
+        channels = None if guidance_channels is None else int(guidance_channels)
+        return cls(scale=cfg_scale, channels=channels, interval=interval)
 
     def active(self, time: float) -> bool:
         """Whether guidance applies at objective time `time` (a Python number: no device sync)."""
@@ -114,30 +116,12 @@ class Guidance:
                 f"guidance_channels={k} exceeds the {pred_channels} prediction channels of the model"
             )
         n = x.shape[0]
-        if self.null_kwargs is not None:
-            doubled = {
-                key: torch.cat([v, self.null_kwargs[key]])
-                if key in self.null_kwargs
-                else _double(v, n)
-                for key, v in kwargs.items()
-            }
-            out = model(torch.cat([x, x]), torch.cat([t, t]), **doubled)
-        else:
-            y = kwargs.pop("y")
-            doubled = {key: _double(v, n) for key, v in kwargs.items()}
-            out = model(
-                torch.cat([x, x]),
-                torch.cat([t, t]),
-                y=torch.cat([y, torch.full_like(y, self.null_label)]),
-                **doubled,
-            )
+        null = model.null_condition(**{key: kwargs[key] for key in model.condition_keys})
+        doubled = {
+            key: torch.cat([value, null[key]]) if key in null else _double(value, n)
+            for key, value in kwargs.items()
+        }
+        out = model(torch.cat([x, x]), torch.cat([t, t]), **doubled)
         cond, uncond = out[:n], out[n:]
-        guided = uncond[:, :k] + self.scale * (cond[:, :k] - uncond[:, :k])
+        guided = guide(cond[:, :k], uncond[:, :k], self.scale)
         return torch.cat([guided, cond[:, k:]], dim=1)
-
-
-def _double(value: Any, n: int) -> Any:
-    """Repeat a per-sample keyword (leading dim n) for the doubled batch; leave others as they are."""
-    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == n:
-        return torch.cat([value, value])
-    return value

@@ -5,9 +5,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ditkit.checkpoints.resume import checkpoint_step
 from ditkit.models import DIT_VARIANTS
-
-from .checkpointing import checkpoint_step
 
 INT_KEYS = (
     "input_size",
@@ -92,4 +91,22 @@ def check_resume(resume: str, ckpt_path: str | None, checkpoint_dir: str | Path)
         raise ConfigError(
             f"resume=never, but {folder} already holds checkpoints that a fresh run would overwrite: use "
             f"resume=auto to continue it, run_name=<new name> for a new run, or delete the folder"
+        )
+
+
+def check_experiment_sizes(conf_dir: str | Path, experiment: str | None, model: str | None) -> None:
+    """An experiment that sizes its models per model (conf/experiment_model/<experiment>/*.yaml) must
+    have a size for the chosen one: otherwise the model would train at its full size, e.g. a whole
+    DiT-B on a CPU for experiment=quickstart model=dit_b."""
+    if experiment is None or model is None:
+        return
+    folder = Path(conf_dir) / "experiment_model" / experiment
+    if not folder.is_dir():
+        return
+    sized = sorted(p.stem for p in folder.glob("*.yaml"))
+    if model not in sized:
+        raise ConfigError(
+            f"experiment={experiment} has model sizes for model={'|'.join(sized)} only "
+            f"({folder}); model={model} would train at its full size. Choose one of those, or "
+            f"add {folder / (model + '.yaml')} with the sizes for this experiment."
         )

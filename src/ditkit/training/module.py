@@ -1,13 +1,21 @@
-"""The LightningModule: a DiT backbone trained with a diffusion objective.
+"""The LightningModule: a backbone trained with an objective.
 
 One optimizer step here is: seed the global RNG from (seed, step, micro-batch, rank) so every
-random draw (t, noise, label dropout) replays exactly after a resume; forward + loss; backward;
-one all-reduce of [losses, non-finite count, squared grad norm] so every rank takes the same
-decision; skip the step when anything was NaN/Inf (counted, fatal after `max_consecutive_skips`);
-clip; AdamW; EMA update.
+random draw (t, noise, label dropout) replays exactly after a resume; the objective's losses on the
+batch dict; backward; one all-reduce of [loss parts, non-finite count, squared grad norm] so every
+rank takes the same decision; skip the step when anything was NaN/Inf (counted, fatal after
+`max_consecutive_skips`); clip; the optimizer; EMA update.
+
+What is trained is the backbone plus every module the objective owns (`trainable_modules()`, e.g. an
+alignment projector): one optimizer, one global norm, one NaN check, one checkpoint and one exact
+resume for all of it. The module never looks inside the batch: the objective reads its fields.
 """
 
+from __future__ import annotations
+
 import math
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -18,20 +26,26 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from ditkit.models.protocol import check_backbone
+from ditkit.objectives.protocol import check_objective
+
 from .ema import ema_decay, local, make_shadow, update_ema
-from .parallel import compile_blocks, reshard, shard_blocks
+from .parallel import checkpoint_blocks, compile_blocks, reshard, shard_blocks
+
+# DiT's optimizer (Peebles & Xie 2023, sec. 5): AdamW, lr 1e-4, no weight decay. fused: one kernel
+# for the whole update, 3x faster than the default foreach AdamW on CPU (DiT-S/2: 30 vs 103 ms).
+DEFAULT_OPTIMIZER = partial(
+    torch.optim.AdamW, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8, fused=True
+)
+
+OptimizerFactory = Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer]
+ScheduleFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """A well-mixed 63-bit seed for one micro-batch of one rank (numpy's SeedSequence hashing)."""
-    return int(
-        np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, np.uint64)[0] >> 1
-    )
-
-
-def _condition(y: torch.Tensor | dict) -> dict:
-    """The model's keyword arguments: {"y": labels}, or a text condition dict as it is (MMDiT)."""
-    return dict(y) if isinstance(y, dict) else {"y": y}
+    state = np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, np.uint64)
+    return int(state[0] >> 1)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -39,17 +53,20 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class DiffusionModule(L.LightningModule):
-    """Model + objective + AdamW + EMA.
+    """Backbone + objective + optimizer + EMA.
 
-    model: a DiT-like backbone, forward(x: (N, C, H, W), t: (N,), y: (N,)) -> (N, C_out, H, W),
-        with `blocks` (the unit FSDP2 shards and torch.compile compiles) and `num_classes`.
-    objective: `training_losses(model, x_start, model_kwargs=...) -> {"loss": (N,), parts...}`
-        and `sample(model, x_T, model_kwargs=..., sampler=, steps=, cfg_scale=, ...)`.
-    lr, betas, weight_decay, eps: AdamW (DiT: 1e-4, (0.9, 0.999), 0). warmup_steps: linear lr
-        warm-up over this many optimizer steps (0 = constant lr, as DiT).
+    model: a `ditkit.models.Backbone` (checked here). objective: a `ditkit.objectives.Objective`
+        (checked here); `objective.bind(model)` builds the modules it owns, trained with the model.
+    optimizer: called with the module's named trainable parameters [(name, parameter), ...]
+        (names "model.*" and "objective_modules.<name>.*"); default DiT's fused AdamW. Config
+        group `optimizer=adamw|muon`. lr_schedule: called with the optimizer, returns a per-step
+        scheduler or None (config group `lr_schedule=`); default None, a constant lr.
     ema_decay: EMA decay per optimizer step (DiT: 0.9999). ema_warmup: use
         min(decay, (1 + n) / (10 + n)) so that short runs are not dominated by the initial weights.
-    compile: torch.compile each transformer block. seed: base of the per-step seeds.
+    ema_objective_modules: keep an EMA of the objective's modules too (default: the backbone only;
+        sampling needs only the backbone).
+    compile: torch.compile each block. activation_checkpointing: recompute each block's
+        activations in the backward (DiT, MMDiT and U-Net alike). seed: base of the per-step seeds.
     max_consecutive_skips: stop with an error after this many non-finite steps in a row.
     run_config: the run's resolved config (plain dict), stored in every checkpoint under
         "ditkit_config" so evaluate.py can rebuild the model and objective from the file alone.
@@ -61,14 +78,13 @@ class DiffusionModule(L.LightningModule):
         self,
         model: nn.Module,
         objective: Any,
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
-        eps: float = 1e-8,
-        warmup_steps: int = 0,
+        optimizer: OptimizerFactory | None = None,
+        lr_schedule: ScheduleFactory | None = None,
         ema_decay: float = 0.9999,
         ema_warmup: bool = False,
+        ema_objective_modules: bool = False,
         compile: bool = False,
+        activation_checkpointing: bool = False,
         seed: int = 0,
         max_consecutive_skips: int = 10,
         run_config: dict | None = None,
@@ -80,16 +96,29 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(
                 f"module.max_consecutive_skips must be >= 1, got {max_consecutive_skips}"
             )
+        check_backbone(model)
+        check_objective(objective)
         self.model = model
         self.objective = objective
         self.ema = make_shadow(model)
+        objective.bind(model)
+        # Registered here, so they are in the optimizer, the checkpoint and the FSDP2 sharding; the
+        # objective keeps using the very same module objects.
+        self.objective_modules = nn.ModuleDict(objective.trainable_modules())
+        self.ema_objective = nn.ModuleDict(
+            {k: make_shadow(m) for k, m in self.objective_modules.items()}
+            if ema_objective_modules
+            else {}
+        )
         # Buffers, so they travel in every checkpoint (replicated, not sharded, under FSDP2).
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.int64))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.int64))
-        self.lr, self.betas, self.weight_decay, self.eps = lr, tuple(betas), weight_decay, eps
-        self.warmup_steps = warmup_steps
-        self.ema_decay, self.ema_warmup = ema_decay, ema_warmup
+        self.optimizer_factory = optimizer or DEFAULT_OPTIMIZER
+        self.lr_schedule_factory = lr_schedule
+        self.ema_decay = ema_decay
+        self.ema_warmup = ema_warmup
         self.compile_blocks = compile
+        self.activation_checkpointing = activation_checkpointing
         self.seed = seed
         self.max_consecutive_skips = max_consecutive_skips
         self.run_config = run_config
@@ -98,41 +127,57 @@ class DiffusionModule(L.LightningModule):
         self._step_taken = False
         self._reset_stats()
 
+    # ---------------------------------------------------------------- what is trained
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the backbone, then of the objective's modules (the EMA takes none)."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for _, p in self.named_trainable_parameters())
+
+    def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(shadow parameters, trained parameters), matched one to one."""
+        shadows, sources = list(self.ema.parameters()), list(self.model.parameters())
+        for key, shadow in self.ema_objective.items():
+            shadows += list(shadow.parameters())
+            sources += list(self.objective_modules[key].parameters())
+        return shadows, sources
+
     # ---------------------------------------------------------------- setup
     def configure_model(self) -> None:
         """FSDP2 (ModelParallelStrategy gives a device mesh): shard each block, then the root, of the
-        model and of its EMA alike, so their local shards line up; then compile the blocks."""
+        model and of its EMA alike, so their local shards line up, and each objective module; then
+        compile the blocks and wrap them in activation checkpointing, all from outside the model."""
         if self._configured:
             return
         self._configured = True
         if self.device_mesh is not None:
+            from torch.distributed.fsdp import fully_shard
+
             mesh = self.device_mesh["data_parallel"]
             shard_blocks(self.model, mesh)
             shard_blocks(self.ema, mesh)
+            for modules in (self.objective_modules, self.ema_objective):
+                for module in modules.values():
+                    if any(True for _ in module.parameters()):
+                        fully_shard(module, mesh=mesh)
         if self.compile_blocks:
             compile_blocks(self.model)
+        if self.activation_checkpointing:
+            checkpoint_blocks(self.model)
 
     def on_fit_start(self) -> None:
         # "bf16-true" / "16-true" convert the whole LightningModule; the EMA must stay an fp32 average.
-        if any(p.dtype != torch.float32 for p in self.ema.parameters()):
-            self.ema.float()
+        for shadow in (self.ema, *self.ema_objective.values()):
+            if any(p.dtype != torch.float32 for p in shadow.parameters()):
+                shadow.float()
 
     def configure_optimizers(self):
-        # fused: one kernel for the whole update, 3x faster than the default foreach AdamW on CPU
-        # (DiT-S/2: 30 vs 103 ms) and faster on CUDA; the same update, rounded in a different order.
-        opt = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=self.lr,
-            betas=self.betas,
-            weight_decay=self.weight_decay,
-            eps=self.eps,
-            fused=True,
-        )
-        if self.warmup_steps <= 0:
-            return opt
-        warmup = self.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        optimizer = self.optimizer_factory(self.named_trainable_parameters())
+        schedule = self.lr_schedule_factory(optimizer) if self.lr_schedule_factory else None
+        if schedule is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---------------------------------------------------------------- step
     def _reset_stats(self) -> None:
@@ -140,17 +185,14 @@ class DiffusionModule(L.LightningModule):
         self._micro_batches = 0
         self._nonfinite = None
 
-    def training_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor | dict], batch_idx: int
-    ) -> torch.Tensor:
-        """batch: (latents (B, C, H, W) float32, labels (B,) int64 or a text condition dict
-        {"context": (B, L, D), "pooled": (B, P)} for MMDiT) -> mean loss."""
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """batch: the loader's dict ({"x": (B, C, H, W), "y": (B,)} or text fields, plus whatever
+        else the objective reads), handed to the objective untouched -> mean loss."""
         micro = batch_idx % self.trainer.accumulate_grad_batches
-        # Every draw of this micro-batch is a function of (seed, step, micro, rank): an interrupted and
-        # resumed run replays the uninterrupted run's t / noise / label-dropout draws exactly.
+        # Every draw of this micro-batch is a function of (seed, step, micro, rank): an interrupted
+        # and resumed run replays the uninterrupted run's t / noise / label-dropout draws exactly.
         torch.manual_seed(step_seed(self.seed, self.global_step, micro, self.global_rank))
-        x, y = batch
-        terms = self.objective.training_losses(self.model, x, model_kwargs=_condition(y))
+        terms = self.objective.training_losses(self.model, batch)
         loss = terms["loss"].mean()
         for name, value in terms.items():
             value = value.detach().float().mean()
@@ -162,13 +204,12 @@ class DiffusionModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """After backward (grads complete and, under DDP, averaged), before clipping and the step."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self.trainable_parameters() if p.grad is not None]
         grads = [local(p.grad) for p in params]
-        sq = (
-            torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
-            if grads
-            else torch.zeros((), device=self.device)
-        )
+        if grads:
+            sq = torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
+        else:
+            sq = torch.zeros((), device=self.device)
         names = list(self._stats)
         vec = torch.stack(
             [*(self._stats[n] for n in names), self._nonfinite.to(sq.device), sq.to(sq.device)]
@@ -179,29 +220,36 @@ class DiffusionModule(L.LightningModule):
             # (a rank that skipped alone would desynchronise the replicas or hang the next collective).
             dist.all_reduce(vec, op=dist.ReduceOp.SUM)
         vec = vec.cpu()
-        # DDP grads are replicas (each rank holds the full averaged gradient), FSDP2 grads are disjoint shards.
+        # DDP grads are replicas (each rank holds the full averaged gradient); FSDP2 grads are
+        # disjoint shards.
         sharded = any(isinstance(p.grad, DTensor) for p in params)
         grad_norm = math.sqrt(vec[-1].item() / (1 if sharded else world))
         ok = vec[-2].item() == 0 and math.isfinite(grad_norm)
         self._grad_norm = grad_norm
         self._step_taken = ok
         means = {
-            f"train/{n}": vec[i].item() / (world * self._micro_batches) for i, n in enumerate(names)
+            f"train/{n}": vec[i].item() / (world * self._micro_batches)
+            for i, n in enumerate(names)
         }
         if ok:
             self._consecutive_skips = 0
         else:
-            # Dropping the gradients makes AdamW skip every parameter: no moment, step-count or weight
-            # change, so the weights (and the EMA, updated only after a taken step) stay as they were.
+            # Dropping the gradients makes the optimizer skip every parameter: no moment, step-count
+            # or weight change, so the weights (and the EMA, updated only after a taken step) stay.
             for p in params:
                 p.grad = None
             self.skipped_steps += 1
             self._consecutive_skips += 1
+        # One lr per algorithm when the optimizer tags its groups (Muon: muon and adamw groups).
+        lrs = {
+            f"train/lr_{g['algorithm']}": g["lr"] for g in optimizer.param_groups if "algorithm" in g
+        }
         self.log_dict(
             {
                 **means,
                 "train/grad_norm": grad_norm,
                 "train/lr": optimizer.param_groups[0]["lr"],
+                **lrs,
                 "train/skipped_steps": float(self.skipped_steps.item()),
             },
             on_step=True,
@@ -213,10 +261,11 @@ class DiffusionModule(L.LightningModule):
         self._reset_stats()
         if self._consecutive_skips >= self.max_consecutive_skips:
             raise NonFiniteLossError(
-                f"{self._consecutive_skips} optimizer steps in a row (up to step {self.global_step}) had a NaN/Inf "
-                f"loss or gradient; they were skipped, so the weights and the last checkpoint are still the last good "
-                f"ones. Resume from it with a lower module.lr, gradient clipping (trainer.gradient_clip_val=1.0), or "
-                f"module.warmup_steps, or raise module.max_consecutive_skips."
+                f"{self._consecutive_skips} optimizer steps in a row (up to step "
+                f"{self.global_step}) had a NaN/Inf loss or gradient; they were skipped, so the "
+                "weights and the last checkpoint are still the last good ones. Resume from it with "
+                "a lower optimizer.lr, gradient clipping (trainer.gradient_clip_val=1.0), or a "
+                "warm-up (lr_schedule.warmup_steps=1000), or raise module.max_consecutive_skips."
             )
 
     def configure_gradient_clipping(
@@ -227,11 +276,12 @@ class DiffusionModule(L.LightningModule):
             return
         if gradient_clip_algorithm not in (None, "norm"):
             raise ValueError(
-                "ditkit clips by norm only: set trainer.gradient_clip_algorithm=norm (or leave it unset)"
+                "ditkit clips by norm only: set trainer.gradient_clip_algorithm=norm (or leave it "
+                "unset)"
             )
         coef = gradient_clip_val / (self._grad_norm + 1e-6)
         if coef < 1.0:
-            grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
+            grads = [local(p.grad) for p in self.trainable_parameters() if p.grad is not None]
             torch._foreach_mul_(grads, coef)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
@@ -239,7 +289,7 @@ class DiffusionModule(L.LightningModule):
         if self._step_taken:
             decay = ema_decay(self.ema_decay, int(self.ema_updates.item()), self.ema_warmup)
             reshard(self.ema)  # sampling callbacks run forwards on it between steps
-            update_ema(list(self.ema.parameters()), list(self.model.parameters()), decay)
+            update_ema(*self._ema_pairs(), decay)
             self.ema_updates += 1
 
     # ---------------------------------------------------------------- sampling and checkpoints
@@ -247,16 +297,17 @@ class DiffusionModule(L.LightningModule):
     def sample(
         self,
         noise: torch.Tensor,
-        labels: torch.Tensor | dict,
+        condition: dict[str, Any],
         *,
-        sampler: str,
-        steps: int | str,
+        sampler: str | None = None,
+        steps: int | str | None = None,
         cfg_scale: float = 1.0,
         guidance_channels: int | None = None,
         use_ema: bool = True,
+        **options: Any,
     ) -> torch.Tensor:
-        """x_0: (N, C, H, W) from noise: (N, C, H, W) and labels: (N,) (or a text condition dict, as in
-        training_step), with the EMA weights by default.
+        """x_0: (N, C, H, W) from noise: (N, C, H, W) and the model's condition ({"y": (N,)} or
+        text fields), with the EMA weights by default and a registered sampler.
 
         Under FSDP2 every rank must call this together (the forward all-gathers the shards)."""
         net = self.ema if use_ema else self.model
@@ -266,11 +317,12 @@ class DiffusionModule(L.LightningModule):
             return self.objective.sample(
                 net,
                 noise,
-                model_kwargs=_condition(labels),
+                model_kwargs=condition,
                 sampler=sampler,
                 steps=steps,
                 cfg_scale=cfg_scale,
                 guidance_channels=guidance_channels,
+                **options,
             )
         finally:
             net.train(was_training)
@@ -279,8 +331,8 @@ class DiffusionModule(L.LightningModule):
         step, max_steps = checkpoint.get("global_step", 0), self.trainer.max_steps
         if 0 < max_steps <= step:
             rank_zero_info(
-                f"ditkit: this run already reached step {step} (trainer.max_steps={max_steps}): nothing to "
-                f"train; raise trainer.max_steps to train longer"
+                f"ditkit: this run already reached step {step} (trainer.max_steps={max_steps}): "
+                "nothing to train; raise trainer.max_steps to train longer"
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,20 +1,20 @@
-"""FSDP2 sharding, torch.compile and consolidation of sharded checkpoints.
+"""Parallelism, compile and activation checkpointing, applied to a backbone from outside (the
+model is plain PyTorch; each of these works on its `blocks`, so DiT, MMDiT and the U-Net alike).
 
-FSDP2 runs through Lightning's `ModelParallelStrategy` (`FSDP2Strategy`, conf/strategy/fsdp.yaml), which hands
-`DiffusionModule.configure_model` a device mesh; `shard_blocks` applies `fully_shard` per
-transformer block and then to the root (the torchtitan recipe: each block's parameters are
-all-gathered just before it runs and freed after). Sharded checkpoints are folders written with
-torch.distributed.checkpoint; they reload on any world size, and `consolidate_checkpoint` turns one
-into a single ordinary `.ckpt` file (for one process, evaluate.py, or export).
+FSDP2 runs through Lightning's `ModelParallelStrategy` (`FSDP2Strategy`, conf/strategy/fsdp.yaml),
+which hands `DiffusionModule.configure_model` a device mesh; `shard_blocks` applies `fully_shard` per
+block and then to the root (the torchtitan recipe: each block's parameters are all-gathered just
+before it runs and freed after). Sharded checkpoints are folders written with
+torch.distributed.checkpoint; they reload on any world size, and
+`ditkit.checkpoints.consolidate_checkpoint` turns one into a single ordinary `.ckpt` file.
 """
-
-from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -41,7 +41,7 @@ def shard_blocks(model: nn.Module, mesh: DeviceMesh) -> None:
     """fully_shard every module of `model.blocks`, then the root (embedders and final layer)."""
     if not hasattr(model, "blocks"):
         raise TypeError(
-            f"{type(model).__name__} has no `blocks`; FSDP2 sharding needs the list of transformer blocks"
+            f"{type(model).__name__} has no `blocks`; FSDP2 sharding needs the list of its blocks"
         )
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
@@ -66,41 +66,20 @@ def compile_blocks(model: nn.Module) -> None:
         block.forward = torch.compile(block.forward)
 
 
-def consolidate_checkpoint(folder: str | Path, output: str | Path | None = None) -> Path:
-    """Merge a sharded (FSDP2) checkpoint folder into one `.ckpt` file that Trainer.fit(ckpt_path=),
-    `torch.load(..., weights_only=True)` and evaluate.py read on a single process.
-
-    output defaults to `<folder>.consolidated`. Returns the path written."""
-    from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
-
-    folder = Path(folder)
-    if not (folder / _METADATA_FILENAME).is_file():
-        raise FileNotFoundError(
-            f"{folder} is not a sharded ditkit/Lightning checkpoint (no {_METADATA_FILENAME} in it)"
-        )
-    output = Path(output) if output is not None else folder.with_name(folder.name + ".consolidated")
-    checkpoint = _load_distributed_checkpoint(folder)
-    # ModelParallelStrategy stores optimizers as optimizer_0, optimizer_1, ...; the file format wants a list.
-    keys = sorted(
-        (k for k in checkpoint if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1])
-    )
-    if keys:
-        checkpoint["optimizer_states"] = [_index_keyed(checkpoint.pop(k)) for k in keys]
-    tmp = output.with_name(output.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(output)
-    return output
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Activation checkpointing per block (Chen et al. 2016): each block's forward keeps only its
+    inputs for the backward and recomputes the rest. Non-reentrant `torch.utils.checkpoint`, wrapped
+    around the block's (possibly compiled) `forward`, inside FSDP2's hooks: FSDP2 gathers the
+    parameters again before the recomputation. Forwards without grad (sampling) run plain.
+    Parameter names are unchanged, so checkpoints of runs with and without it are interchangeable."""
+    for block in model.blocks:
+        block.forward = _checkpointed(block.forward)
 
 
-def _index_keyed(optim_state: dict) -> dict:
-    """A sharded checkpoint keys optimizer state by parameter name; torch.optim wants positions, in the
-    order the names appear in param_groups (the optimizer's own parameter order)."""
-    order = [name for group in optim_state["param_groups"] for name in group["params"]]
-    index = {name: i for i, name in enumerate(order)}
-    groups, start = [], 0
-    for group in optim_state["param_groups"]:
-        n = len(group["params"])
-        groups.append({**group, "params": list(range(start, start + n))})
-        start += n
-    state = {index[name]: value for name, value in optim_state["state"].items()}
-    return {"state": state, "param_groups": groups}
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run

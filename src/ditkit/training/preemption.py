@@ -19,7 +19,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .checkpointing import AtomicModelCheckpoint
+from ditkit.checkpoints.saving import AtomicModelCheckpoint
 
 
 class Preemption(Callback):

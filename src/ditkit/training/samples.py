@@ -1,8 +1,17 @@
-"""Sampling callbacks: a periodic image grid from the EMA model, and the quickstart's digits score."""
+"""Sampling callbacks: a periodic image grid from the EMA model, and the quickstart's digits score.
+
+Both take a sampler setting of the one shape used everywhere (`ditkit.objectives.samplers.resolve`):
+null, a registered name, or {name, steps, options}; null parts mean the objective's cheap "preview"
+sampler (ddim for ddpm, euler for flow) at its registered default steps.
+"""
+
+from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -11,8 +20,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
-# What a grid uses when the config names no sampler: a few dozen steps of a deterministic sampler.
-DEFAULT_SAMPLER = {"ddpm": ("ddim", 50), "flow": ("euler", 50)}
+from ditkit.checkpoints.atomic import atomic_write
+from ditkit.objectives.samplers import resolve
+
+SamplerSetting = str | Mapping[str, Any] | None
 
 
 def fixed_inputs(
@@ -40,7 +51,14 @@ def to_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
     return grid.permute(1, 2, 0).numpy()
 
 
-def _decoder(trainer: "L.Trainer", vae: str | None):
+def save_png(path: Path, grid: np.ndarray) -> None:
+    """grid: (H, W, 3) uint8 -> a PNG at `path`, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as f:
+        Image.fromarray(grid).save(f, format="PNG")
+
+
+def _decoder(trainer: L.Trainer, vae: str | None):
     """latents (N, C, h, w) scaled -> images (N, 3, H, W): the VAE named by the shards' manifest
     (`vae` replaces its name, e.g. a local copy on an offline cluster)."""
     from ditkit.data.vae import vae_from_manifest
@@ -58,59 +76,67 @@ def _decoder(trainer: "L.Trainer", vae: str | None):
 
 
 def conditions(
-    trainer: "L.Trainer", labels: torch.Tensor, prompts: list[str] | None = None
-) -> torch.Tensor | dict:
-    """The labels, or for captioned data (text-to-image, MMDiT) the text condition {"context", "pooled"} of
-    `prompts` (cycled over the labels' positions) or else of the labels' class captions, embedded by the
-    text encoders named in the shards' manifest."""
-    datamodule = trainer.datamodule
-    if getattr(datamodule, "text", None) is None:
-        return labels
+    trainer: L.Trainer, model: torch.nn.Module, labels: torch.Tensor, prompts: list[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The backbone's condition for `labels` (N,): {"y": labels} for a class-conditional backbone;
+    for a text backbone (MMDiT) the {"context", "pooled"} embeddings of `prompts` (cycled over the
+    labels' positions) or else of the labels' class captions, by the text encoders that the shards'
+    manifest names."""
+    keys = tuple(model.condition_keys)
+    if keys == ("y",):
+        return {"y": labels}
+    if set(keys) != {"context", "pooled"}:
+        raise ValueError(
+            f"sample grids condition on class labels ('y') or text ('context', 'pooled'); "
+            f"{type(model).__name__} takes {list(keys)}"
+        )
     from ditkit.data.text import class_prompts, text_encoders_from_manifest
 
+    datamodule = trainer.datamodule
     datamodule.setup()
-    texts = (
-        [prompts[i % len(prompts)] for i in range(len(labels))]
-        if prompts
-        else class_prompts(datamodule.manifest, labels)
-    )
+    if prompts:
+        texts = [prompts[i % len(prompts)] for i in range(len(labels))]
+    else:
+        texts = class_prompts(datamodule.manifest, labels)
     context, pooled = text_encoders_from_manifest(datamodule.manifest)(texts)
     return {"context": context, "pooled": pooled}
 
 
-def _rows(condition: torch.Tensor | dict, start: int, stop: int, device) -> torch.Tensor | dict:
-    if isinstance(condition, dict):
-        return {k: v[start:stop].to(device) for k, v in condition.items()}
-    return condition[start:stop].to(device)
-
-
-def _sample(pl_module, noise, labels, sampler, steps, cfg_scale, batch_size) -> torch.Tensor:
-    """EMA samples in chunks, on the module's device, with fixed inputs (labels: (N,) or a text condition dict)."""
-    default_sampler, default_steps = DEFAULT_SAMPLER[pl_module.objective.name]
-    sampler, steps = sampler or default_sampler, steps or default_steps
+def sample_in_chunks(
+    pl_module: L.LightningModule,
+    noise: torch.Tensor,
+    condition: dict[str, torch.Tensor],
+    sampler: SamplerSetting,
+    cfg_scale: float,
+    batch_size: int,
+) -> torch.Tensor:
+    """EMA samples (N, C, H, W) float32 in chunks on the module's device, from fixed inputs; the
+    global RNG is left as it was."""
+    spec, steps, options = resolve(sampler, pl_module.objective.name, "preview")
     out = []
-    with torch.random.fork_rng(
-        devices=[pl_module.device] if pl_module.device.type == "cuda" else []
-    ):
-        torch.manual_seed(
-            0
-        )  # stochastic samplers (ancestral DDPM, SDE) draw the same noise every time
+    device = pl_module.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)  # stochastic samplers (ancestral DDPM, SDE) draw the same noise each time
         for i in range(0, len(noise), batch_size):
-            x = noise[i : i + batch_size].to(pl_module.device)
-            y = _rows(labels, i, i + batch_size, pl_module.device)
+            x = noise[i : i + batch_size].to(device)
+            chunk = {k: v[i : i + batch_size].to(device) for k, v in condition.items()}
             out.append(
-                pl_module.sample(x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale).float()
+                pl_module.sample(
+                    x, chunk, sampler=spec.name, steps=steps, cfg_scale=cfg_scale, **options
+                ).float()
             )
     return torch.cat(out)
 
 
 class SampleGrid(Callback):
-    """Every `every_n_steps` optimizer steps: sample a grid with the EMA model from fixed labels and noise,
-    write <run>/samples/step_XXXXXXX.png and log it as `samples` to loggers that take images (W&B).
+    """Every `every_n_steps` optimizer steps: sample a grid with the EMA model from fixed labels and
+    noise, write <run>/samples/step_XXXXXXX.png and log it as `samples` to loggers that take images
+    (W&B).
 
     labels: the classes to show (cycled); default `num_images` classes spread over [0, num_classes).
-    prompts: for captioned data, the captions to show (cycled); default the labels' class captions.
-    sampler / steps: default ddim 50 (ddpm) or euler 50 (flow). vae: override of the manifest's VAE.
+    prompts: for a text backbone, the captions to show (cycled); default the labels' class captions.
+    sampler: null | name | {name, steps, options} (default: the objective's preview sampler).
+    vae: override of the manifest's VAE.
     """
 
     def __init__(
@@ -119,8 +145,7 @@ class SampleGrid(Callback):
         num_images: int = 16,
         num_classes: int = 1000,
         labels: list[int] | None = None,
-        sampler: str | None = None,
-        steps: int | None = None,
+        sampler: SamplerSetting = None,
         cfg_scale: float = 4.0,
         seed: int = 0,
         batch_size: int = 64,
@@ -132,67 +157,57 @@ class SampleGrid(Callback):
             raise ValueError(
                 f"callbacks.sample_grid.every_n_steps must be >= 1, got {every_n_steps}"
             )
-        self.every_n_steps, self.num_images, self.cfg_scale = every_n_steps, num_images, cfg_scale
-        self.labels = (
-            list(labels)
-            if labels
-            else [int(i * num_classes / num_images) for i in range(num_images)]
-        )
-        self.sampler, self.steps, self.seed, self.batch_size = sampler, steps, seed, batch_size
-        self.vae, self.output_dir, self.prompts = (
-            vae,
-            output_dir,
-            list(prompts) if prompts else None,
-        )
+        self.every_n_steps = every_n_steps
+        self.num_images = num_images
+        self.cfg_scale = cfg_scale
+        if labels:
+            self.labels = list(labels)
+        else:
+            self.labels = [int(i * num_classes / num_images) for i in range(num_images)]
+        self.sampler = sampler
+        self.seed = seed
+        self.batch_size = batch_size
+        self.vae = vae
+        self.output_dir = output_dir
+        self.prompts = list(prompts) if prompts else None
         self._decode = None
         self._condition = None
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        resolve(self.sampler, pl_module.objective.name, "preview")  # a bad setting fails now
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if (
-            step == 0
-            or step % self.every_n_steps
-            or (batch_idx + 1) % trainer.accumulate_grad_batches
-        ):
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if step == 0 or step % self.every_n_steps or not stepped:
             return
         model = pl_module.model
-        noise, labels = fixed_inputs(
-            self.num_images,
-            (model.in_channels, model.input_size, model.input_size),
-            self.labels,
-            self.seed,
-        )
+        shape = (model.in_channels, model.input_size, model.input_size)
+        noise, labels = fixed_inputs(self.num_images, shape, self.labels, self.seed)
         if self._condition is None:
-            self._condition = conditions(trainer, labels, self.prompts)
-        latents = _sample(
-            pl_module,
-            noise,
-            self._condition,
-            self.sampler,
-            self.steps,
-            self.cfg_scale,
-            self.batch_size,
+            self._condition = conditions(trainer, model, labels, self.prompts)
+        latents = sample_in_chunks(
+            pl_module, noise, self._condition, self.sampler, self.cfg_scale, self.batch_size
         )
         if not trainer.is_global_zero:
-            return  # every rank samples (FSDP2 all-gathers in the forward); rank 0 decodes and logs
+            return  # every rank samples (FSDP2 all-gathers in the forward); rank 0 decodes, logs
         if self._decode is None:
             self._decode = _decoder(trainer, self.vae)
         grid = to_grid(self._decode(latents))
         folder = Path(self.output_dir or Path(trainer.default_root_dir) / "samples")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid).save(folder / f"step_{step:07d}.png")
+        save_png(folder / f"step_{step:07d}.png", grid)
+        if self.prompts and "y" not in self._condition:
+            caption = f"prompts {self.prompts}"
+        else:
+            caption = f"labels {self.labels}"
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
-                caption = (
-                    f"prompts {self.prompts}"
-                    if self.prompts and isinstance(self._condition, dict)
-                    else f"labels {self.labels}"
-                )
                 logger.log_image(key="samples", images=[grid], step=step, caption=[caption])
 
 
 def real_digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's digits exactly as the built-in data set stores them: (1797, 3, S, S) in [-1, 1], labels."""
+    """scikit-learn's digits exactly as the built-in data set stores them: (1797, 3, S, S) in
+    [-1, 1], and their labels."""
     from ditkit.data.images import center_crop_arr, to_rgb, to_tensor
     from ditkit.data.sources import DigitsSource
 
@@ -210,41 +225,42 @@ def digits_features(images: np.ndarray) -> np.ndarray:
 
 
 class DigitsScore(Callback):
-    """At the end of training (built-in digits only): sample `per_class` images of each digit with the EMA
-    model and guidance (captioned digits: prompted "a handwritten <digit>"), and report the share that an
-    SVM trained on the real digits assigns to the class that was asked for (`samples/digits_accuracy`,
-    also written to <run>/digits_score.json)."""
+    """At the end of training (built-in digits only): sample `per_class` images of each digit with
+    the EMA model and guidance (a text backbone: prompted "a handwritten <digit>"), and report the
+    share that an SVM trained on the real digits assigns to the class that was asked for
+    (`samples/digits_accuracy`, also written to <run>/digits_score.json).
+
+    sampler: null | name | {name, steps, options} (default: the objective's preview sampler)."""
 
     def __init__(
         self,
         per_class: int = 20,
         cfg_scale: float = 4.0,
-        sampler: str | None = None,
-        steps: int | None = None,
+        sampler: SamplerSetting = None,
         seed: int = 0,
         batch_size: int = 200,
     ):
-        self.per_class, self.cfg_scale, self.sampler, self.steps = (
-            per_class,
-            cfg_scale,
-            sampler,
-            steps,
-        )
-        self.seed, self.batch_size = seed, batch_size
+        self.per_class = per_class
+        self.cfg_scale = cfg_scale
+        self.sampler = sampler
+        self.seed = seed
+        self.batch_size = batch_size
 
-    def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        resolve(self.sampler, pl_module.objective.name, "preview")  # a bad setting fails now
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step < trainer.max_steps:
             return  # stopped early (preemption): score the finished run instead
         from sklearn.svm import SVC
 
         model = pl_module.model
         size = model.input_size
-        noise, labels = fixed_inputs(
-            10 * self.per_class, (model.in_channels, size, size), list(range(10)), self.seed
-        )
-        condition = conditions(trainer, labels)  # captioned digits: "a handwritten seven" for 7
-        samples = _sample(
-            pl_module, noise, condition, self.sampler, self.steps, self.cfg_scale, self.batch_size
+        shape = (model.in_channels, size, size)
+        noise, labels = fixed_inputs(10 * self.per_class, shape, list(range(10)), self.seed)
+        condition = conditions(trainer, model, labels)  # text: "a handwritten seven" for 7
+        samples = sample_in_chunks(
+            pl_module, noise, condition, self.sampler, self.cfg_scale, self.batch_size
         )
         if not trainer.is_global_zero:
             return
@@ -259,20 +275,18 @@ class DigitsScore(Callback):
             "cfg_scale": self.cfg_scale,
             "step": trainer.global_step,
         }
-        Path(trainer.default_root_dir).mkdir(parents=True, exist_ok=True)
-        (Path(trainer.default_root_dir) / "digits_score.json").write_text(
-            json.dumps(result, indent=2)
-        )
-        Image.fromarray(
-            to_grid(samples[:100], nrow=10)
-        ).save(  # labels cycle 0..9: column c holds digit c
-            Path(trainer.default_root_dir) / "digits_samples.png"
-        )
+        root = Path(trainer.default_root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        with atomic_write(root / "digits_score.json", "w") as f:
+            json.dump(result, f, indent=2)
+        # Labels cycle 0..9: column c holds digit c.
+        save_png(root / "digits_samples.png", to_grid(samples[:100], nrow=10))
         for logger in trainer.loggers:
             logger.log_metrics(
                 {"samples/digits_accuracy": result["accuracy"]}, step=trainer.global_step
             )
         rank_zero_info(
-            f"digits score: {result['accuracy']:.1%} of {len(correct)} guided samples (cfg {self.cfg_scale}) are "
-            f"classified as the digit asked for by an SVM trained on the real digits"
+            f"digits score: {result['accuracy']:.1%} of {len(correct)} guided samples (cfg "
+            f"{self.cfg_scale}) are classified as the digit asked for by an SVM trained on the "
+            "real digits"
         )

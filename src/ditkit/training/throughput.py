@@ -65,10 +65,7 @@ class Throughput(Callback):
         self._peak: float | None = None
 
     def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        model = pl_module.model
-        self._flops_per_image = (
-            3.0 * model.forward_flops(1) if hasattr(model, "forward_flops") else None
-        )
+        self._flops_per_image = 3.0 * pl_module.model.forward_flops(1)
         device = pl_module.device
         if device.type == "cuda":
             self._peak = peak_flops(torch.cuda.get_device_name(device), trainer.precision)
@@ -82,7 +79,7 @@ class Throughput(Callback):
             self._sync(pl_module.device)
             self._t0, self._images = time.perf_counter(), 0
             return
-        self._images += int(batch[0].shape[0])
+        self._images += int(batch["x"].shape[0])
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         if not stepped or trainer.global_step % self.log_every_n_steps:
             return

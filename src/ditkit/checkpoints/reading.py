@@ -18,6 +18,14 @@ from pathlib import Path
 import torch
 
 WEIGHTS = ("ema", "raw")
+# What torch.load raises on a truncated, corrupt or foreign file (and on a refused pickle).
+UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError)
+
+
+def load_torch_file(path: str | os.PathLike, mmap: bool = False):
+    """torch.load(path, weights_only=True) on the CPU; UNREADABLE errors pass through for the
+    caller to name what was expected."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 @dataclass
@@ -60,15 +68,8 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema") -> LoadedChec
                 f"ckpt={path} is not a readable safetensors file ({err}); export it again"
             ) from err
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (
-        RuntimeError,
-        EOFError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        OSError,
-        ValueError,
-    ) as err:
+        obj = load_torch_file(path, mmap=True)
+    except UNREADABLE as err:
         raise ValueError(
             f"ckpt={path} is not a checkpoint that loads with weights_only=True ({type(err).__name__}: {err}); "
             "pass a ditkit .ckpt, an official DiT .pt or a .safetensors"

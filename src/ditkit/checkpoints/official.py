@@ -1,4 +1,4 @@
-"""Released DiT weights in, EMA weights out.
+"""Released DiT weights in, EMA weights out (safetensors).
 
 The official files (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) are a bare state_dict of the EMA model;
 checkpoints of the reference training script are {"model", "ema", "opt", "args"}. Both load here.
@@ -6,13 +6,14 @@ checkpoints of the reference training script are {"model", "ema", "opt", "args"}
 
 import math
 import os
-import pickle
-import zipfile
 
 import torch
 from safetensors.torch import save_file
 
-from .models import DIT_VARIANTS, DiT
+from ditkit.models import DIT_VARIANTS, DiT
+
+from .atomic import atomic_path
+from .reading import UNREADABLE, load_torch_file
 
 # Heads cannot be read off the tensors; the published widths each have one head count.
 _HEADS_BY_WIDTH = {spec["hidden_size"]: spec["num_heads"] for spec in DIT_VARIANTS.values()}
@@ -34,15 +35,8 @@ def read_state_dict(path: str | os.PathLike, prefer: str = "ema") -> dict[str, t
             from safetensors.torch import load_file
 
             return load_file(path)
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        RuntimeError,
-        EOFError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        OSError,
-        ValueError,
-    ) as err:
+        obj = load_torch_file(path)
+    except UNREADABLE as err:
         raise ValueError(
             f"could not read {path!r} as a PyTorch or safetensors checkpoint ({err}); "
             "the file may be truncated or of another kind: download or export it again"
@@ -83,7 +77,7 @@ def dit_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
 def load_official_dit(path: str | os.PathLike, **overrides) -> DiT:
     """A released DiT checkpoint (or any file in that layout) -> DiT in eval mode, weights loaded strictly.
     Input size and variant are inferred from the tensors; `overrides` (e.g. num_heads for a custom width,
-    grad_checkpointing) are passed to the constructor."""
+    rope) are passed to the constructor."""
     path = os.fspath(path)
     state = read_state_dict(path)
     config = {**dit_config_from_state_dict(state), **overrides}
@@ -102,5 +96,7 @@ def load_official_dit(path: str | os.PathLike, **overrides) -> DiT:
 
 
 def export_weights(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write a state_dict as safetensors (e.g. the EMA weights of a training checkpoint)."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.fspath(path))
+    """Write a state_dict as safetensors (e.g. the EMA weights of a training checkpoint), atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, os.fspath(tmp))

@@ -1,0 +1,90 @@
+"""Crash-safe training checkpoints: Lightning's ModelCheckpoint with atomic writes.
+
+A single-file checkpoint is streamed by `torch.save` into an open temporary file beside its target and
+renamed into place when complete (`atomic.atomic_write`): no in-memory copy of the checkpoint, no staging
+in the system temp folder, no second rename. A sharded (FSDP2) checkpoint is a folder written by every
+rank under one temporary name (rank 0's, broadcast), then swapped in through `<name>.old`
+(`atomic.replace_folder`). A kill or a full disk mid-write therefore never leaves a torn `last.ckpt`:
+the previous checkpoint stays byte-identical.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from weakref import proxy
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from .atomic import atomic_write, remove, replace_folder, temporary_name
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the previous one is untouched."""
+
+
+def _writes_folders(strategy) -> bool:
+    """Whether the strategy saves a folder of per-rank shards (FSDP2 with distributed checkpoints)."""
+    return isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint with atomic writes, rank-agreed failures, and a final save.
+
+    - each save is atomic (see the module docstring);
+    - a failed save (disk full, permissions) raises `CheckpointSaveError` on every rank together
+      instead of leaving the other ranks waiting in a barrier, and retention deletes an older
+      checkpoint only after the new one is committed;
+    - with `save_last`, training always ends with `last.ckpt` at the final step.
+    """
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        strategy = trainer.strategy
+        sharded = _writes_folders(strategy)
+        # Every rank writes its shard under rank 0's temporary name.
+        tmp = Path(strategy.broadcast(str(temporary_name(filepath)))) if sharded else None
+        error = None
+        try:
+            # What Trainer.save_checkpoint does, minus its trailing barrier: a rank that fails here must
+            # reach the agreement below rather than leave the others blocked.
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
+            if sharded:
+                strategy.save_checkpoint(checkpoint, tmp)
+            elif trainer.is_global_zero:  # DDP replicas / gathered FSDP2 state: one file, rank 0
+                Path(filepath).parent.mkdir(parents=True, exist_ok=True)
+                with atomic_write(filepath) as f:
+                    torch.save(checkpoint, f)
+        except Exception as e:  # noqa: BLE001 - re-raised below on every rank
+            error = e
+        if sharded:
+            written = strategy.reduce_boolean_decision(error is None, all=True)
+            if trainer.is_global_zero:
+                try:
+                    if written:
+                        replace_folder(tmp, filepath)
+                    else:
+                        remove(tmp)
+                except Exception as e:  # noqa: BLE001
+                    error = e
+        if not strategy.reduce_boolean_decision(error is None, all=True):
+            where = f": {type(error).__name__}: {error}" if error is not None else " on another rank"
+            raise CheckpointSaveError(
+                f"could not write checkpoint {filepath}{where}. The previous checkpoint is intact; "
+                "free disk space or fix the folder's permissions, then rerun the same command to "
+                "resume."
+            ) from error
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def save_last_now(self, trainer: L.Trainer) -> None:
+        """Write last.ckpt at the current step (preemption, end of training) unless already there."""
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save_last_now(trainer)
