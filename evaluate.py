@@ -1,15 +1,15 @@
 """Score a checkpoint: sample N images on every rank, stream them through Inception, write FID / IS.
 
     python evaluate.py ckpt=outputs/<run>/checkpoints/last.ckpt fid.reference=/data/in256-ref.npz
-    python evaluate.py ckpt=DiT-XL-2-256x256.pt cfg_scale=1.5 guidance_channels=3 fid.reference=VIRTUAL_imagenet256_labeled.npz
-    python evaluate.py ckpt=... devices=8 precision=bf16-mixed          # or start it with torchrun / srun
+    python evaluate.py ckpt=DiT-XL-2-256x256.pt cfg_scale=1.5 guidance_channels=3 fid.reference=REF
+    python evaluate.py ckpt=... devices=8 precision=bf16-mixed   # or start it with torchrun / srun
     python evaluate.py ckpt=<text-to-image run>/checkpoints/last.ckpt prompts=prompts.txt sampler=euler
 
-Outputs in the run folder (${output_dir}/<overrides>): metrics.json, samples.npz (ADM format: arr_0 uint8
-NHWC, arr_1 labels), samples.png; logged to W&B. Every finished batch is kept in <run>/parts until the end,
-so rerunning an interrupted command continues where it stopped. With prompts=FILE (one prompt per line, a
-text-to-image checkpoint): per_prompt samples of each prompt in prompts.png (one row per prompt) and
-prompts.npz (arr_0 uint8 NHWC, prompts), no scores.
+Outputs in the run folder (${output_dir}/<overrides>): metrics.json, samples.npz (ADM format: arr_0
+uint8 NHWC, arr_1 labels), samples.png; logged to W&B. Every finished batch is kept in <run>/parts
+until the end, so rerunning an interrupted command continues where it stopped. With prompts=FILE
+(one prompt per line, a text-to-image checkpoint): per_prompt samples of each prompt in prompts.png
+(one row per prompt) and prompts.npz (arr_0 uint8 NHWC, prompts), no scores.
 """
 
 import hashlib
@@ -24,7 +24,8 @@ OFFICIAL_VAE = "stabilityai/sd-vae-ft-ema"  # DiT's sample_ddp.py default
 
 
 def run_name(overrides: str) -> str:
-    """The run folder's name: the overrides that define the samples, "/" made safe, long ones hashed."""
+    """The run folder's name: the overrides that define the samples, "/" made safe, long ones
+    hashed."""
     name = (overrides or "default").replace("/", "_")
     if len(name) > 120:
         name = f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
@@ -56,7 +57,8 @@ def _checkpoint_file(ckpt: str, run_dir: Path) -> Path:
 
 
 def build(cfg: DictConfig, ckpt):
-    """(model, objective, vae, data image size or None) for a read checkpoint, with clear errors for misfits."""
+    """(model, objective, vae, data image size or None) for a read checkpoint, with clear errors for
+    misfits."""
     from hydra.utils import instantiate
 
     from ditkit.checkpoints import dit_config_from_state_dict
@@ -85,7 +87,8 @@ def build(cfg: DictConfig, ckpt):
         config["num_heads"] = cfg.num_heads or config["num_heads"]
         if config["num_heads"] is None:
             raise ValueError(
-                f"ckpt={cfg.ckpt}: width {config['hidden_size']} is not a published DiT variant; pass num_heads="
+                f"ckpt={cfg.ckpt}: width {config['hidden_size']} is not a published DiT variant; "
+                "pass num_heads="
             )
         model = DiT(**config)
         objective_cfg = (
@@ -99,7 +102,8 @@ def build(cfg: DictConfig, ckpt):
     check_backbone(model, f"the model of ckpt={cfg.ckpt}")
     if tuple(model.condition_keys) != ("y",) and cfg.get("prompts") is None:
         raise ValueError(
-            f"ckpt={cfg.ckpt}: evaluate.py scores class-conditional models; this one ({type(model).__name__}) has "
+            f"ckpt={cfg.ckpt}: evaluate.py scores class-conditional models; this one "
+            f"({type(model).__name__}) has "
             "no classes (a text-to-image model samples from prompts=FILE)"
         )
     try:
@@ -123,7 +127,8 @@ def build(cfg: DictConfig, ckpt):
 
 def sampler_settings(cfg: DictConfig, objective) -> dict:
     """objective.sample keyword arguments from the sampler group (null: the objective's evaluation
-    protocol, ddpm 250 for ddpm and sde 250 for flow, from the sampler registry) and the guidance keys."""
+    protocol, ddpm 250 for ddpm and sde 250 for flow, from the sampler registry) and the guidance
+    keys."""
     from ditkit.objectives.samplers import resolve
 
     sampler = cfg.get("sampler")
@@ -142,15 +147,16 @@ def sampler_settings(cfg: DictConfig, objective) -> dict:
 
 
 def evaluate_prompts(cfg: DictConfig, run_dir: Path) -> dict:
-    """prompts=FILE: per_prompt samples of each prompt from a text-to-image (MMDiT) checkpoint, the prompts embedded
-    by the text encoders its training shards' manifest names; one process. Writes prompts.png and prompts.npz."""
+    """prompts=FILE: per_prompt samples of each prompt from a text-to-image (MMDiT) checkpoint, the
+    prompts embedded by the text encoders its training shards' manifest names; one process. Writes
+    prompts.png and prompts.npz."""
     import lightning as L
     import numpy as np
     from PIL import Image
 
+    from ditkit.checkpoints import read_checkpoint
     from ditkit.data.text import text_encoders_from_manifest
     from ditkit.evaluation.decoding import make_decoder, read_run_manifest
-    from ditkit.checkpoints import read_checkpoint
     from ditkit.evaluation.prompts import read_prompts, sample_prompts
     from ditkit.evaluation.samples_io import image_grid
 
@@ -202,11 +208,13 @@ def evaluate_prompts(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
-    """Everything that can be wrong is checked before the first sample; returns the metrics (on every rank)."""
+    """Everything that can be wrong is checked before the first sample; returns the metrics (on
+    every rank)."""
     if cfg.get("prompts") is not None:
         return evaluate_prompts(cfg, run_dir)
     import lightning as L
 
+    from ditkit.checkpoints import read_checkpoint
     from ditkit.evaluation import (
         METRICS,
         InceptionMetrics,
@@ -222,7 +230,6 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         write_adm_npz,
     )
     from ditkit.evaluation.decoding import make_decoder
-    from ditkit.checkpoints import read_checkpoint
 
     metrics = list(cfg.metrics)
     unknown = set(metrics) - set(METRICS)
@@ -233,7 +240,8 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     needs_reference = bool({"fid", "kid", "prc"} & set(metrics))
     if needs_reference and cfg.fid.reference is None:
         raise ValueError(
-            f"metrics={metrics} need fid.reference=FILE.npz (make one with python -m data_pipelines.fid_reference)"
+            f"metrics={metrics} need fid.reference=FILE.npz (make one with python -m "
+            "data_pipelines.fid_reference)"
         )
     reference = load_reference(cfg.fid.reference) if needs_reference else None
     if reference is not None and {"kid", "prc"} & set(metrics) and reference.features is None:
@@ -326,7 +334,8 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def start_wandb(cfg: DictConfig, run_dir: Path):
-    """A W&B run (rank 0, at the start so that a bad setting fails before sampling); offline without an API key."""
+    """A W&B run (rank 0, at the start so that a bad setting fails before sampling); offline without
+    an API key."""
     if not cfg.wandb.enabled:
         return None
     import wandb

@@ -24,8 +24,9 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def run_name(overrides: str) -> str:
-    """The run's folder name: the command-line overrides ("default" when there are none), "/" made safe,
-    and long lists cut to 100 characters plus a hash of the whole (file names stop at 255 bytes)."""
+    """The run's folder name: the command-line overrides ("default" when there are none), "/" made
+    safe, and long lists cut to 100 characters plus a hash of the whole (file names stop at 255
+    bytes)."""
     name = (overrides or "default").replace("/", "_")
     if len(name) > 120:
         name = f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"

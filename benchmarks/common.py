@@ -80,7 +80,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def sig(x: float, digits: int = 6) -> float:
     """x to `digits` significant digits: rounding to a fixed number of decimals would lose all of a
-    small number (a 1.3 GFLOP/s bf16 peak on a CPU without bf16 units) and keep noise in a big one."""
+    small number (a 1.3 GFLOP/s bf16 peak on a CPU without bf16 units) and keep noise in a big
+    one."""
     return float(f"{x:.{digits}g}")
 
 

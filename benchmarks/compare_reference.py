@@ -3,11 +3,12 @@
     git clone https://github.com/facebookresearch/DiT /tmp/DiT && pip install timm
     python benchmarks/compare_reference.py reference=/tmp/DiT model=S/2 batch_size=8 steps=10
 
-Both steps are the whole training step as each codebase runs it: model forward through the objective's
-loss (DDPM, learned sigma, hybrid loss), backward, AdamW, EMA update. Both models hold the same weights
-(ditkit's state_dict is the official layout) and see the same batch. Timings alternate between the two
-so that machine noise hits both alike. compile=true compiles ditkit's blocks as training's
-`module.compile=true` does (the reference has no such option). Prints a table and one JSON line per precision.
+Both steps are the whole training step as each codebase runs it: model forward through the
+objective's loss (DDPM, learned sigma, hybrid loss), backward, AdamW, EMA update. Both models hold
+the same weights (ditkit's state_dict is the official layout) and see the same batch. Timings
+alternate between the two so that machine noise hits both alike. compile=true compiles ditkit's
+blocks as training's `module.compile=true` does (the reference has no such option). Prints a table
+and one JSON line per precision.
 """
 
 import copy

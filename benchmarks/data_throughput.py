@@ -5,9 +5,9 @@
     python benchmarks/data_throughput.py quick=true            # a few seconds (what the test runs)
 
 Prints one JSON line per loader (samples_per_sec, ratio_to_bare) and a last summary line.
-The datamodule's lines are steady-state: the first `warmup` batches (worker start-up, shuffle-buffer fill)
-are not timed. Target: 1 worker >= 0.7 of the bare loop (it also decodes, picks a flip and draws the
-posterior sample), 2 workers above it.
+The datamodule's lines are steady-state: the first `warmup` batches (worker start-up, shuffle-buffer
+fill) are not timed. Target: 1 worker >= 0.7 of the bare loop (it also decodes, picks a flip and
+draws the posterior sample), 2 workers above it.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def write_synthetic(root: str, samples: int, shard_size: int, num_classes: int =
 
 
 def bare_loop(paths: list[str], samples: int) -> float:
-    """samples/s of reading `samples` samples with tarfile + np.load (moments.npy and cls), no batching."""
+    """samples/s of reading `samples` samples with tarfile + np.load (moments.npy and cls), no
+    batching."""
     done, start = 0, time.perf_counter()
     for path in itertools.cycle(paths):
         with tarfile.open(path) as tar:

@@ -6,13 +6,13 @@
     python benchmarks/few_step.py flow_ckpt=outputs/experiment-quickstart/checkpoints/last.ckpt \\
         ddpm_ckpt=outputs/experiment-quickstart+model.learn_sigma-true+objective-ddpm/checkpoints/last.ckpt
 
-For each `settings` entry (objective:sampler:steps), `per_class` guided samples of each digit from that
-objective's checkpoint (EMA weights), scored two ways: `accuracy`, the share an SVM trained on the real
-digits assigns to the digit asked for (as the quickstart's DigitsScore), and `fd_pixels`, the Frechet
-distance between the samples and the 1,797 real digits in grayscale pixel space (16 x 16 = 256
-features). That is FID's formula without Inception: the Inception weights cannot be downloaded here, and
-they were made for 299 px photographs, not 16 px digits. Also reported: model evaluations (NFE),
-seconds and images/s. A table, then one JSON line per setting.
+For each `settings` entry (objective:sampler:steps), `per_class` guided samples of each digit from
+that objective's checkpoint (EMA weights), scored two ways: `accuracy`, the share an SVM trained on
+the real digits assigns to the digit asked for (as the quickstart's DigitsScore), and `fd_pixels`,
+the Frechet distance between the samples and the 1,797 real digits in grayscale pixel space (16 x 16
+= 256 features). That is FID's formula without Inception: the Inception weights cannot be downloaded
+here, and they were made for 299 px photographs, not 16 px digits. Also reported: model evaluations
+(NFE), seconds and images/s. A table, then one JSON line per setting.
 """
 
 import sys
@@ -38,7 +38,9 @@ def load(path: str):
             f"{path} is a {ckpt.kind} checkpoint; pass one written by train.py (it holds the run's config)"
         )
     cfg = OmegaConf.create(ckpt.run_config)
-    cfg.model.pop("grad_checkpointing", None)  # ditkit 0.1 checkpoints name it; applied from outside now
+    cfg.model.pop(
+        "grad_checkpointing", None
+    )  # ditkit 0.1 checkpoints name it; applied from outside now
     model = instantiate(cfg.model)
     model.load_state_dict(ckpt.state_dict)
     return model.eval(), instantiate(cfg.objective)

@@ -1,9 +1,11 @@
-"""The largest training batch that fits in device memory: doubling, then bisection, of full training steps.
+"""The largest training batch that fits in device memory: doubling, then bisection, of full training
+steps.
 
     python benchmarks/max_batch.py model=dit_xl precision=bf16-mixed grad_checkpointing=false
 
 Prints one JSON line: model, precision, grad_checkpointing, max_batch, peak_mem_mb at that batch.
-`limit` caps the search (on CPU, where nothing runs out of memory quickly, it is the answer's ceiling).
+`limit` caps the search (on CPU, where nothing runs out of memory quickly, it is the answer's
+ceiling).
 """
 
 import torch
@@ -45,7 +47,8 @@ def main() -> None:
     device = device_of(args["device"])
     model, objective = build_from_args(args)
     model.to(device).train()
-    # Adam's two moments and the fp32 EMA take 3x the weights' memory in a real run: hold them here too.
+    # Adam's two moments and the fp32 EMA take 3x the weights' memory in a real run: hold them here
+    # too.
     reserved = [torch.zeros_like(p) for p in model.parameters() for _ in range(3)]  # noqa: F841
     dtype = PRECISIONS[args["precision"]]
     ok, bad = 0, None

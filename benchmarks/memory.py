@@ -4,9 +4,9 @@
 
 Activations: the bytes one training forward leaves held for its backward (on CPU, glibc's count of
 heap bytes in use, `mallinfo2`; on a GPU, the allocator's), with and without `grad_checkpointing`.
-Training state: the bytes one rank holds for weights, gradients, AdamW's two moments and the fp32 EMA
-after one optimizer step, unsharded against `world_size` gloo processes under FSDP2 (`shard_blocks`,
-as DiffusionModule does). Prints a table and one JSON line per measurement.
+Training state: the bytes one rank holds for weights, gradients, AdamW's two moments and the fp32
+EMA after one optimizer step, unsharded against `world_size` gloo processes under FSDP2
+(`shard_blocks`, as DiffusionModule does). Prints a table and one JSON line per measurement.
 """
 
 import ctypes
@@ -45,7 +45,8 @@ class _MallInfo2(ctypes.Structure):
 
 
 def bytes_in_use(device: torch.device) -> int:
-    """Bytes allocated now: the CUDA allocator's count, or glibc's heap plus mmap-ed blocks on CPU."""
+    """Bytes allocated now: the CUDA allocator's count, or glibc's heap plus mmap-ed blocks on
+    CPU."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
     libc = ctypes.CDLL("libc.so.6")
@@ -93,7 +94,8 @@ def state_bytes(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.O
 
 
 def training_state(args: dict, mesh=None) -> dict:
-    """Build, optionally shard (model and EMA alike), take one AdamW step, count this rank's state."""
+    """Build, optionally shard (model and EMA alike), take one AdamW step, count this rank's
+    state."""
     torch.manual_seed(0)
     model, objective = build_from_args({**args, "grad_checkpointing": False})
     model.train()

@@ -5,9 +5,11 @@
 
 Every `conf/model/*.yaml` is built from its Hydra config on the meta device (no memory, no compute);
 DiT configs also at patch 4 and 8. Params are counted from `state_dict()` (as in the official DiT
-checkpoints, fixed position tables included). The cost is `ditkit.models.flops.forward_flops` for one
+checkpoints, fixed position tables included). The cost is `ditkit.models.flops.forward_flops` for
+one
 image: GMACs are the DiT paper's "Gflops" (multiply-adds); GFLOPs = 2 x GMACs, what MFU divides by.
-MMDiT rows see the class's default text condition (SD3's 154 tokens of width 4096, pooled width 2048).
+MMDiT rows see the class's default text condition (SD3's 154 tokens of width 4096, pooled width
+2048).
 """
 
 import inspect
@@ -38,7 +40,8 @@ def settings() -> list[tuple[str, list[str]]]:
 
 
 def build(name: str, overrides: list[str], latent_size: int) -> torch.nn.Module:
-    """A model from its config, on meta, for ImageNet latents; text widths (MMDiT) are the class defaults."""
+    """A model from its config, on meta, for ImageNet latents; text widths (MMDiT) are the class
+    defaults."""
     text = inspect.signature(MMDiT).parameters
     data = [
         f"+data.latent_size={latent_size}",
@@ -97,7 +100,8 @@ def main() -> None:
         flops = forward_flops(model, *example_inputs(model, size))
         line = f"| {label(name, model)} | {params / 1e6:.1f} M | {flops / 2e9:.2f} | {flops / 1e9:.2f} |"
         groups.setdefault(name, []).append((flops, line))
-    # families in the order DiT, MMDiT, U-Net; within one, configs by the cost of their first row (S before B)
+    # families in the order DiT, MMDiT, U-Net; within one, configs by the cost of their first row (S
+    # before B)
     order = sorted(groups, key=lambda n: (family_rank(n), groups[n][0][0]))
     lines += [line for name in order for _, line in groups[name]]
     print(

@@ -3,12 +3,12 @@
     python benchmarks/sample.py model=dit_xl num_samples=32 cfg_scale=1.5 precision=bf16-mixed
     python benchmarks/sample.py tiny=true        # a depth-2, width-32 DiT on 8x8 latents (tests)
 
-Prints one JSON line per sampler (the sampler registry gives its objective and default steps; steps=N
-overrides them): steps, model_evals (model calls, a guided call being one batch of 2N), seconds
-(the whole sampler), forward_seconds (the same sequence of model calls on prepared inputs, nothing
-else), and overhead = seconds / forward_seconds - 1, the sampler's own cost (target: < 5%), images/s, the model's
-FLOP/s and MFU against a matmul in the same precision measured here, and peak memory.
-Each time is the best of `repeats` interleaved runs; threads=N sets torch's CPU threads.
+Prints one JSON line per sampler (the sampler registry gives its objective and default steps;
+steps=N overrides them): steps, model_evals (model calls, a guided call being one batch of 2N),
+seconds (the whole sampler), forward_seconds (the same sequence of model calls on prepared inputs,
+nothing else), and overhead = seconds / forward_seconds - 1, the sampler's own cost (target: < 5%),
+images/s, the model's FLOP/s and MFU against a matmul in the same precision measured here, and peak
+memory. Each time is the best of `repeats` interleaved runs; threads=N sets torch's CPU threads.
 """
 
 import time
@@ -52,8 +52,8 @@ def build(args: dict, sampler: str):
 
 
 class CountingModel(torch.nn.Module):
-    """The model, recording the batch size of every call. dry=True returns zeros of the output's shape
-    instead of calling it: the sampler's sequence of calls, recorded without the model's cost.
+    """The model, recording the batch size of every call. dry=True returns zeros of the output's
+    shape instead of calling it: the sampler's sequence of calls, recorded without the model's cost.
     It passes the Backbone contract's condition through, so guidance works on it as on the model."""
 
     def __init__(self, model: torch.nn.Module):

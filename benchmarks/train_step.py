@@ -2,9 +2,9 @@
 
     python benchmarks/train_step.py model=dit_s batch_size=8 precision=32-true compile=false steps=10
 
-Prints a table line per setting and, last, one JSON line: model, batch_size, precision, step_s (median),
-imgs_per_sec, gflops_per_sec (3 x forward FLOPs counted from the architecture), peak_gflops (a matmul in
-the same precision, measured here), mfu, peak_mem_mb.
+Prints a table line per setting and, last, one JSON line: model, batch_size, precision, step_s
+(median), imgs_per_sec, gflops_per_sec (3 x forward FLOPs counted from the architecture),
+peak_gflops (a matmul in the same precision, measured here), mfu, peak_mem_mb.
 """
 
 from pathlib import Path
@@ -31,7 +31,8 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def build(model: str, objective: str, latent_size: int, overrides: list[str]):
-    """Model and objective from the real Hydra configs, for ImageNet latents (4 channels, 1000 classes)."""
+    """Model and objective from the real Hydra configs, for ImageNet latents (4 channels, 1000
+    classes)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
             overrides=[

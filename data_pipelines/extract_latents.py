@@ -1,10 +1,11 @@
-"""Images -> VAE latents -> WebDataset shards: `python -m data_pipelines.extract_latents source.root=DIR out=DIR`.
+"""Images -> VAE latents -> WebDataset shards: `python -m data_pipelines.extract_latents
+source.root=DIR out=DIR`.
 
-Overrides (conf/extract_latents.yaml): ``source=imagefolder|wds|digits``, ``vae.pretrained=<hub id or folder>``
-or ``vae=identity``, ``image_size=``, ``shard_size=``, ``batch_size=``, ``precision=``, ``num_workers=``.
-Under torchrun each rank writes its own shards and rank 0 writes the manifest; with ``rank=i world_size=n``
-(separate machines, one shared folder) the last rank to finish writes it. Complete shards are never
-rewritten, so rerunning the same command finishes an interrupted job.
+Overrides (conf/extract_latents.yaml): ``source=imagefolder|wds|digits``, ``vae.pretrained=<hub id
+or folder>`` or ``vae=identity``, ``image_size=``, ``shard_size=``, ``batch_size=``, ``precision=``,
+``num_workers=``. Under torchrun each rank writes its own shards and rank 0 writes the manifest;
+with ``rank=i world_size=n`` (separate machines, one shared folder) the last rank to finish writes
+it. Complete shards are never rewritten, so rerunning the same command finishes an interrupted job.
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 `python -m data_pipelines.extract_text_embeddings shards=DIR out=DIR [captions.file=FILE.json]`.
 
 Captions come from a JSON file {sample key: caption} (``captions.file=``) or from the class names
-(``captions.template='a photo of a {}'``, ``captions.class_names=[...]``, default the manifest's names).
-Encoders (``encoders=[...]``): Hugging Face CLIP text models and / or one T5 encoder, each a hub id or a
-local folder (see conf/extract_text_embeddings.yaml). Each sample gains ``txt``, ``context.npy`` and
-``pooled.npy`` (float16); the manifest records the encoders, which sampling reuses to embed prompts.
-Rerunning the same command finishes an interrupted job (complete shards are kept).
+(``captions.template='a photo of a {}'``, ``captions.class_names=[...]``, default the manifest's
+names). Encoders (``encoders=[...]``): Hugging Face CLIP text models and / or one T5 encoder, each a
+hub id or a local folder (see conf/extract_text_embeddings.yaml). Each sample gains ``txt``,
+``context.npy`` and ``pooled.npy`` (float16); the manifest records the encoders, which sampling
+reuses to embed prompts. Rerunning the same command finishes an interrupted job (complete shards are
+kept).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def run(cfg: DictConfig) -> dict:
         "context_len": text["context_len"],
         "context_dim": text["context_dim"],
         "pooled_dim": text["pooled_dim"],
-        "train_with": f"data.root={os.path.abspath(os.path.expanduser(cfg.out))} data.context_len={text['context_len']} "
+        "train_with": f"data.root={os.path.abspath(os.path.expanduser(cfg.out))} "
+        "data.context_len={text['context_len']} "
         f"data.context_dim={text['context_dim']} data.pooled_dim={text['pooled_dim']}",
     }
 

@@ -1,12 +1,15 @@
-"""FID reference statistics: `python -m data_pipelines.fid_reference source=... image_size=... out=FILE.npz`.
+"""FID reference statistics:
+
+    python -m data_pipelines.fid_reference source=... image_size=... out=FILE.npz
 
 Sources (conf/fid_reference/source/):
-  imagefolder  source.root=DIR    ImageNet layout, ADM center crop to image_size (as extract_latents does)
+  imagefolder  source.root=DIR    ImageNet layout, ADM center crop to image_size (as extract_latents)
   shards       source.root=DIR    latent shards, posterior means decoded with the manifest's VAE
   digits                          the built-in set (quickstart data), upscaled to image_size
-  adm          source.path=FILE   an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz): its mu/sigma as they are
-The output holds mu, sigma and what they were made from (image size, Inception weights), so evaluate.py
-refuses a reference that does not fit its samples.
+  adm          source.path=FILE   an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz):
+                                  its mu/sigma as they are
+The output holds mu, sigma and what they were made from (image size, Inception weights), so
+evaluate.py refuses a reference that does not fit its samples.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from ditkit.evaluation.reference import compute_reference
 
 
 class _SourceBatches(Dataset):
-    """One item per job of a ditkit.data source: its images center-cropped, (n, 3, S, S) uint8 (bad files skipped)."""
+    """One item per job of a ditkit.data source: its images center-cropped, (n, 3, S, S) uint8 (bad
+    files skipped)."""
 
     def __init__(self, source: Any, image_size: int, batch_size: int):
         self.source, self.image_size = source, image_size
@@ -52,7 +56,8 @@ class _SourceBatches(Dataset):
 
 
 class _ShardMeans(IterableDataset):
-    """Posterior means (n, C, h, w) float32 of every sample of a latent shard set, shard by shard, batched."""
+    """Posterior means (n, C, h, w) float32 of every sample of a latent shard set, shard by shard,
+    batched."""
 
     def __init__(self, root: str, manifest: dict, batch_size: int):
         self.root, self.manifest, self.batch_size = root, manifest, batch_size
@@ -87,13 +92,15 @@ def _shard_images(
     path = os.path.join(root, MANIFEST)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"source.root={cfg.source.root}: no {MANIFEST} (a folder written by data_pipelines.extract_latents)"
+            f"source.root={cfg.source.root}: no {MANIFEST} (a folder written by "
+            "data_pipelines.extract_latents)"
         )
     with open(path) as f:
         manifest = parse_manifest(f.read(), path)
     if cfg.image_size is not None and manifest["image_size"] != cfg.image_size:
         raise ValueError(
-            f"source.root={cfg.source.root} holds {manifest['image_size']} px images; pass image_size={manifest['image_size']}"
+            f"source.root={cfg.source.root} holds {manifest['image_size']} px images; pass "
+            f"image_size={manifest['image_size']}"
         )
     vae = vae_from_manifest(manifest, cfg.source.vae).to(device)
     loader = DataLoader(

@@ -1,5 +1,5 @@
-"""Checkpoints in one package: atomic writes, training saves and auto-resume, consolidation of sharded
-folders, reading for evaluation, and released weights in and out.
+"""Checkpoints in one package: atomic writes, training saves and auto-resume, consolidation of
+sharded folders, reading for evaluation, and released weights in and out.
 
     atomic       atomic_write / atomic_path / AtomicFile: the one write helper every writer uses
     saving       AtomicModelCheckpoint (Lightning callback), CheckpointSaveError
@@ -8,7 +8,8 @@ folders, reading for evaluation, and released weights in and out.
     reading      read_checkpoint: a ditkit .ckpt, an official DiT .pt or a .safetensors, told apart
     official     load_official_dit, read_state_dict, export_weights (safetensors)
 
-Names load on first use, so that `ditkit.checkpoints.atomic` stays cheap to import from the data code.
+Names load on first use, so that `ditkit.checkpoints.atomic` stays cheap to import from the data
+code.
 """
 
 from importlib import import_module

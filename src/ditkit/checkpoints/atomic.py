@@ -1,12 +1,12 @@
 """Atomic writes: the one helper every writer uses (checkpoints, FID references, samples.npz, the
 evaluation part store, manifests, shards).
 
-A file is written under a temporary name beside its target, `<name>.tmp-<host>-<pid>-<random>`, flushed
-and fsynced, then renamed onto the target (`os.replace` is atomic on POSIX file systems, NFS and Lustre
-included), and the folder is fsynced so the rename itself survives a power cut. Readers therefore see the
-old file or the new one, never half of one; a crash leaves only a `*.tmp-*` file, which nothing reads.
-The temporary name is unique per writer (host, process, random suffix), so two processes writing the
-same target never move each other's half-written files.
+A file is written under a temporary name beside its target, `<name>.tmp-<host>-<pid>-<random>`,
+flushed and fsynced, then renamed onto the target (`os.replace` is atomic on POSIX file systems, NFS
+and Lustre included), and the folder is fsynced so the rename itself survives a power cut. Readers
+therefore see the old file or the new one, never half of one; a crash leaves only a `*.tmp-*` file,
+which nothing reads. The temporary name is unique per writer (host, process, random suffix), so two
+processes writing the same target never move each other's half-written files.
 
 This module imports nothing from ditkit: data, evaluation and training all use it.
 """
@@ -22,8 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-TMP_MARK = ".tmp-"  # every temporary name contains it; auto-resume and shard readers skip such names
-OLD_SUFFIX = ".old"  # a folder being replaced is moved here first (folders cannot be replaced in one step)
+TMP_MARK = (
+    ".tmp-"  # every temporary name contains it; auto-resume and shard readers skip such names
+)
+OLD_SUFFIX = (
+    ".old"  # a folder being replaced is moved here first (folders cannot be replaced in one step)
+)
 
 
 def temporary_name(path: str | os.PathLike) -> Path:
@@ -43,10 +47,11 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 
 class AtomicFile:
-    """A file being written under a temporary name; `commit()` moves it onto `path`, `abort()` drops it.
+    """A file being written under a temporary name; `commit()` moves it onto `path`, `abort()` drops
+    it.
 
-    For writers that keep the file open across many calls (a shard filled batch by batch); everything
-    else uses the `atomic_write` context manager."""
+    For writers that keep the file open across many calls (a shard filled batch by batch);
+    everything else uses the `atomic_write` context manager."""
 
     def __init__(self, path: str | os.PathLike, mode: str = "wb") -> None:
         if "w" not in mode:
@@ -80,8 +85,8 @@ class AtomicFile:
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Write `path` atomically: yields an open file at a unique temporary name; on a normal exit it is
-    committed onto `path`, on an exception it is removed and `path` keeps its old content.
+    """Write `path` atomically: yields an open file at a unique temporary name; on a normal exit it
+    is committed onto `path`, on an exception it is removed and `path` keeps its old content.
 
         with atomic_write(run / "metrics.json", "w") as f:
             json.dump(result, f)

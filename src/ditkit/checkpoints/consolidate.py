@@ -28,8 +28,8 @@ def consolidate_checkpoint(folder: str | Path, output: str | Path | None = None)
         )
     output = Path(output) if output is not None else folder.with_name(folder.name + ".consolidated")
     checkpoint = _load_distributed_checkpoint(folder)
-    # ModelParallelStrategy stores optimizers as optimizer_0, optimizer_1, ...; the file format wants
-    # a list.
+    # ModelParallelStrategy stores optimizers as optimizer_0, optimizer_1, ...; the file format
+    # wants a list.
     keys = sorted(
         (k for k in checkpoint if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1])
     )

@@ -1,7 +1,8 @@
 """Released DiT weights in, EMA weights out (safetensors).
 
-The official files (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) are a bare state_dict of the EMA model;
-checkpoints of the reference training script are {"model", "ema", "opt", "args"}. Both load here.
+The official files (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) are a bare state_dict of the EMA
+model; checkpoints of the reference training script are {"model", "ema", "opt", "args"}. Both load
+here.
 """
 
 import math
@@ -26,7 +27,8 @@ _REQUIRED = (
 
 
 def read_state_dict(path: str | os.PathLike, prefer: str = "ema") -> dict[str, torch.Tensor]:
-    """Tensors of a `.pt` file (weights_only) or `.safetensors`; from a training dict, the `prefer` entry."""
+    """Tensors of a `.pt` file (weights_only) or `.safetensors`; from a training dict, the `prefer`
+    entry."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
@@ -49,7 +51,8 @@ def read_state_dict(path: str | os.PathLike, prefer: str = "ema") -> dict[str, t
 
 
 def dit_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
-    """DiT constructor arguments inferred from the tensor shapes of an official-layout state_dict."""
+    """DiT constructor arguments inferred from the tensor shapes of an official-layout
+    state_dict."""
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
         raise ValueError(
@@ -75,9 +78,9 @@ def dit_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
 
 
 def load_official_dit(path: str | os.PathLike, **overrides) -> DiT:
-    """A released DiT checkpoint (or any file in that layout) -> DiT in eval mode, weights loaded strictly.
-    Input size and variant are inferred from the tensors; `overrides` (e.g. num_heads for a custom width,
-    rope) are passed to the constructor."""
+    """A released DiT checkpoint (or any file in that layout) -> DiT in eval mode, weights loaded
+    strictly. Input size and variant are inferred from the tensors; `overrides` (e.g. num_heads for
+    a custom width, rope) are passed to the constructor."""
     path = os.fspath(path)
     state = read_state_dict(path)
     config = {**dit_config_from_state_dict(state), **overrides}
@@ -96,7 +99,8 @@ def load_official_dit(path: str | os.PathLike, **overrides) -> DiT:
 
 
 def export_weights(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write a state_dict as safetensors (e.g. the EMA weights of a training checkpoint), atomically."""
+    """Write a state_dict as safetensors (e.g. the EMA weights of a training checkpoint),
+    atomically."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, os.fspath(tmp))

@@ -1,9 +1,11 @@
-"""What `evaluate.py ckpt=...` can read, told apart early, with an error that says what to pass instead.
+"""What `evaluate.py ckpt=...` can read, told apart early, with an error that says what to pass
+instead.
 
 Kinds:
   ditkit    a Lightning checkpoint written by train.py: `state_dict` holds `model.*` (raw) and `ema.*`
             (EMA) weights, `ditkit_config` the run's resolved config (model, objective, data).
-  official  a released DiT `.pt` (bare EMA state_dict) or a reference-training checkpoint {"model", "ema", ...}.
+  official  a released DiT `.pt` (bare EMA state_dict) or a reference-training checkpoint
+            {"model", "ema", ...}.
   weights   a `.safetensors` of a DiT state_dict (e.g. EMA weights exported from a ditkit checkpoint).
 """
 
@@ -19,7 +21,14 @@ import torch
 
 WEIGHTS = ("ema", "raw")
 # What torch.load raises on a truncated, corrupt or foreign file (and on a refused pickle).
-UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError)
+UNREADABLE = (
+    RuntimeError,
+    EOFError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    OSError,
+    ValueError,
+)
 
 
 def load_torch_file(path: str | os.PathLike, mmap: bool = False):
@@ -30,7 +39,8 @@ def load_torch_file(path: str | os.PathLike, mmap: bool = False):
 
 @dataclass
 class LoadedCheckpoint:
-    """state_dict in the model's own layout; run_config: the ditkit run's config (plain dict) or None."""
+    """state_dict in the model's own layout; run_config: the ditkit run's config (plain dict) or
+    None."""
 
     kind: str
     state_dict: dict[str, torch.Tensor]
@@ -42,7 +52,8 @@ def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
 
 
 def read_checkpoint(path: str | os.PathLike, weights: str = "ema") -> LoadedCheckpoint:
-    """Classify and read `path`; weights: "ema" (default, what DiT reports) or "raw" (the trained weights)."""
+    """Classify and read `path`; weights: "ema" (default, what DiT reports) or "raw" (the trained
+    weights)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights}: choose ema or raw")
     path = Path(path)
@@ -71,7 +82,8 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema") -> LoadedChec
         obj = load_torch_file(path, mmap=True)
     except UNREADABLE as err:
         raise ValueError(
-            f"ckpt={path} is not a checkpoint that loads with weights_only=True ({type(err).__name__}: {err}); "
+            f"ckpt={path} is not a checkpoint that loads with weights_only=True "
+            f"({type(err).__name__}: {err}); "
             "pass a ditkit .ckpt, an official DiT .pt or a .safetensors"
         ) from err
     if not isinstance(obj, dict):
@@ -79,7 +91,8 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema") -> LoadedChec
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):
         if "ditkit_config" not in obj:
             raise ValueError(
-                f"ckpt={path} is a Lightning checkpoint without `ditkit_config`: not written by ditkit's train.py, "
+                f"ckpt={path} is a Lightning checkpoint without `ditkit_config`: not written by "
+                "ditkit's train.py, "
                 "so the model cannot be rebuilt; export its DiT weights to .safetensors and pass that"
             )
         prefix = "ema." if weights == "ema" else "model."
@@ -95,7 +108,8 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema") -> LoadedChec
 
 
 def _official_state(obj: dict, path: Path, weights: str) -> dict[str, torch.Tensor]:
-    """The tensors of a released file (bare state_dict) or of a reference-training dict ("ema" / "model")."""
+    """The tensors of a released file (bare state_dict) or of a reference-training dict ("ema" /
+    "model")."""
     key = "ema" if weights == "ema" else "model"
     if isinstance(obj.get(key), dict):
         obj = obj[key]

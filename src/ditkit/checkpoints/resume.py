@@ -25,7 +25,8 @@ def checkpoint_step(path: str | Path) -> int:
     A file is read once end to end to verify the CRC-32 of every record of its zip container
     (torch.load itself checks none, so a flipped bit would load silently), then opened memory-mapped
     with weights_only. A sharded folder must hold DCP's .metadata and a readable meta.pt.
-    Raises ValueError naming the file when it is truncated, corrupt, or not a training checkpoint."""
+    Raises ValueError naming the file when it is truncated, corrupt, or not a training
+    checkpoint."""
     path = Path(path)
     try:
         if path.is_dir():
@@ -51,12 +52,15 @@ def checkpoint_step(path: str | Path) -> int:
 def find_resume_checkpoint(folder: str | Path) -> Path | None:
     """The newest usable checkpoint in `folder` (a run's checkpoints/), or None when there is none.
 
-    Candidates are `*.ckpt` files/folders and `*.ckpt.old` folders, newest modification time first."""
+    Candidates are `*.ckpt` files/folders and `*.ckpt.old` folders, newest modification time
+    first."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
     candidates = [
-        p for p in folder.iterdir() if p.name.endswith(SUFFIX) or p.name.endswith(SUFFIX + OLD_SUFFIX)
+        p
+        for p in folder.iterdir()
+        if p.name.endswith(SUFFIX) or p.name.endswith(SUFFIX + OLD_SUFFIX)
     ]
     for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
         try:

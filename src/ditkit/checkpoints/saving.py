@@ -1,11 +1,11 @@
 """Crash-safe training checkpoints: Lightning's ModelCheckpoint with atomic writes.
 
-A single-file checkpoint is streamed by `torch.save` into an open temporary file beside its target and
-renamed into place when complete (`atomic.atomic_write`): no in-memory copy of the checkpoint, no staging
-in the system temp folder, no second rename. A sharded (FSDP2) checkpoint is a folder written by every
-rank under one temporary name (rank 0's, broadcast), then swapped in through `<name>.old`
-(`atomic.replace_folder`). A kill or a full disk mid-write therefore never leaves a torn `last.ckpt`:
-the previous checkpoint stays byte-identical.
+A single-file checkpoint is streamed by `torch.save` into an open temporary file beside its target
+and renamed into place when complete (`atomic.atomic_write`): no in-memory copy of the checkpoint,
+no staging in the system temp folder, no second rename. A sharded (FSDP2) checkpoint is a folder
+written by every rank under one temporary name (rank 0's, broadcast), then swapped in through
+`<name>.old` (`atomic.replace_folder`). A kill or a full disk mid-write therefore never leaves a
+torn `last.ckpt`: the previous checkpoint stays byte-identical.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ class CheckpointSaveError(RuntimeError):
 
 
 def _writes_folders(strategy) -> bool:
-    """Whether the strategy saves a folder of per-rank shards (FSDP2 with distributed checkpoints)."""
+    """Whether the strategy saves a folder of per-rank shards (FSDP2 with distributed
+    checkpoints)."""
     return isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint
 
 
@@ -47,8 +48,8 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         tmp = Path(strategy.broadcast(str(temporary_name(filepath)))) if sharded else None
         error = None
         try:
-            # What Trainer.save_checkpoint does, minus its trailing barrier: a rank that fails here must
-            # reach the agreement below rather than leave the others blocked.
+            # What Trainer.save_checkpoint does, minus its trailing barrier: a rank that fails here
+            # must reach the agreement below rather than leave the others blocked.
             checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
             if sharded:
                 strategy.save_checkpoint(checkpoint, tmp)
@@ -69,7 +70,9 @@ class AtomicModelCheckpoint(ModelCheckpoint):
                 except Exception as e:  # noqa: BLE001
                     error = e
         if not strategy.reduce_boolean_decision(error is None, all=True):
-            where = f": {type(error).__name__}: {error}" if error is not None else " on another rank"
+            where = (
+                f": {type(error).__name__}: {error}" if error is not None else " on another rank"
+            )
             raise CheckpointSaveError(
                 f"could not write checkpoint {filepath}{where}. The previous checkpoint is intact; "
                 "free disk space or fix the folder's permissions, then rerun the same command to "
@@ -82,7 +85,8 @@ class AtomicModelCheckpoint(ModelCheckpoint):
                 logger.after_save_checkpoint(proxy(self))
 
     def save_last_now(self, trainer: L.Trainer) -> None:
-        """Write last.ckpt at the current step (preemption, end of training) unless already there."""
+        """Write last.ckpt at the current step (preemption, end of training) unless already
+        there."""
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 

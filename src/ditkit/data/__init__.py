@@ -1,4 +1,5 @@
-"""Latent shards: the format, the extraction engine, the streaming datamodule, the VAE helpers, built-in digits."""
+"""Latent shards: the format, the extraction engine, the streaming datamodule, the VAE helpers,
+built-in digits."""
 
 from ditkit.data.datamodule import LatentShardsDataModule
 from ditkit.data.format import DataFormatError

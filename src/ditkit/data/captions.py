@@ -1,11 +1,12 @@
 """Captions and their text embeddings in latent shards (the engine behind
 `python -m data_pipelines.extract_text_embeddings`).
 
-A captioned shard set is a NEW folder: every shard of the source set rewritten with each sample's members
-unchanged plus ``txt`` (the caption, UTF-8), ``context.npy`` (float16 [L, D], the token embeddings) and
-``pooled.npy`` (float16 [P]). Its manifest is the source's with a ``text`` section: the encoders (to embed
-prompts the same way at sampling time), the shapes, and how captions were made. Shard i is written under a
-temporary name and renamed when complete, so a rerun finishes an interrupted job.
+A captioned shard set is a NEW folder: every shard of the source set rewritten with each sample's
+members unchanged plus ``txt`` (the caption, UTF-8), ``context.npy`` (float16 [L, D], the token
+embeddings) and ``pooled.npy`` (float16 [P]). Its manifest is the source's with a ``text`` section:
+the encoders (to embed prompts the same way at sampling time), the shapes, and how captions were
+made. Shard i is written under a temporary name and renamed when complete, so a rerun finishes an
+interrupted job.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ JOB = ".text_job.json"
 def class_captions(
     classes: list[str], template: str, class_names: list[str] | None = None
 ) -> list[str]:
-    """One caption per class: template.format(name), name = class_names[i] or the manifest's class name.
-    For the digits, class_names=DIGIT_WORDS and template "a handwritten {}" give "a handwritten seven"."""
+    """One caption per class: template.format(name), name = class_names[i] or the manifest's class
+    name. For the digits, class_names=DIGIT_WORDS and template "a handwritten {}" give "a
+    handwritten seven"."""
     names = list(class_names) if class_names is not None else list(classes)
     if len(names) != len(classes):
         raise ValueError(
@@ -77,7 +79,8 @@ def captioner(
     template: str | None,
     class_names: list[str] | None,
 ) -> tuple[Callable[[str, int], str], dict[str, Any]]:
-    """(key, label) -> caption, from a captions file or from the class names; and its manifest record."""
+    """(key, label) -> caption, from a captions file or from the class names; and its manifest
+    record."""
     if captions_file is not None:
         table = read_captions_file(captions_file)
 
@@ -94,7 +97,8 @@ def captioner(
         }
     if template is None:
         raise ValueError(
-            "give captions.file=<JSON of key -> caption>, or captions.template='... {} ...' to caption by class"
+            "give captions.file=<JSON of key -> caption>, or captions.template='... {} ...' to "
+            "caption by class"
         )
     per_class = class_captions(
         manifest.get("classes") or [str(i) for i in range(manifest["num_classes"])],
@@ -110,7 +114,8 @@ def captioner(
 
 
 def _check_job(out: str, job: dict[str, Any]) -> None:
-    """Refuse to finish a folder that another extraction (other encoders, captions or source) started."""
+    """Refuse to finish a folder that another extraction (other encoders, captions or source)
+    started."""
     path = os.path.join(out, JOB)
     if os.path.isfile(path):
         with open(path) as f:
@@ -127,8 +132,8 @@ def _check_job(out: str, job: dict[str, Any]) -> None:
 def _encode_batch(
     encoders: Any, batch: list[dict[str, Any]], captions: list[str]
 ) -> list[dict[str, Any]]:
-    """Each distinct caption is encoded once (captions by class repeat; every caption is padded to the
-    encoders' max_length, so its embedding does not depend on the rest of the batch)."""
+    """Each distinct caption is encoded once (captions by class repeat; every caption is padded to
+    the encoders' max_length, so its embedding does not depend on the rest of the batch)."""
     unique = list(dict.fromkeys(captions))
     context, pooled = encoders(unique)
     context, pooled = (
@@ -160,7 +165,8 @@ def add_text_embeddings(
     batch_size: int = 64,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write the captioned copy of the shard set `src` to `out` (see the module docstring); returns its manifest.
+    """Write the captioned copy of the shard set `src` to `out` (see the module docstring); returns
+    its manifest.
 
     encoders: a `TextEncoders` (captions -> context, pooled). caption: (key, label) -> str."""
     src, out = os.path.abspath(os.path.expanduser(src)), os.path.abspath(os.path.expanduser(out))
@@ -239,10 +245,11 @@ DIGITS_VOCABULARY = ["a", "the", "handwritten", "digit", "number", "of", *DIGIT_
 
 
 def build_captioned_digits(root: str, image_size: int = 16, progress: bool = True) -> str:
-    """The built-in text-to-image set at ``root``: the built-in digits (built beside it as ``digits<size>``)
-    captioned "a handwritten seven" etc. and embedded by tiny random CLIP + T5 text encoders made offline in
-    ``text_encoders_tiny`` beside it (width 32, 8 tokens each: context (16, 32), pooled (32,)). Built in a
-    temporary folder and renamed, like the digits themselves. Returns ``root``."""
+    """The built-in text-to-image set at ``root``: the built-in digits (built beside it as
+    ``digits<size>``) captioned "a handwritten seven" etc. and embedded by tiny random CLIP + T5
+    text encoders made offline in ``text_encoders_tiny`` beside it (width 32, 8 tokens each: context
+    (16, 32), pooled (32,)). Built in a temporary folder and renamed, like the digits themselves.
+    Returns ``root``."""
     from ditkit.data.digits import build_digits, publish
     from ditkit.data.text import TextEncoders, build_tiny_text_encoders
 

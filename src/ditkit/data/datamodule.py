@@ -1,6 +1,6 @@
-"""`LatentShardsDataModule`: latent shards -> batch dicts ``{"x": latents float32 (B, C, H, W) scaled,
-"y": labels int64 (B,)}`` (or text fields) for any number of ranks, with a stream position that
-checkpoints resume exactly."""
+"""`LatentShardsDataModule`: latent shards -> batch dicts ``{"x": latents float32 (B, C, H, W)
+scaled, "y": labels int64 (B,)}`` (or text fields) for any number of ranks, with a stream position
+that checkpoints resume exactly."""
 
 from __future__ import annotations
 
@@ -28,14 +28,15 @@ BUILTINS = {"digits": build_digits, "digits_t2i": build_captioned_digits}
 
 
 class ResumableLoader:
-    """The training loader: each pass over it is one epoch of ``len(self)`` batches (`WebLoader.with_epoch`,
-    the same count on every rank, so DDP never waits at an epoch end for a rank that ran dry).
+    """The training loader: each pass over it is one epoch of ``len(self)`` batches
+    (`WebLoader.with_epoch`, the same count on every rank, so DDP never waits at an epoch end for a
+    rank that ran dry).
 
-    It tracks the *consumer's* place in the stream, (epoch, batches of it used), which is what a checkpoint
-    must store: a trainer fetches ahead of training, so the batches handed out can exceed those used.
-    ``consumed`` counts the batches the consumer has taken in total (the trainer's fit-loop counter); without
-    one, every batch handed out counts as used. A new pass continues from the consumer's place.
-    Workers are not persistent: each pass starts them with its epoch's seed.
+    It tracks the *consumer's* place in the stream, (epoch, batches of it used), which is what a
+    checkpoint must store: a trainer fetches ahead of training, so the batches handed out can exceed
+    those used. ``consumed`` counts the batches the consumer has taken in total (the trainer's
+    fit-loop counter); without one, every batch handed out counts as used. A new pass continues from
+    the consumer's place. Workers are not persistent: each pass starts them with its epoch's seed.
     """
 
     def __init__(
@@ -45,7 +46,8 @@ class ResumableLoader:
         num_workers: int,
         consumed: Callable[[], int | None] = lambda: None,
     ) -> None:
-        # `stream`, not `dataset`: Lightning would take this for a DataLoader of a sized IterableDataset and warn.
+        # `stream`, not `dataset`: Lightning would take this for a DataLoader of a sized
+        # IterableDataset and warn.
         self.stream, self.batches_per_epoch, self.num_workers = (
             stream,
             batches_per_epoch,
@@ -101,8 +103,10 @@ class ResumableLoader:
         ]
         if changed:
             warnings.warn(
-                f"Resuming the data stream with different {', '.join(f'{k} ({state[k]} -> {now[k]})' for k in changed)}:"
-                " training continues at the saved place but the sample order differs from an uninterrupted run.",
+                "Resuming the data stream with different "
+                f"{', '.join(f'{k} ({state[k]} -> {now[k]})' for k in changed)}:"
+                " training continues at the saved place but the sample order differs from an "
+                "uninterrupted run.",
                 stacklevel=2,
             )
         self._epoch, self._start, self._base, self._handed_out = (
@@ -120,21 +124,27 @@ class LatentShardsDataModule(L.LightningDataModule):
     not know pass through it to the objective.
 
     Args:
-        latent_size, latent_channels: the latent grid the model is built for; checked against the manifest.
+        latent_size, latent_channels: the latent grid the model is built for; checked against the
+            manifest.
         num_classes, image_size: likewise checked against the manifest.
-        root: a shard folder (manifest.json + train-*.tar). Or ``urls``: a brace pattern / list of shard
-            URLs (local paths, ``pipe:`` commands, object-store URLs WebDataset opens), with ``manifest``
-            the manifest's path or URL (default: ``manifest.json`` beside the first shard).
-        batch_size: per rank. seed: of the stream (the same seed and world size give the same batches).
-        shuffle_buffer: samples mixed in each worker. samples_per_epoch: default the manifest's count;
-            one epoch is ``samples_per_epoch // (batch_size * world_size)`` batches on every rank.
-        builtin: ``"digits"`` builds the built-in set at ``root`` in `prepare_data` when it is missing.
+        root: a shard folder (manifest.json + train-*.tar). Or ``urls``: a brace pattern / list of
+            shard URLs (local paths, ``pipe:`` commands, object-store URLs WebDataset opens), with
+            ``manifest`` the manifest's path or URL (default: ``manifest.json`` beside the first
+            shard).
+        batch_size: per rank. seed: of the stream (the same seed and world size give the same
+            batches).
+        shuffle_buffer: samples mixed in each worker. samples_per_epoch: default the manifest's
+            count; one epoch is ``samples_per_epoch // (batch_size * world_size)`` batches on every
+            rank.
+        builtin: ``"digits"`` builds the built-in set at ``root`` in `prepare_data` when it is
+            missing.
         return_keys: batches gain a "key" field, the sample keys (tests and debugging).
-        flip: train on the mirror image half the time (DiT's augmentation); off for data whose mirror image is
-            something else, such as digits.
-        context_len, context_dim, pooled_dim: set all three (as the manifest's ``text`` section says) to train
-            on captioned shards: batches then carry ``{"context": (B, L, D), "pooled": (B, P)}`` float32 text
-            embeddings in place of the labels (see docs/text_to_image.md).
+        flip: train on the mirror image half the time (DiT's augmentation); off for data whose
+            mirror image is something else, such as digits.
+        context_len, context_dim, pooled_dim: set all three (as the manifest's ``text`` section
+            says) to train on captioned shards: batches then carry ``{"context": (B, L, D),
+            "pooled": (B, P)}`` float32 text embeddings in place of the labels (see
+            docs/text_to_image.md).
     """
 
     def __init__(
@@ -193,7 +203,8 @@ class LatentShardsDataModule(L.LightningDataModule):
         self._train_loader: ResumableLoader | None = None
         self._resume: dict[str, int] | None = None
 
-    # -- set-up and checks ---------------------------------------------------------------------------
+    # -- set-up and checks
+    # ---------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
         """Build the built-in data set once (Lightning calls this on one process per node)."""
@@ -238,12 +249,15 @@ class LatentShardsDataModule(L.LightningDataModule):
         return parse_manifest(text, where), shard_urls
 
     def _check(self, manifest: dict[str, Any], shard_urls: list[str], key: str) -> None:
-        """Fail before training if the shards do not fit the configured model/data, naming the mismatch."""
+        """Fail before training if the shards do not fit the configured model/data, naming the
+        mismatch."""
         stored = tuple(manifest["latent_shape"])
         if stored != self.latent_shape:
             raise DataFormatError(
-                f"The shards hold latents of shape {list(stored)} (C, H, W), but {key}.latent_channels/latent_size "
-                f"say {list(self.latent_shape)}. Set {key}.latent_channels={stored[0]} {key}.latent_size={stored[1]}, "
+                f"The shards hold latents of shape {list(stored)} (C, H, W), but "
+                f"{key}.latent_channels/latent_size "
+                f"say {list(self.latent_shape)}. Set {key}.latent_channels={stored[0]} "
+                f"{key}.latent_size={stored[1]}, "
                 "or point at shards made for this size."
             )
         for name, want in (("image_size", self.image_size), ("num_classes", self.num_classes)):
@@ -255,14 +269,18 @@ class LatentShardsDataModule(L.LightningDataModule):
             stored = manifest.get("text")
             if not stored:
                 raise DataFormatError(
-                    f"{key}.context_len/context_dim/pooled_dim are set but the shards carry no text embeddings: make a "
-                    "captioned set with python -m data_pipelines.extract_text_embeddings (or unset them to train on labels)."
+                    f"{key}.context_len/context_dim/pooled_dim are set but the shards carry no text "
+                    "embeddings: make a "
+                    "captioned set with python -m data_pipelines.extract_text_embeddings (or unset "
+                    "them to train on labels)."
                 )
             have = (stored["context_len"], stored["context_dim"], stored["pooled_dim"])
             if have != self.text:
                 raise DataFormatError(
-                    f"The shards hold text embeddings of (context_len, context_dim, pooled_dim) = {have}, but the config "
-                    f"says {self.text}. Set {key}.context_len={have[0]} {key}.context_dim={have[1]} {key}.pooled_dim={have[2]}."
+                    "The shards hold text embeddings of (context_len, context_dim, pooled_dim) = "
+                    f"{have}, but the config "
+                    f"says {self.text}. Set {key}.context_len={have[0]} {key}.context_dim={have[1]} "
+                    f"{key}.pooled_dim={have[2]}."
                 )
         local = [u for u in shard_urls if "://" not in u and not u.startswith("pipe:")]
         missing = [u for u in local if not os.path.isfile(u)]
@@ -282,7 +300,8 @@ class LatentShardsDataModule(L.LightningDataModule):
                     f"{local[0]}: {err} (manifest latent_shape {list(stored)})"
                 ) from err
 
-    # -- loaders ------------------------------------------------------------------------------------
+    # -- loaders
+    # ------------------------------------------------------------------------------------
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -293,8 +312,8 @@ class LatentShardsDataModule(L.LightningDataModule):
         return rank, world_size
 
     def _trainer_consumed(self) -> int | None:
-        """Batches training has taken so far: the fit loop's counter, which (unlike what the loader has
-        handed out) does not run ahead with Lightning's prefetching."""
+        """Batches training has taken so far: the fit loop's counter, which (unlike what the loader
+        has handed out) does not run ahead with Lightning's prefetching."""
         if self.trainer is None:
             return None
         return self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
@@ -348,7 +367,8 @@ class LatentShardsDataModule(L.LightningDataModule):
             self._resume = None
         return self._train_loader
 
-    # -- resume -------------------------------------------------------------------------------------
+    # -- resume
+    # -------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, int]:
         if self._train_loader is not None:
@@ -356,7 +376,8 @@ class LatentShardsDataModule(L.LightningDataModule):
         return dict(self._resume or {})
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Continue the training stream where ``state_dict`` left it (applied by `train_dataloader`)."""
+        """Continue the training stream where ``state_dict`` left it (applied by
+        `train_dataloader`)."""
         if self._train_loader is not None:
             self._train_loader.load_state_dict(state_dict)
         else:

@@ -1,4 +1,5 @@
-"""The built-in data set: scikit-learn's digits as pixel-space shards, built once into the data folder."""
+"""The built-in data set: scikit-learn's digits as pixel-space shards, built once into the data
+folder."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ from ditkit.data.format import MANIFEST
 from ditkit.data.sources import DigitsSource
 from ditkit.data.vae import IdentityVAE
 
-# 1,797 images in shards of 256: 8 shards, enough for 2 ranks x 2 workers to split a validation pass.
+# 1,797 images in shards of 256: 8 shards, enough for 2 ranks x 2 workers to split a validation
+# pass.
 DIGITS_SHARD_SIZE = 256
 
 
 def build_digits(root: str, image_size: int = 16, progress: bool = True) -> str:
-    """Write the digits (upscaled to ``image_size``, RGB, identity VAE) as a shard set at ``root``, unless
-    one is there already. Built in a temporary folder and renamed, so a crash or a second process never
-    leaves a half-built set behind. Returns ``root``."""
+    """Write the digits (upscaled to ``image_size``, RGB, identity VAE) as a shard set at ``root``,
+    unless one is there already. Built in a temporary folder and renamed, so a crash or a second
+    process never leaves a half-built set behind. Returns ``root``."""
     root = os.path.abspath(os.path.expanduser(root))
     if os.path.isfile(os.path.join(root, MANIFEST)):
         return root

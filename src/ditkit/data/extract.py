@@ -1,9 +1,11 @@
-"""Images -> VAE posterior moments -> latent shards (the engine behind `python -m data_pipelines.extract_latents`).
+"""Images -> VAE posterior moments -> latent shards (the engine behind `python -m
+data_pipelines.extract_latents`).
 
-Output shard i holds source job i; rank r of n writes the shards with i % n == r, so the result does not
-depend on how many processes wrote it. A shard is written under a temporary name and renamed when complete,
-after its record ``.parts/train-XXXXXX.json`` (sample count, skipped files); a rerun skips complete shards.
-When every shard is complete, `merge_manifest` writes ``manifest.json`` and ``skipped.txt``.
+Output shard i holds source job i; rank r of n writes the shards with i % n == r, so the result does
+not depend on how many processes wrote it. A shard is written under a temporary name and renamed
+when complete, after its record ``.parts/train-XXXXXX.json`` (sample count, skipped files); a rerun
+skips complete shards. When every shard is complete, `merge_manifest` writes ``manifest.json`` and
+``skipped.txt``.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class _ShardImages(IterableDataset):
-    """Reads the given jobs (each worker a disjoint subset) and yields batches of center-cropped images:
-    dicts with ``shard``, ``keys``, ``labels`` (n,), ``images`` (n, 3, S, S) in [-1, 1], ``skipped``
-    [(key, reason)], and ``last`` (True on the final batch of a shard, which may hold no images)."""
+    """Reads the given jobs (each worker a disjoint subset) and yields batches of center-cropped
+    images: dicts with ``shard``, ``keys``, ``labels`` (n,), ``images`` (n, 3, S, S) in [-1, 1],
+    ``skipped`` [(key, reason)], and ``last`` (True on the final batch of a shard, which may hold no
+    images)."""
 
     def __init__(
         self, source: Any, jobs: list[tuple[int, Any]], image_size: int, batch_size: int
@@ -150,7 +153,8 @@ def extract_latents(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> dict[str, int]:
-    """Write this rank's missing shards. Returns counts: ``shards`` written, ``samples``, ``skipped``."""
+    """Write this rank's missing shards. Returns counts: ``shards`` written, ``samples``,
+    ``skipped``."""
     if image_size % vae.downsample:
         raise ValueError(
             f"image_size={image_size} is not a multiple of the VAE downsampling {vae.downsample}"
@@ -201,7 +205,8 @@ def extract_latents(
         if batch["keys"]:
             images = batch["images"].to(device)
             with autocast:
-                # One forward for the image and its mirror (the random flip of DiT's training pipeline).
+                # One forward for the image and its mirror (the random flip of DiT's training
+                # pipeline).
                 moments = (
                     vae.encode_moments(torch.cat([images, images.flip(-1)])).float().cpu().numpy()
                 )
@@ -220,7 +225,8 @@ def extract_latents(
 
 
 def merge_manifest(out: str) -> dict[str, Any] | None:
-    """Write ``manifest.json`` and ``skipped.txt`` if every shard is complete; return the manifest, else None."""
+    """Write ``manifest.json`` and ``skipped.txt`` if every shard is complete; return the manifest,
+    else None."""
     job_path = os.path.join(out, PARTS, JOB)
     if not os.path.isfile(job_path):
         raise FileNotFoundError(f"{job_path} is missing: {out} was not written by extract_latents")

@@ -1,10 +1,11 @@
-"""The latent shard format (DESIGN.md, "Latent shards"): the contract between data_pipelines and training.
+"""The latent shard format (DESIGN.md, "Latent shards"): the contract between data_pipelines and
+training.
 
 A dataset is a folder: ``manifest.json`` + ``train-000000.tar``, ``train-000001.tar``, ...
 Each sample: ``__key__`` (stable image id), ``cls`` (class index, ASCII), ``moments.npy`` and
-``moments_flip.npy`` (float16 [2C, H, W]: VAE posterior mean ‖ log-variance, unscaled, of the image and of
-its horizontal mirror). A captioned set (`ditkit.data.captions`) adds ``txt`` (the caption), ``context.npy``
-(float16 [L, D]) and ``pooled.npy`` (float16 [P]): the caption's text embeddings.
+``moments_flip.npy`` (float16 [2C, H, W]: VAE posterior mean ‖ log-variance, unscaled, of the image
+and of its horizontal mirror). A captioned set (`ditkit.data.captions`) adds ``txt`` (the caption),
+``context.npy`` (float16 [L, D]) and ``pooled.npy`` (float16 [P]): the caption's text embeddings.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ CROP = "adm_center"  # ADM / DiT center crop, see ditkit.data.images.center_crop
 
 
 class DataFormatError(ValueError):
-    """A shard set or a sample does not follow the format; the message names the file and the fix."""
+    """A shard set or a sample does not follow the format; the message names the file and the
+    fix."""
 
 
 def shard_name(index: int) -> str:
@@ -40,8 +42,9 @@ def shard_name(index: int) -> str:
 
 
 def tar_writer(fileobj: Any) -> Any:
-    """A `wds.TarWriter` for shards: a fixed mtime (reruns give identical bytes, and no per-member pax
-    header for a float mtime, which doubles the reader's header parsing), pax only where a name needs it."""
+    """A `wds.TarWriter` for shards: a fixed mtime (reruns give identical bytes, and no per-member
+    pax header for a float mtime, which doubles the reader's header parsing), pax only where a name
+    needs it."""
     import webdataset as wds
 
     return wds.TarWriter(fileobj, encoder=False, mtime=0, format="PAX_FORMAT")
@@ -56,7 +59,8 @@ def npy_bytes(array: np.ndarray) -> bytes:
 def encode_sample(
     key: str, label: int, moments: np.ndarray, moments_flip: np.ndarray
 ) -> dict[str, Any]:
-    """One sample as a WebDataset dict of bytes. moments, moments_flip: (2C, H, W), stored as float16."""
+    """One sample as a WebDataset dict of bytes. moments, moments_flip: (2C, H, W), stored as
+    float16."""
     return {
         "__key__": key,
         "cls": str(int(label)).encode("ascii"),
@@ -66,7 +70,8 @@ def encode_sample(
 
 
 def decode_label(sample: Mapping[str, Any]) -> int:
-    """The class index of a raw sample; `DataFormatError` if ``cls`` is missing or not an integer."""
+    """The class index of a raw sample; `DataFormatError` if ``cls`` is missing or not an
+    integer."""
     raw = sample.get("cls")
     if raw is None:
         raise DataFormatError("no cls")
@@ -81,7 +86,8 @@ _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
 
 def load_npy(raw: bytes) -> np.ndarray:
     """``np.load`` of .npy bytes, ~25x faster on repeats: numpy parses every header with `ast` (the
-    largest cost of reading a shard), but all samples of a set share one header, so parse each once."""
+    largest cost of reading a shard), but all samples of a set share one header, so parse each
+    once."""
     if raw[:6] != b"\x93NUMPY" or len(raw) < 12:
         raise ValueError("not a .npy file")
     start = 10 if raw[6] == 1 else 12  # format 1.0: 2-byte header length; 2.0 / 3.0: 4 bytes
@@ -97,7 +103,8 @@ def load_npy(raw: bytes) -> np.ndarray:
 
 
 def decode_moments(sample: Mapping[str, Any], field: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Decode ``field`` (moments.npy or moments_flip.npy) of a raw sample and check it is ``shape`` = (2C, H, W)."""
+    """Decode ``field`` (moments.npy or moments_flip.npy) of a raw sample and check it is ``shape``
+    = (2C, H, W)."""
     raw = sample.get(field)
     if raw is None:
         raise DataFormatError(f"no {field}")

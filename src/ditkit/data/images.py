@@ -1,7 +1,8 @@
 """Image decoding and the ADM center crop that DiT's data pipeline uses.
 
-Every decodable image becomes RGB uint8 (CMYK, grayscale, 16-bit, palette and alpha images included);
-an undecodable one raises `BadImage`, which the extraction job counts and lists instead of dying.
+Every decodable image becomes RGB uint8 (CMYK, grayscale, 16-bit, palette and alpha images
+included); an undecodable one raises `BadImage`, which the extraction job counts and lists instead
+of dying.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ class BadImage(ValueError):
 
 
 def open_rgb(data: bytes | str | os.PathLike) -> Image.Image:
-    """Decode a file path or encoded bytes to a fully loaded RGB image; `BadImage` if that is impossible."""
+    """Decode a file path or encoded bytes to a fully loaded RGB image; `BadImage` if that is
+    impossible."""
     try:
         if isinstance(data, (bytes, bytearray)):
             if len(data) == 0:
@@ -44,13 +46,15 @@ def open_rgb(data: bytes | str | os.PathLike) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB. Transparent pixels are composited on white, so they do not turn black."""
+    """Any PIL mode -> RGB. Transparent pixels are composited on white, so they do not turn
+    black."""
     if image.mode == "RGB":
         return image
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        # 16-bit / float grayscale: PIL's convert("RGB") clips above 255; rescale to the full 8-bit range.
+        # 16-bit / float grayscale: PIL's convert("RGB") clips above 255; rescale to the full 8-bit
+        # range.
         array = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I") and array.max() > 255 else max(array.max(), 1.0)
         image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8))

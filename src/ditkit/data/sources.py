@@ -1,8 +1,9 @@
-"""Image sources for the extraction job: an ImageNet-style folder, image WebDataset shards, built-in digits.
+"""Image sources for the extraction job: an ImageNet-style folder, image WebDataset shards, built-in
+digits.
 
 A source splits its images into *jobs* (one per output shard) and reads a job as a stream of
-``(key, label, image)`` where image is an RGB `PIL.Image` or a `BadImage` saying why that file is unusable.
-Jobs are plain picklable values, so DataLoader workers can read them in parallel.
+``(key, label, image)`` where image is an RGB `PIL.Image` or a `BadImage` saying why that file is
+unusable. Jobs are plain picklable values, so DataLoader workers can read them in parallel.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ def _fingerprint(items: list) -> str:
 
 
 class ImageFolderSource:
-    """ImageNet train layout: ``root/<class folder>/<image files>``; class index = sorted folder order.
+    """ImageNet train layout: ``root/<class folder>/<image files>``; class index = sorted folder
+    order.
 
-    Files are shuffled once with ``shuffle_seed`` before they are cut into shards, so that every shard
-    mixes all classes (a shuffle buffer over class-sorted shards would see one class at a time).
+    Files are shuffled once with ``shuffle_seed`` before they are cut into shards, so that every
+    shard mixes all classes (a shuffle buffer over class-sorted shards would see one class at a
+    time).
     """
 
     kind = "imagefolder"
@@ -142,8 +145,8 @@ class WebDatasetSource:
 
 
 class DigitsSource:
-    """scikit-learn's handwritten digits (UCI; 1,797 real 8x8 grayscale images, 10 classes), shipped with
-    scikit-learn, so it needs no download. Pixels 0..16 are stretched to 0..255."""
+    """scikit-learn's handwritten digits (UCI; 1,797 real 8x8 grayscale images, 10 classes), shipped
+    with scikit-learn, so it needs no download. Pixels 0..16 are stretched to 0..255."""
 
     kind = "digits"
     classes = [str(d) for d in range(10)]

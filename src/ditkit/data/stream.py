@@ -51,10 +51,11 @@ class SkipCounter:
 
 def draw_latents(moments: np.ndarray, scale: float, eps: np.ndarray) -> np.ndarray:
     """moments: (B, 2C, H, W) mean ‖ logvar, eps: (B, C, H, W) float32 ~ N(0, I), overwritten ->
-    (B, C, H, W) float32 ``scale * (mean + exp(logvar / 2) * eps)``, a scaled sample of each posterior.
+    (B, C, H, W) float32 ``scale * (mean + exp(logvar / 2) * eps)``, a scaled sample of each
+    posterior.
 
-    NumPy, in place: single-threaded by design (a loader must not compete with training for cores; torch's
-    intra-op threads on these small arrays are slower when the cores are busy)."""
+    NumPy, in place: single-threaded by design (a loader must not compete with training for cores;
+    torch's intra-op threads on these small arrays are slower when the cores are busy)."""
     c = moments.shape[1] // 2
     x = moments.astype(np.float32)
     std = x[:, c:]
@@ -72,14 +73,15 @@ def _worker() -> tuple[int, int]:
 
 
 class TrainStream(IterableDataset):
-    """Endless stream of batches for one rank, a deterministic function of (seed, epoch, rank, worker).
+    """Endless stream of batches for one rank, a deterministic function of (seed, epoch, rank,
+    worker).
 
     Shards are drawn with replacement (`wds.ResampledShards`), so every rank and worker reads an
     independent random sequence of all shards, then a shuffle buffer mixes samples across shards.
-    The DataLoader takes batches from its workers in turn (batch j from worker j % W). To continue an
-    epoch at batch ``start_batch``, worker w plays the part of worker (w + start_batch) % W and drops the
-    batches that part had already delivered, so the batches after a resume are exactly those of an
-    uninterrupted run.
+    The DataLoader takes batches from its workers in turn (batch j from worker j % W). To continue
+    an epoch at batch ``start_batch``, worker w plays the part of worker (w + start_batch) % W and
+    drops the batches that part had already delivered, so the batches after a resume are exactly
+    those of an uninterrupted run.
 
     urls: the shards; moments_shape: (2C, H, W) of the stored moments; scale: the VAE's scale
     factor; batch_size: per rank. With ``text`` = (context_len, context_dim, pooled_dim) the
@@ -123,8 +125,9 @@ class TrainStream(IterableDataset):
         return True
 
     def _read(self, shards: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
-        """{"url"} dicts -> raw samples (dicts of bytes). A shard that cannot be opened or is cut short
-        counts once (WebDataset's own expander would report a cut twice) and yields what came before the cut."""
+        """{"url"} dicts -> raw samples (dicts of bytes). A shard that cannot be opened or is cut
+        short counts once (WebDataset's own expander would report a cut twice) and yields what came
+        before the cut."""
         return wds.tariterators.group_by_keys(self._members(shards), handler=self._damaged)
 
     def _members(self, shards: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
@@ -181,7 +184,6 @@ class TrainStream(IterableDataset):
             batch["key"] = list(keys)
         return batch
 
-
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker()
         part = (worker + self.start_batch) % workers
@@ -192,8 +194,8 @@ class TrainStream(IterableDataset):
         flips = np.random.default_rng(int(seeds[2]))
         eps = torch.Generator().manual_seed(int(seeds[3]))
         pipeline = wds.DataPipeline(
-            # worker_seed=0: the (rank, worker) part is already in the seed; WebDataset's own would use the
-            # physical worker id, which a resume remaps.
+            # worker_seed=0: the (rank, worker) part is already in the seed; WebDataset's own would
+            # use the physical worker id, which a resume remaps.
             wds.ResampledShards(
                 self.urls, seed=int(seeds[0]), worker_seed=lambda: 0, deterministic=True
             ),
@@ -211,7 +213,8 @@ class TrainStream(IterableDataset):
     def _pick(
         self, samples: Iterator[dict[str, Any]], flips: np.random.Generator
     ) -> Iterator[tuple]:
-        """Decode the image's or the mirror's moments (a fair coin per read; always the image without flip)."""
+        """Decode the image's or the mirror's moments (a fair coin per read; always the image
+        without flip)."""
         for sample in samples:
             mirror = flips.random() < 0.5 and self.flip
             decoded = self._decode(sample, MOMENTS_FLIP if mirror else MOMENTS)

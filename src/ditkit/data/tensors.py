@@ -1,7 +1,8 @@
-"""In-memory data as batch dicts: `TensorDict({"x": latents, "y": labels})` is a map-style dataset whose
-samples are dicts, so a plain `torch.utils.data.DataLoader` collates them into the batch dicts the
-training module hands to the objective (the same fields as the latent shards give). For notebooks,
-small experiments and tests; large data sets stream from shards (`LatentShardsDataModule`)."""
+"""In-memory data as batch dicts: `TensorDict({"x": latents, "y": labels})` is a map-style dataset
+whose samples are dicts, so a plain `torch.utils.data.DataLoader` collates them into the batch dicts
+the training module hands to the objective (the same fields as the latent shards give). For
+notebooks, small experiments and tests; large data sets stream from shards
+(`LatentShardsDataModule`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from torch.utils.data import Dataset
 
 
 class TensorDict(Dataset):
-    """fields: name -> tensor, all with the same first dimension N; sample i is {name: tensor[i]}."""
+    """fields: name -> tensor, all with the same first dimension N; sample i is {name:
+    tensor[i]}."""
 
     def __init__(self, fields: dict[str, torch.Tensor]):
         if "x" not in fields:

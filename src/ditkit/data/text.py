@@ -1,13 +1,15 @@
-"""Text encoders for text-to-image training (SD3, Esser et al. 2024, Sec. 5.2): Hugging Face `transformers`
-CLIP text models and / or a T5 encoder, loaded from a hub id or a local folder, turning captions into
+"""Text encoders for text-to-image training (SD3, Esser et al. 2024, Sec. 5.2): Hugging Face
+`transformers` CLIP text models and / or a T5 encoder, loaded from a hub id or a local folder,
+turning captions into
 
 - ``context``: (N, L, D) the token sequence, and
 - ``pooled``: (N, P) one vector per caption,
 
-combined SD3's way: the CLIP encoders' penultimate hidden states are joined along channels, T5's last hidden
-state follows along the sequence (each zero-padded to the wider of the two), and the pooled vector is the
-CLIP projections joined (with T5 alone: T5's mean over the caption's tokens). Like the VAE helpers, this is
-a tool of the data: the same encoders embed the training captions and, later, the sampling prompts.
+combined SD3's way: the CLIP encoders' penultimate hidden states are joined along channels, T5's
+last hidden state follows along the sequence (each zero-padded to the wider of the two), and the
+pooled vector is the CLIP projections joined (with T5 alone: T5's mean over the caption's tokens).
+Like the VAE helpers, this is a tool of the data: the same encoders embed the training captions and,
+later, the sampling prompts.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """One text encoder. pretrained: hub id or folder (`save_pretrained` layout); subfolder: e.g. "text_encoder"
-    of a diffusers pipeline repo; tokenizer / tokenizer_subfolder: where its tokenizer is (default: beside
-    the model); max_length: tokens per caption (captions are padded / cut to it, as SD3 does)."""
+    """One text encoder. pretrained: hub id or folder (`save_pretrained` layout); subfolder: e.g.
+    "text_encoder" of a diffusers pipeline repo; tokenizer / tokenizer_subfolder: where its
+    tokenizer is (default: beside the model); max_length: tokens per caption (captions are padded /
+    cut to it, as SD3 does)."""
 
     kind: str
     pretrained: str
@@ -43,7 +46,8 @@ class EncoderSpec:
         unknown = set(spec) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(
-                f"text encoder spec has unknown keys {sorted(unknown)}; valid: {list(cls.__dataclass_fields__)}"
+                f"text encoder spec has unknown keys {sorted(unknown)}; valid: "
+                f"{list(cls.__dataclass_fields__)}"
             )
         if spec.get("kind") not in KINDS:
             raise ValueError(f"text encoder kind={spec.get('kind')!r}; choose one of {list(KINDS)}")
@@ -52,7 +56,8 @@ class EncoderSpec:
         return cls(**spec)
 
     def absolute(self) -> EncoderSpec:
-        """Local folders made absolute (so a manifest still finds them from another working directory)."""
+        """Local folders made absolute (so a manifest still finds them from another working
+        directory)."""
 
         def fix(path: str | None) -> str | None:
             return (
@@ -72,7 +77,8 @@ class EncoderSpec:
 
 
 def _load(spec: EncoderSpec) -> tuple[nn.Module, Any, bool]:
-    """(model, tokenizer, has_projection); a clear error when the weights are not there or incomplete."""
+    """(model, tokenizer, has_projection); a clear error when the weights are not there or
+    incomplete."""
     from transformers import (
         AutoTokenizer,
         CLIPTextModel,
@@ -100,12 +106,14 @@ def _load(spec: EncoderSpec) -> tuple[nn.Module, Any, bool]:
         tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.pretrained, **tok_kwargs)
     except (OSError, ValueError) as err:
         raise FileNotFoundError(
-            f"cannot load the {spec.kind} text encoder {spec.pretrained!r} (subfolder {spec.subfolder!r}): {err}. "
+            f"cannot load the {spec.kind} text encoder {spec.pretrained!r} (subfolder "
+            f"{spec.subfolder!r}): {err}. "
             "Give a hub id or a save_pretrained folder with its tokenizer."
         ) from err
     if info["missing_keys"]:
         raise ValueError(
-            f"the {spec.kind} text encoder {spec.pretrained!r} lacks weights {sorted(info['missing_keys'])[:5]}: "
+            f"the {spec.kind} text encoder {spec.pretrained!r} lacks weights "
+            f"{sorted(info['missing_keys'])[:5]}: "
             "it is not a complete checkpoint of that kind"
         )
     return model.eval().requires_grad_(False), tokenizer, projection
@@ -156,7 +164,8 @@ class TextEncoders(nn.Module):
         return model.config.projection_dim if projection else model.config.hidden_size
 
     def describe(self) -> dict[str, Any]:
-        """What a manifest records: enough to load the same encoders again, and the embedding shapes."""
+        """What a manifest records: enough to load the same encoders again, and the embedding
+        shapes."""
         return {
             "encoders": [asdict(s.absolute()) for s in self.specs],
             "context_len": self.context_len,
@@ -166,7 +175,8 @@ class TextEncoders(nn.Module):
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """captions: N strings -> context (N, context_len, context_dim), pooled (N, pooled_dim), float32."""
+        """captions: N strings -> context (N, context_len, context_dim), pooled (N, pooled_dim),
+        float32."""
         device = next(self.parameters()).device
         clip_states, pooled, t5_state = [], [], None
         for spec, model, tokenizer, projection in zip(
@@ -180,8 +190,8 @@ class TextEncoders(nn.Module):
                 return_tensors="pt",
             ).to(device)
             if spec.kind == "clip":
-                # SD3 feeds CLIP's penultimate layer and no attention mask (CLIP is causal: padding never
-                # reaches the caption's own tokens), and pools at the end-of-text token.
+                # SD3 feeds CLIP's penultimate layer and no attention mask (CLIP is causal: padding
+                # never reaches the caption's own tokens), and pools at the end-of-text token.
                 out = model(input_ids=tokens["input_ids"], output_hidden_states=True)
                 clip_states.append(out.hidden_states[-2].float())
                 pooled.append((out.text_embeds if projection else out.pooler_output).float())
@@ -207,12 +217,13 @@ def text_encoders_from_manifest(
     precision: str = "fp32",
     encoders: list[Mapping[str, Any]] | None = None,
 ) -> TextEncoders:
-    """The encoders a captioned shard set was made with (`encoders` replaces them, e.g. local copies on an
-    offline machine; they must give embeddings of the same shapes)."""
+    """The encoders a captioned shard set was made with (`encoders` replaces them, e.g. local copies
+    on an offline machine; they must give embeddings of the same shapes)."""
     text = manifest.get("text")
     if not text:
         raise ValueError(
-            "these shards carry no text embeddings: make them with python -m data_pipelines.extract_text_embeddings"
+            "these shards carry no text embeddings: make them with python -m "
+            "data_pipelines.extract_text_embeddings"
         )
     model = TextEncoders(
         encoders if encoders is not None else text["encoders"], precision=precision
@@ -229,10 +240,11 @@ def text_encoders_from_manifest(
 def build_tiny_text_encoders(
     folder: str, vocabulary: Iterable[str], seed: int = 0, width: int = 32, max_length: int = 8
 ) -> list[dict[str, Any]]:
-    """Randomly initialised 2-layer CLIP text model (with projection) and T5 encoder of width `width`, with a
-    word-level tokenizer over `vocabulary` (lower-cased words; others map to [UNK]), saved under `folder`/clip
-    and `folder`/t5. Nothing is downloaded: for tests and the CPU quickstart, where captions only have to be
-    told apart. Returns their specs for `TextEncoders`."""
+    """Randomly initialised 2-layer CLIP text model (with projection) and T5 encoder of width
+    `width`, with a word-level tokenizer over `vocabulary` (lower-cased words; others map to [UNK]),
+    saved under `folder`/clip and `folder`/t5. Nothing is downloaded: for tests and the CPU
+    quickstart, where captions only have to be told apart. Returns their specs for
+    `TextEncoders`."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import (
         CLIPTextConfig,
@@ -295,10 +307,12 @@ def build_tiny_text_encoders(
 
 
 def class_prompts(manifest: Mapping[str, Any], labels: Iterable[int]) -> list[str]:
-    """The caption of each label's class in a set captioned by class ("a handwritten seven" for 7)."""
+    """The caption of each label's class in a set captioned by class ("a handwritten seven" for
+    7)."""
     captions = (manifest.get("text") or {}).get("captions", {})
     if captions.get("source") != "classes":
         raise ValueError(
-            "these shards were not captioned by class: give prompts (a list, or prompts=FILE) instead of labels"
+            "these shards were not captioned by class: give prompts (a list, or prompts=FILE) "
+            "instead of labels"
         )
     return [captions["class_captions"][int(i)] for i in labels]

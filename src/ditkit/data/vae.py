@@ -1,14 +1,14 @@
 """The autoencoders that map images to the latents DiT trains on, behind one small interface.
 
 Both classes expose:
-  - ``encode_moments(images: (N, 3, H, W) in [-1, 1]) -> (N, 2C, H/d, W/d)``: posterior mean ‖ log-variance,
-    unscaled (what the latent shards store);
-  - ``decode(z: (N, C, h, w)) -> (N, 3, h*d, w*d)``: images, about [-1, 1] (not clamped), from *unscaled*
-    latents, i.e. training latents divided by ``scale_factor``;
+  - ``encode_moments(images: (N, 3, H, W) in [-1, 1]) -> (N, 2C, H/d, W/d)``: posterior mean ‖
+    log-variance, unscaled (what the latent shards store);
+  - ``decode(z: (N, C, h, w)) -> (N, 3, h*d, w*d)``: images, about [-1, 1] (not clamped), from
+    *unscaled* latents, i.e. training latents divided by ``scale_factor``;
   - ``name``, ``scale_factor``, ``latent_channels``, ``downsample`` (d).
 
-Training latents are ``scale_factor * z`` (Rombach et al. 2022, Sec. 4.3: 0.18215 for the SD VAEs brings the
-latents to unit variance).
+Training latents are ``scale_factor * z`` (Rombach et al. 2022, Sec. 4.3: 0.18215 for the SD VAEs
+brings the latents to unit variance).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 IDENTITY = "identity"
-# A log-variance this low makes the identity "posterior" a point mass: std = exp(-15) ~ 3e-7, far below the
-# float16 step (~5e-4) of the stored pixels, and it matches the clamp diffusers applies to VAE log-variances.
+# A log-variance this low makes the identity "posterior" a point mass: std = exp(-15) ~ 3e-7, far
+# below the float16 step (~5e-4) of the stored pixels, and it matches the clamp diffusers applies to
+# VAE log-variances.
 IDENTITY_LOGVAR = -30.0
 
 
@@ -38,7 +39,8 @@ class IdentityVAE(nn.Module):
 
     @torch.no_grad()
     def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (N, C, H, W) in [-1, 1] -> (N, 2C, H, W): the image and a constant, very low log-variance."""
+        """images: (N, C, H, W) in [-1, 1] -> (N, 2C, H, W): the image and a constant, very low
+        log-variance."""
         return torch.cat([images, torch.full_like(images, IDENTITY_LOGVAR)], dim=1)
 
     @torch.no_grad()
@@ -57,7 +59,8 @@ class DiffusersVAE(nn.Module):
         config = autoencoder.config
         if getattr(config, "shift_factor", None):
             raise ValueError(
-                f"VAE {name!r} has shift_factor={config.shift_factor} (an SD3/FLUX-style VAE); the DiT latent format "
+                f"VAE {name!r} has shift_factor={config.shift_factor} (an SD3/FLUX-style VAE); the "
+                "DiT latent format "
                 "stores scale * z only. Use an SD-style VAE such as stabilityai/sd-vae-ft-ema."
             )
         self.autoencoder = autoencoder.eval().requires_grad_(False)
@@ -70,7 +73,8 @@ class DiffusersVAE(nn.Module):
     def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
         """images: (N, 3, H, W) in [-1, 1] -> (N, 2C, H/d, W/d) = posterior mean ‖ log-variance."""
         posterior = self.autoencoder.encode(images).latent_dist
-        # mean/logvar rather than the raw `parameters`: diffusers clamps the log-variance to [-30, 20].
+        # mean/logvar rather than the raw `parameters`: diffusers clamps the log-variance to [-30,
+        # 20].
         return torch.cat([posterior.mean, posterior.logvar], dim=1)
 
     @torch.no_grad()
@@ -85,16 +89,19 @@ def load_vae(
     scale_factor: float | None = None,
     channels: int = 3,
 ) -> IdentityVAE | DiffusersVAE:
-    """Load a VAE: a hub id or a local ``save_pretrained`` folder, or ``None`` / ``"identity"`` for pixel space.
+    """Load a VAE: a hub id or a local ``save_pretrained`` folder, or ``None`` / ``"identity"`` for
+    pixel space.
 
-    ``subfolder`` selects the VAE inside a whole pipeline repo (``"vae"``); ``scale_factor`` overrides the
-    config's ``scaling_factor``; ``channels`` is the image channel count of the identity VAE.
+    ``subfolder`` selects the VAE inside a whole pipeline repo (``"vae"``); ``scale_factor``
+    overrides the config's ``scaling_factor``; ``channels`` is the image channel count of the
+    identity VAE.
     """
     if pretrained is None or pretrained == IDENTITY:
         return IdentityVAE(channels)
     from diffusers import AutoencoderKL
 
-    # A hub id is "org/name"; anything that looks like a path must exist, rather than fall through to the hub.
+    # A hub id is "org/name"; anything that looks like a path must exist, rather than fall through
+    # to the hub.
     if pretrained.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(pretrained)):
         raise FileNotFoundError(f"VAE folder {pretrained!r} does not exist (vae.pretrained=).")
     try:
@@ -103,7 +110,8 @@ def load_vae(
         )
     except (OSError, ValueError) as err:
         raise OSError(
-            f"Could not load the VAE {pretrained!r}: {err}\nPass a hub id (e.g. stabilityai/sd-vae-ft-ema) or a "
+            f"Could not load the VAE {pretrained!r}: {err}\nPass a hub id (e.g. "
+            "stabilityai/sd-vae-ft-ema) or a "
             "local folder written by diffusers `save_pretrained` (vae.pretrained=/path/to/vae)."
         ) from err
     return DiffusersVAE(autoencoder, name=pretrained, scale_factor=scale_factor)
@@ -124,7 +132,8 @@ def vae_from_manifest(
 ) -> IdentityVAE | DiffusersVAE:
     """The VAE a shard set was made with, with the scale factor its latents were trained with.
 
-    ``pretrained`` replaces the recorded name (e.g. a local copy of the hub weights on an offline cluster).
+    ``pretrained`` replaces the recorded name (e.g. a local copy of the hub weights on an offline
+    cluster).
     """
     info = manifest["vae"]
     name = pretrained or info["name"]

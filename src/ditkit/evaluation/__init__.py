@@ -1,6 +1,8 @@
-"""Evaluation: sampling at scale, Inception features streamed into FID / IS / KID / precision-recall, ADM `.npz`.
+"""Evaluation: sampling at scale, Inception features streamed into FID / IS / KID /
+precision-recall, ADM `.npz`.
 
-The training-time callback is `ditkit.evaluation.callback.FIDCallback` (not imported here: it needs Lightning).
+The training-time callback is `ditkit.evaluation.callback.FIDCallback` (not imported here: it needs
+Lightning).
 """
 
 from .inception import inception_features, inception_fingerprint, load_inception

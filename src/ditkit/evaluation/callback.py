@@ -1,9 +1,10 @@
 """FID during training: a Lightning callback that scores the EMA model every N optimizer steps.
 
-Every rank samples its share of `num_samples` images with the module's EMA weights (`pl_module.ema`),
-the Inception statistics are merged exactly across ranks, and `val/fid` (and `val/is`, ...) are logged
-with a grid of samples (`val/samples`). The global RNG is left as it was (sampling draws from its own
-seeded streams inside `fork_rng`), so a run with this callback resumes exactly like one without.
+Every rank samples its share of `num_samples` images with the module's EMA weights
+(`pl_module.ema`), the Inception statistics are merged exactly across ranks, and `val/fid` (and
+`val/is`, ...) are logged with a grid of samples (`val/samples`). The global RNG is left as it was
+(sampling draws from its own seeded streams inside `fork_rng`), so a run with this callback resumes
+exactly like one without.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from PIL import Image
 
 from ditkit.checkpoints.atomic import atomic_write
 from ditkit.data.vae import vae_from_manifest
-
 from ditkit.objectives.samplers import resolve
 
 from .decoding import make_decoder
@@ -29,8 +29,10 @@ from .reference import MAKE_ONE, check_reference, load_reference
 from .runner import InceptionMetrics, SamplingPlan, sample_and_score
 from .samples_io import image_grid
 
+
 class FIDCallback(Callback):
-    """Every `every_n_steps` optimizer steps: FID (and IS / KID / PR) of `num_samples` EMA samples vs `reference`.
+    """Every `every_n_steps` optimizer steps: FID (and IS / KID / PR) of `num_samples` EMA samples
+    vs `reference`.
 
     reference: a FID reference .npz (data_pipelines.fid_reference) at the data's image size.
     inception_weights: a local Inception weights file, or None for torch-fidelity's download.
@@ -85,7 +87,8 @@ class FIDCallback(Callback):
         self.reference = self.extractor = self._decode = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Read the reference before training starts: a missing or unfit file fails now, not after hours."""
+        """Read the reference before training starts: a missing or unfit file fails now, not after
+        hours."""
         if self.reference_path is not None:
             try:
                 self.reference = load_reference(self.reference_path)
@@ -122,7 +125,8 @@ class FIDCallback(Callback):
         ):
             return
         result, grid = self.score(trainer, pl_module)
-        # Every rank holds the same merged numbers: logged without a sync, and usable as a checkpoint monitor.
+        # Every rank holds the same merged numbers: logged without a sync, and usable as a
+        # checkpoint monitor.
         pl_module.log_dict(
             {f"val/{k}": float(v) for k, v in result.items() if k != "num_samples"},
             on_step=True,
@@ -143,7 +147,8 @@ class FIDCallback(Callback):
     def score(
         self, trainer: L.Trainer, pl_module: L.LightningModule
     ) -> tuple[dict[str, float], Any]:
-        """Sample and score on every rank (collective); returns the metrics and a grid (rows*H, cols*W, 3) uint8."""
+        """Sample and score on every rank (collective); returns the metrics and a grid (rows*H,
+        cols*W, 3) uint8."""
         model = pl_module.ema
         if self._decode is None:
             trainer.datamodule.setup()

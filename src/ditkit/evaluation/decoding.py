@@ -17,7 +17,8 @@ from ditkit.data.vae import IdentityVAE, load_vae, vae_from_manifest
 
 
 def read_run_manifest(data: Mapping[str, Any]) -> dict | None:
-    """The shard manifest named by a run's `data` config (data.manifest, else data.root/manifest.json), or None."""
+    """The shard manifest named by a run's `data` config (data.manifest, else
+    data.root/manifest.json), or None."""
     where = data.get("manifest") or (
         os.path.join(data["root"], MANIFEST) if data.get("root") else None
     )
@@ -35,8 +36,9 @@ def run_vae(
 ) -> torch.nn.Module:
     """The VAE of a ditkit run, from its `data` config.
 
-    chosen=False (no `vae=` given): the manifest's VAE; without a readable manifest, the identity for the
-    built-in digits (pixel space), else an error that says what to pass. chosen=True: `pretrained`
+    chosen=False (no `vae=` given): the manifest's VAE; without a readable manifest, the identity
+    for the built-in digits (pixel space), else an error that says what to pass. chosen=True:
+    `pretrained`
     (None: identity), with the manifest's scale factor when the manifest is readable.
     """
     manifest = read_run_manifest(data)
@@ -53,15 +55,18 @@ def run_vae(
     if data.get("builtin") == "digits":
         return IdentityVAE(3)
     raise FileNotFoundError(
-        f"the checkpoint's data manifest ({data.get('manifest') or data.get('root')}) is not readable here, so its VAE "
-        "is unknown: pass vae=sd_ft_ema (or vae.pretrained=<hub id or folder>), or vae=identity for pixel space"
+        f"the checkpoint's data manifest ({data.get('manifest') or data.get('root')}) is not "
+        "readable here, so its VAE "
+        "is unknown: pass vae=sd_ft_ema (or vae.pretrained=<hub id or folder>), or vae=identity for "
+        "pixel space"
     )
 
 
 def make_decoder(
     vae: torch.nn.Module, device: torch.device | str
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """latents (N, C, h, w) as the model samples them -> images (N, 3, H, W) in about [-1, 1], on `device`."""
+    """latents (N, C, h, w) as the model samples them -> images (N, 3, H, W) in about [-1, 1], on
+    `device`."""
     vae = vae.to(device).eval()
     scale = float(vae.scale_factor)
 
@@ -70,7 +75,8 @@ def make_decoder(
         images = vae.decode(latents.to(device) / scale)
         if images.shape[1] != 3:
             raise ValueError(
-                f"the VAE gives {images.shape[1]}-channel images; FID needs RGB: pass the VAE the latents were made with"
+                f"the VAE gives {images.shape[1]}-channel images; FID needs RGB: pass the VAE the "
+                "latents were made with"
             )
         return images
 

@@ -1,4 +1,5 @@
-"""The Inception-v3 feature extractor of torch-fidelity, loaded safely, and a fingerprint of its weights.
+"""The Inception-v3 feature extractor of torch-fidelity, loaded safely, and a fingerprint of its
+weights.
 
 torch-fidelity's `FeatureExtractorInceptionV3` is a port of the TensorFlow graph the FID paper
 (Heusel et al. 2017) and the ADM evaluation suite (Dhariwal & Nichol 2021) use, so statistics made
@@ -25,18 +26,21 @@ def load_inception(
 ) -> FeatureExtractorInceptionV3:
     """torch-fidelity's Inception-v3 in eval mode on `device`.
 
-    weights_path: a local state-dict file (clusters without internet), or None to use torch-fidelity's
-    own download (cached under $TORCH_HOME after the first use).
-    Calling it: `pool, logits = extractor(images_uint8)` with pool (N, 2048) and logits (N, 1008) float32.
+    weights_path: a local state-dict file (clusters without internet), or None to use
+    torch-fidelity's own download (cached under $TORCH_HOME after the first use).
+    Calling it: `pool, logits = extractor(images_uint8)` with pool (N, 2048) and logits (N, 1008)
+    float32.
     """
     if weights_path is not None:
         path = Path(weights_path)
         if not path.is_file():
             raise FileNotFoundError(
                 f"fid.inception_weights={weights_path}: no such file. Pass the path of the Inception weights "
-                "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth) or leave it null to download them."
+                "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth) or leave it null to "
+                "download them."
             )
-        # torch-fidelity loads the file with weights_only=False; refuse anything but plain tensors first.
+        # torch-fidelity loads the file with weights_only=False; refuse anything but plain tensors
+        # first.
         try:
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
@@ -57,7 +61,8 @@ def load_inception(
 
 
 def inception_fingerprint(extractor: torch.nn.Module) -> str:
-    """A short hash of the extractor's final-layer weights: references made with other weights are refused."""
+    """A short hash of the extractor's final-layer weights: references made with other weights are
+    refused."""
     weight = extractor.fc.weight.detach().to("cpu", torch.float32).contiguous()
     return hashlib.sha256(weight.numpy().tobytes()).hexdigest()[:16]
 
@@ -66,7 +71,8 @@ def inception_fingerprint(extractor: torch.nn.Module) -> str:
 def inception_features(
     extractor: torch.nn.Module, images: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """images: (N, 3, H, W) uint8 -> pool features (N, 2048) and logits (N, 1008), float32, on the images' device."""
+    """images: (N, 3, H, W) uint8 -> pool features (N, 2048) and logits (N, 1008), float32, on the
+    images' device."""
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(
             f"Inception takes uint8 images of shape (N, 3, H, W); got {tuple(images.shape)} {images.dtype}"

@@ -1,9 +1,9 @@
-"""Images from text prompts (text-to-image models such as MMDiT): `per_prompt` samples of each prompt, in
-prompt-major order, so a grid with `per_prompt` columns has one row per prompt.
+"""Images from text prompts (text-to-image models such as MMDiT): `per_prompt` samples of each
+prompt, in prompt-major order, so a grid with `per_prompt` columns has one row per prompt.
 
-The starting noise of sample i is a function of (seed, i) only (`sample_noise`), and the sampler's own draws
-come from the global RNG seeded by (seed, first index of the batch) inside `fork_rng`, so the same command
-gives the same images whatever the batch size of the text encoders.
+The starting noise of sample i is a function of (seed, i) only (`sample_noise`), and the sampler's
+own draws come from the global RNG seeded by (seed, first index of the batch) inside `fork_rng`, so
+the same command gives the same images whatever the batch size of the text encoders.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def sample_prompts(
     autocast: Callable[[], Any],
     progress: bool = True,
 ) -> torch.Tensor:
-    """(len(prompts) * per_prompt, 3, H, W) uint8 on CPU: sample j of prompt p at index p * per_prompt + j.
+    """(len(prompts) * per_prompt, 3, H, W) uint8 on CPU: sample j of prompt p at index p *
+    per_prompt + j.
 
     encoders: prompts -> (context (P, L, D), pooled (P, D')); sample_kwargs go to `objective.sample`
     (sampler, steps, cfg_scale, ...: guidance pairs each prompt with the model's null condition).

@@ -1,4 +1,5 @@
-"""FID reference statistics on disk: ditkit's `.npz` (mu, sigma + what they were made from) and ADM reference batches.
+"""FID reference statistics on disk: ditkit's `.npz` (mu, sigma + what they were made from) and ADM
+reference batches.
 
 A ditkit reference holds `mu` (2048,) and `sigma` (2048, 2048) float64, `image_size`, `num_images`,
 `feature_extractor`, `inception_fingerprint` (hash of the Inception weights used), `source`, and
@@ -32,9 +33,11 @@ MAKE_ONE = (
 
 @dataclass
 class Reference:
-    """mu: (D,), sigma: (D, D) float64; features: (M, D) float32 or None; fingerprint "" when unknown (ADM).
+    """mu: (D,), sigma: (D, D) float64; features: (M, D) float32 or None; fingerprint "" when
+    unknown (ADM).
 
-    sigma_sqrt: sigma^(1/2), stored by fid_reference so that each FID against it needs one eigvalsh only.
+    sigma_sqrt: sigma^(1/2), stored by fid_reference so that each FID against it needs one eigvalsh
+        only.
     """
 
     mu: np.ndarray
@@ -47,7 +50,8 @@ class Reference:
     sigma_sqrt: np.ndarray | None = None
 
     def fid(self, mu: np.ndarray, sigma: np.ndarray) -> float:
-        """FID of statistics mu (D,), sigma (D, D) against this reference (its square root made once, kept)."""
+        """FID of statistics mu (D,), sigma (D, D) against this reference (its square root made
+        once, kept)."""
         if self.sigma_sqrt is None:
             self.sigma_sqrt = sqrtm_psd(self.sigma)
         return frechet_distance(mu, sigma, self.mu, self.sigma, self.sigma_sqrt)
@@ -77,7 +81,8 @@ def save_reference(path: str | Path, ref: Reference) -> None:
 
 
 def npz_array_shape(path: str | Path, key: str) -> tuple[int, ...] | None:
-    """Shape of `key` in an `.npz` read from its header only (an ADM batch's images are GBs), None if absent."""
+    """Shape of `key` in an `.npz` read from its header only (an ADM batch's images are GBs), None
+    if absent."""
     with zipfile.ZipFile(path) as zf:
         name = f"{key}.npy"
         if name not in zf.namelist():
@@ -92,7 +97,8 @@ def npz_array_shape(path: str | Path, key: str) -> tuple[int, ...] | None:
 
 
 def read_adm_reference(path: str | Path, image_size: int | None = None) -> Reference:
-    """An ADM reference batch: its `mu`/`sigma` as they are; the image size from `arr_0` (or `image_size`)."""
+    """An ADM reference batch: its `mu`/`sigma` as they are; the image size from `arr_0` (or
+    `image_size`)."""
     path = Path(path)
     with np.load(path) as z:
         if "mu" not in z.files or "sigma" not in z.files:
@@ -122,7 +128,8 @@ def read_adm_reference(path: str | Path, image_size: int | None = None) -> Refer
 
 
 def load_reference(path: str | Path) -> Reference:
-    """Read a ditkit reference or an ADM batch, with an error that says what to do when `path` is neither."""
+    """Read a ditkit reference or an ADM batch, with an error that says what to do when `path` is
+    neither."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"fid.reference={path}: no such file; {MAKE_ONE}")
@@ -158,11 +165,13 @@ def load_reference(path: str | Path) -> Reference:
 def check_reference(
     ref: Reference, path: str | Path, image_size: int, fingerprint: str | None = None
 ) -> None:
-    """Refuse a reference made at another resolution or (when `fingerprint` is given) with other Inception
+    """Refuse a reference made at another resolution or (when `fingerprint` is given) with other
+    Inception
     weights: its FID would mean nothing."""
     if ref.image_size != image_size:
         raise ValueError(
-            f"fid.reference={path} was made from {ref.image_size} px images but the samples are {image_size} px; "
+            f"fid.reference={path} was made from {ref.image_size} px images but the samples are "
+            f"{image_size} px; "
             f"make a reference at image_size={image_size} ({MAKE_ONE})"
         )
     if fingerprint is not None and ref.fingerprint and ref.fingerprint != fingerprint:
@@ -183,9 +192,11 @@ def compute_reference(
     seed: int = 0,
     progress: bool = True,
 ) -> Reference:
-    """Statistics of every image in `batches` ((n, 3, S, S) uint8 each, S = image_size; `total` images in all).
+    """Statistics of every image in `batches` ((n, 3, S, S) uint8 each, S = image_size; `total`
+    images in all).
 
-    features: keep the pool features of this many images, a seeded random subset, for KID and precision/recall.
+    features: keep the pool features of this many images, a seeded random subset, for KID and
+        precision/recall.
     """
     keep = np.zeros(total, dtype=bool)
     keep[np.random.default_rng(seed).choice(total, min(features, total), replace=False)] = True

@@ -34,9 +34,11 @@ METRICS = ("fid", "is", "kid", "prc")
 
 @dataclass
 class SamplingPlan:
-    """What to sample: `num_samples` images in batches of `batch_size` (per rank) from latents of `latent_shape` (C, h, w).
+    """What to sample: `num_samples` images in batches of `batch_size` (per rank) from latents of
+    `latent_shape` (C, h, w).
 
-    sample_kwargs go to `objective.sample` (sampler, steps, cfg_scale, guidance_channels, guidance_interval).
+    sample_kwargs go to `objective.sample` (sampler, steps, cfg_scale, guidance_channels,
+    guidance_interval).
     """
 
     num_samples: int
@@ -53,7 +55,8 @@ def _rows(chunks: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 
 class InceptionMetrics:
-    """Streaming metric state of one rank: FID statistics always, logits for IS, pool features for KID / PR."""
+    """Streaming metric state of one rank: FID statistics always, logits for IS, pool features for
+    KID / PR."""
 
     def __init__(self, metrics: Sequence[str] = ("fid", "is")):
         unknown = set(metrics) - set(METRICS)
@@ -77,7 +80,8 @@ class InceptionMetrics:
     def _gather(
         self, chunks: list[torch.Tensor], dim: int, device: torch.device | str
     ) -> torch.Tensor:
-        """This rank's rows -> every rank's rows in global sample order (IS splits and KID subsets depend on it)."""
+        """This rank's rows -> every rank's rows in global sample order (IS splits and KID subsets
+        depend on it)."""
         rows = all_gather_rows(_rows(chunks, dim), device)
         index = all_gather_rows(
             torch.cat(self.index) if self.index else torch.zeros(0, dtype=torch.int64), device
@@ -132,12 +136,13 @@ def sample_and_score(
     keep: int = 0,
     lockstep: bool = False,
 ) -> torch.Tensor:
-    """Sample this rank's share of `plan`, feed `metrics`; returns up to `keep` of its images (k, 3, H, W) uint8.
+    """Sample this rank's share of `plan`, feed `metrics`; returns up to `keep` of its images (k, 3,
+    H, W) uint8.
 
     With a `store`, every batch is written as a part and batches already there are read back instead
     of sampled again (resume). The model runs on `device`; guidance uses the model's null_condition.
-    lockstep: every rank runs as many model batches as the busiest one (a rank with one batch fewer samples
-    a throw-away batch), for sharded (FSDP2) models whose forward is a collective.
+    lockstep: every rank runs as many model batches as the busiest one (a rank with one batch fewer
+    samples a throw-away batch), for sharded (FSDP2) models whose forward is a collective.
     """
     device = torch.device(device)
     labels_all = balanced_labels(plan.num_samples, plan.num_classes, plan.seed)

@@ -1,4 +1,5 @@
-"""Samples on disk: per-batch parts (what makes an interrupted run resumable), the ADM `.npz` and a grid PNG.
+"""Samples on disk: per-batch parts (what makes an interrupted run resumable), the ADM `.npz` and a
+grid PNG.
 
 A part `parts/part-<start>.npz` holds one batch of the global plan: `images` (n, H, W, 3) uint8,
 `labels` (n,) int64, and the Inception `pool` (n, 2048) / `logits` (n, 1008) float32 features, so a
@@ -21,7 +22,8 @@ from ditkit.checkpoints.atomic import atomic_write
 
 
 class PartStore:
-    """The parts folder of one evaluation run. `plan`: JSON-able settings that define the samples."""
+    """The parts folder of one evaluation run. `plan`: JSON-able settings that define the
+    samples."""
 
     def __init__(self, root: str | Path, plan: dict):
         self.root = Path(root)
@@ -47,7 +49,8 @@ class PartStore:
         return self.root / f"part-{start:09d}.npz"
 
     def load(self, start: int, count: int) -> dict[str, np.ndarray] | None:
-        """The part that begins at global index `start` if it is complete and readable, else None."""
+        """The part that begins at global index `start` if it is complete and readable, else
+        None."""
         path = self.path(start)
         if not path.exists():
             return None
@@ -73,7 +76,8 @@ class PartStore:
 
 
 def write_adm_npz(path: str | Path, store: PartStore, starts: list[int]) -> None:
-    """Concatenate the parts at `starts` (in order) into an ADM-suite `.npz`: arr_0 (N, H, W, 3) uint8, arr_1 (N,) labels.
+    """Concatenate the parts at `starts` (in order) into an ADM-suite `.npz`: arr_0 (N, H, W, 3)
+    uint8, arr_1 (N,) labels.
 
     The images are streamed into the zip member so that 50,000 of them never sit in memory at once.
     """
@@ -100,7 +104,8 @@ def write_adm_npz(path: str | Path, store: PartStore, starts: list[int]) -> None
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
-    """images: (N, 3, H, W) uint8 -> one (rows*H, nrow*W, 3) uint8 array, filled row by row (blank cells black)."""
+    """images: (N, 3, H, W) uint8 -> one (rows*H, nrow*W, 3) uint8 array, filled row by row (blank
+    cells black)."""
     n, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)

@@ -3,7 +3,8 @@
 FID (Heusel et al. 2017, eq. 6) needs only the mean and covariance of the features. Each rank keeps
 the sum, the sum of outer products (float64) and the count of its own features; summing those three
 over ranks gives the statistics of the union, so N samples on 2 ranks score the same as on 1.
-IS, KID and precision/recall are torch-fidelity's functions; FID is its formula with a symmetric eigensolver.
+IS, KID and precision/recall are torch-fidelity's functions; FID is its formula with a symmetric
+eigensolver.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class FeatureStats:
         self.count += f.shape[0]
 
     def all_reduce(self, device: torch.device | str = "cpu") -> None:
-        """Sum the three statistics over all ranks (no-op outside torch.distributed); every rank ends with the union."""
+        """Sum the three statistics over all ranks (no-op outside torch.distributed); every rank
+        ends with the union."""
         if not _distributed():
             return
         packed = torch.cat(
@@ -55,7 +57,8 @@ class FeatureStats:
         self.count = int(round(packed[-1].item()))
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
-        """mu (dim,) and the unbiased covariance sigma (dim, dim), float64 — what np.cov(features, rowvar=False) gives."""
+        """mu (dim,) and the unbiased covariance sigma (dim, dim), float64 — what np.cov(features,
+        rowvar=False) gives."""
         if self.count < 2:
             raise ValueError(f"FID needs at least 2 samples, got {self.count}")
         mu = self.total / self.count
@@ -64,7 +67,8 @@ class FeatureStats:
 
 
 def sqrtm_psd(sigma: np.ndarray) -> np.ndarray:
-    """The symmetric square root S (S @ S = sigma) of a PSD matrix (D, D), float64, from one eigendecomposition."""
+    """The symmetric square root S (S @ S = sigma) of a PSD matrix (D, D), float64, from one
+    eigendecomposition."""
     lam, u = torch.linalg.eigh(torch.from_numpy(np.asarray(sigma, np.float64)))
     return (
         (u * lam.clamp(min=0).sqrt()) @ u.T
@@ -78,12 +82,14 @@ def frechet_distance(
     sigma2: np.ndarray,
     sqrt2: np.ndarray | None = None,
 ) -> float:
-    """FID between two Gaussians (Heusel et al. 2017): |mu1 - mu2|^2 + tr(s1 + s2 - 2 (s1 s2)^(1/2)), float64.
+    """FID between two Gaussians (Heusel et al. 2017): |mu1 - mu2|^2 + tr(s1 + s2 - 2 (s1
+    s2)^(1/2)), float64.
 
-    tr (s1 s2)^(1/2) is the sum of the square roots of the eigenvalues of s1 s2, which are those of the
-    symmetric S2 s1 S2 with S2 = s2^(1/2). A symmetric eigensolver is several times faster than the general
-    one torch-fidelity's `fid_statistics_to_metric` uses (the tests check both agree), and with `sqrt2`, a
-    reference's square root computed once, a training-time FID costs one eigvalsh.
+    tr (s1 s2)^(1/2) is the sum of the square roots of the eigenvalues of s1 s2, which are those of
+    the symmetric S2 s1 S2 with S2 = s2^(1/2). A symmetric eigensolver is several times faster than
+    the general one torch-fidelity's `fid_statistics_to_metric` uses (the tests check both agree),
+    and with `sqrt2`, a reference's square root computed once, a training-time FID costs one
+    eigvalsh.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
@@ -95,7 +101,8 @@ def frechet_distance(
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
-    """logits: (N, 1008) unbiased Inception logits -> IS mean and std over `splits` (Salimans et al. 2016).
+    """logits: (N, 1008) unbiased Inception logits -> IS mean and std over `splits` (Salimans et al.
+    2016).
 
     Fewer splits when N < 2 * splits: a split of one sample always scores exactly 1.
     """
@@ -107,7 +114,8 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
 def kernel_inception_distance(
     fake: torch.Tensor, real: torch.Tensor, subsets: int = 100, subset_size: int = 1000
 ) -> tuple[float, float]:
-    """fake (N, 2048), real (M, 2048) -> KID mean and std (Binkowski et al. 2018); subsets shrink to the smaller set."""
+    """fake (N, 2048), real (M, 2048) -> KID mean and std (Binkowski et al. 2018); subsets shrink to
+    the smaller set."""
     size = min(subset_size, fake.shape[0], real.shape[0])
     # torch-fidelity's defaults otherwise: cubic polynomial kernel, rng seed 2020.
     out = kid_features_to_metric(
@@ -119,7 +127,8 @@ def kernel_inception_distance(
 def precision_recall(
     fake: torch.Tensor, real: torch.Tensor, neighborhood: int = 3
 ) -> tuple[float, float]:
-    """fake (N, 2048), real (M, 2048) -> improved precision and recall (Kynkaanniemi et al. 2019)."""
+    """fake (N, 2048), real (M, 2048) -> improved precision and recall (Kynkaanniemi et al.
+    2019)."""
     out = prc_features_to_metric(
         fake.cpu(), real.cpu(), prc_neighborhood=neighborhood, verbose=False
     )
@@ -127,7 +136,8 @@ def precision_recall(
 
 
 def all_gather_rows(x: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """x: (n_r, D) on each rank -> (sum n_r, D) on every rank, rank 0's rows first (no-op outside torch.distributed)."""
+    """x: (n_r, D) on each rank -> (sum n_r, D) on every rank, rank 0's rows first (no-op outside
+    torch.distributed)."""
     if not _distributed():
         return x
     world = dist.get_world_size()

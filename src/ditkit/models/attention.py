@@ -17,14 +17,16 @@ def make_norm(kind: str, dim: int, affine: bool = False) -> nn.Module:
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """x: (N, heads, T, hd); rope: (2, T, hd) cos/sin tables. Rotates channel pairs (i, i + hd/2)."""
+    """x: (N, heads, T, hd); rope: (2, T, hd) cos/sin tables. Rotates channel pairs (i, i +
+    hd/2)."""
     cos, sin = rope[0].to(x.dtype), rope[1].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd)) v. q: (N, heads, T, hd), k and v: (N, heads, S, hd) -> (N, heads, T, hd).
+    """softmax(q k^T / sqrt(hd)) v. q: (N, heads, T, hd), k and v: (N, heads, S, hd) -> (N, heads,
+    T, hd).
 
     F.scaled_dot_product_attention everywhere (flash attention on GPUs), except bf16 on CPU for
     sequences up to 1024 tokens: there PyTorch's CPU flash attention is about 2x slower than two
@@ -47,7 +49,8 @@ class Attention(nn.Module):
             raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        # out_proj=False: the stream only feeds keys/values to a joint attention (MMDiT's last text block).
+        # out_proj=False: the stream only feeds keys/values to a joint attention (MMDiT's last text
+        # block).
         self.proj = nn.Linear(dim, dim) if out_proj else None
         head_dim = dim // num_heads
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
@@ -98,9 +101,10 @@ class CrossAttention(nn.Module):
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GELU, tanh approximation (as DiT): 0.5 x (1 + tanh(z)), z = sqrt(2/pi) (x + 0.044715 x^3).
 
-    Under torch.compile it is written as the identical x * sigmoid(2z): the compiler fuses that into one
-    pass, where its CPU lowering of tanh runs ~2.5x slower (DiT-S/2 MLP, bf16: 4.9 vs 13 ms forward +
-    backward). Eager PyTorch has one kernel for the tanh form, faster than the sigmoid form's four.
+    Under torch.compile it is written as the identical x * sigmoid(2z): the compiler fuses that into
+    one pass, where its CPU lowering of tanh runs ~2.5x slower (DiT-S/2 MLP, bf16: 4.9 vs 13 ms
+    forward + backward). Eager PyTorch has one kernel for the tanh form, faster than the sigmoid
+    form's four.
     """
     if torch.compiler.is_compiling():
         return x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x))
@@ -120,8 +124,8 @@ class Mlp(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """SwiGLU MLP (Shazeer, 2020): fc2(silu(x W1) * x W3), with the hidden width scaled by 2/3 so the
-    parameter count matches the GELU MLP of the same mlp_ratio (as LLaMA / LightningDiT)."""
+    """SwiGLU MLP (Shazeer, 2020): fc2(silu(x W1) * x W3), with the hidden width scaled by 2/3 so
+    the parameter count matches the GELU MLP of the same mlp_ratio (as LLaMA / LightningDiT)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()

@@ -99,8 +99,8 @@ class CrossAttnBlock(nn.Module):
 
 
 class InContextBlock(nn.Module):
-    """In-context conditioning (paper Sec. 3.2): t and y are two extra tokens of the sequence, so the
-    block is a plain pre-norm ViT block. x: (N, 2 + T, D)."""
+    """In-context conditioning (paper Sec. 3.2): t and y are two extra tokens of the sequence, so
+    the block is a plain pre-norm ViT block. x: (N, 2 + T, D)."""
 
     def __init__(
         self, hidden: int, heads: int, mlp_ratio: float, norm: str, mlp: str, qk_norm: bool
@@ -208,7 +208,8 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """The paper's initialisation: Xavier linears, N(0, 0.02) embeddings, zero adaLN and output."""
+        """The paper's initialisation: Xavier linears, N(0, 0.02) embeddings, zero adaLN and
+        output."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)

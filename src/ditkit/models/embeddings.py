@@ -19,7 +19,8 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Scalar timesteps -> (N, D): sinusoidal features (as in the Transformer / ADM) then a 2-layer MLP."""
+    """Scalar timesteps -> (N, D): sinusoidal features (as in the Transformer / ADM) then a 2-layer
+    MLP."""
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
@@ -32,7 +33,8 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-        """t: (N,) possibly fractional -> (N, dim) = [cos(t w_i), sin(t w_i)], w_i = max_period^(-i/half)."""
+        """t: (N,) possibly fractional -> (N, dim) = [cos(t w_i), sin(t w_i)], w_i =
+        max_period^(-i/half)."""
         half = dim // 2
         freqs = torch.exp(
             -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
@@ -50,7 +52,8 @@ class TimestepEmbedder(nn.Module):
 
 class LabelEmbedder(nn.Module):
     """Class labels -> (N, D). Row `num_classes` is the null class used for classifier-free
-    guidance (Ho & Salimans, 2022); in training, labels are replaced by it with prob. `dropout_prob`."""
+    guidance (Ho & Salimans, 2022); in training, labels are replaced by it with prob.
+    `dropout_prob`."""
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
@@ -106,9 +109,9 @@ def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
 def rope_2d(
     head_dim: int, grid_size: int, prefix_tokens: int = 0, theta: float = 10000.0
 ) -> torch.Tensor:
-    """Rotary tables for 2-D RoPE (Su et al., 2021; axial form as in LightningDiT): the first half of each
-    head's channels rotates with the row, the second with the column. Returns (2, T, head_dim): cos, sin.
-    `prefix_tokens` (e.g. conditioning tokens) get the identity rotation."""
+    """Rotary tables for 2-D RoPE (Su et al., 2021; axial form as in LightningDiT): the first half
+    of each head's channels rotates with the row, the second with the column. Returns (2, T,
+    head_dim): cos, sin. `prefix_tokens` (e.g. conditioning tokens) get the identity rotation."""
     if head_dim % 4:
         raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
     quarter = head_dim // 4

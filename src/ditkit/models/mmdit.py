@@ -28,7 +28,8 @@ def joint_attention(
     """One softmax over the concatenated sequence [image; text] (SD3 Fig. 2b).
 
     image_qkv: q, k, v each (N, heads, T, hd); text_qkv: each (N, heads, L, hd).
-    Returns the attention outputs of the image tokens (N, T, heads*hd) and the text tokens (N, L, heads*hd).
+    Returns the attention outputs of the image tokens (N, T, heads*hd) and the text tokens (N, L,
+    heads*hd).
     """
     t = image_qkv[0].shape[2]
     q, k, v = (torch.cat([a, b], dim=2) for a, b in zip(image_qkv, text_qkv))
@@ -38,9 +39,9 @@ def joint_attention(
 
 
 class Stream(nn.Module):
-    """One modality's half of a joint block: adaLN-Zero modulation from c, QKV, output projection, MLP.
-    A `pre_only` stream (the text stream of the last block) has only the modulated QKV: 2 modulation
-    vectors (shift, scale) instead of 6, no projection, no MLP."""
+    """One modality's half of a joint block: adaLN-Zero modulation from c, QKV, output projection,
+    MLP. A `pre_only` stream (the text stream of the last block) has only the modulated QKV: 2
+    modulation vectors (shift, scale) instead of 6, no projection, no MLP."""
 
     def __init__(
         self, hidden: int, heads: int, mlp_ratio: float, qk_norm: bool, pre_only: bool = False
@@ -59,7 +60,8 @@ class Stream(nn.Module):
     def pre_attention(
         self, x: torch.Tensor, c: torch.Tensor
     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """x: (N, T, D), c: (N, D) -> (q, k, v) each (N, heads, T, hd), and the modulation vectors still needed."""
+        """x: (N, T, D), c: (N, D) -> (q, k, v) each (N, heads, T, hd), and the modulation vectors
+        still needed."""
         mods = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=1)
         qkv = self.attn.heads_qkv(modulate(self.norm1(x), mods[0], mods[1]))
         return qkv, mods[2:]
@@ -67,7 +69,8 @@ class Stream(nn.Module):
     def post_attention(
         self, x: torch.Tensor, attn_out: torch.Tensor, mods: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
-        """x, attn_out: (N, T, D) -> (N, T, D): gated residual attention, then the gated modulated MLP."""
+        """x, attn_out: (N, T, D) -> (N, T, D): gated residual attention, then the gated modulated
+        MLP."""
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         x = x + gate_msa.unsqueeze(1) * self.attn.proj(attn_out)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -137,8 +140,10 @@ class MMDiT(nn.Module):
             raise ValueError(f"model.depth must be >= 1, got {depth}")
         if context_dim is None or pooled_dim is None or context_len is None:
             raise ValueError(
-                "MMDiT needs the text embeddings' shape (context_len, context_dim, pooled_dim) and the data gives none: "
-                "train it on captioned shards (data=digits_t2i, or data.context_len/context_dim/pooled_dim as printed "
+                "MMDiT needs the text embeddings' shape (context_len, context_dim, pooled_dim) and "
+                "the data gives none: "
+                "train it on captioned shards (data=digits_t2i, or "
+                "data.context_len/context_dim/pooled_dim as printed "
                 "by python -m data_pipelines.extract_text_embeddings)"
             )
         if not 0.0 <= caption_dropout_prob < 1.0:
@@ -179,8 +184,8 @@ class MMDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """DiT's initialisation: Xavier linears, N(0, 0.02) timestep MLP, zero adaLN gates and output,
-        so every block starts as the identity on both streams (adaLN-Zero)."""
+        """DiT's initialisation: Xavier linears, N(0, 0.02) timestep MLP, zero adaLN gates and
+        output, so every block starts as the identity on both streams (adaLN-Zero)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -199,7 +204,8 @@ class MMDiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def cropped_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """(grid_h * grid_w, D): the centre crop of the max-size table, row-major like the tokens."""
+        """(grid_h * grid_w, D): the centre crop of the max-size table, row-major like the
+        tokens."""
         m = self.pos_embed_max_size
         if grid_h > m or grid_w > m:
             raise ValueError(
@@ -219,7 +225,8 @@ class MMDiT(nn.Module):
     def drop_captions(
         self, context: torch.Tensor, pooled: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training-time caption dropout (global torch RNG, one draw per sample, as DiT's label dropout)."""
+        """Training-time caption dropout (global torch RNG, one draw per sample, as DiT's label
+        dropout)."""
         keep = (
             torch.rand(context.shape[0], device=context.device) >= self.caption_dropout_prob
         ).to(context.dtype)
@@ -234,14 +241,17 @@ class MMDiT(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor
     ) -> torch.Tensor:
-        """x: (N, C, H, W) latents, t: (N,) timesteps, context: (N, L, context_dim), pooled: (N, pooled_dim)."""
+        """x: (N, C, H, W) latents, t: (N,) timesteps, context: (N, L, context_dim), pooled: (N,
+        pooled_dim)."""
         h, w = x.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"input {h}x{w} is not divisible by patch_size {self.patch_size}")
         if context.shape[-1] != self.context_dim or pooled.shape[-1] != self.pooled_dim:
             raise ValueError(
-                f"text embeddings of widths context {context.shape[-1]} / pooled {pooled.shape[-1]} do not match the "
-                f"model's context_dim {self.context_dim} / pooled_dim {self.pooled_dim}; set them from the data's text encoders"
+                f"text embeddings of widths context {context.shape[-1]} / pooled {pooled.shape[-1]} "
+                "do not match the "
+                f"model's context_dim {self.context_dim} / pooled_dim {self.pooled_dim}; set them "
+                "from the data's text encoders"
             )
         if self.training and self.caption_dropout_prob > 0:
             context, pooled = self.drop_captions(context, pooled)
@@ -255,7 +265,8 @@ class MMDiT(nn.Module):
         return self.unpatchify(self.final_layer(tokens, c), gh, gw)
 
     def forward_flops(self, batch_size: int = 1, context_len: int | None = None) -> int:
-        """Analytic forward FLOPs (2 x multiply-adds) of the matmuls at input_size, attention included.
+        """Analytic forward FLOPs (2 x multiply-adds) of the matmuls at input_size, attention
+        included.
         context_len: text tokens per sample (default: the constructor's context_len)."""
         d, n_img = self.hidden_size, (self.input_size // self.patch_size) ** 2
         n_txt = self.context_len if context_len is None else context_len

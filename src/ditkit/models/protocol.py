@@ -26,8 +26,7 @@ REQUIRED = {
     "in_channels": "C, the channels of x",
     "input_size": "H = W, the latent grid the model is built for",
     "learn_sigma": "True when C_out = 2 C (a learned variance follows the prediction)",
-    "forward_flops": "forward_flops(batch_size) -> int, analytic FLOPs of one forward "
-    "(for MFU)",
+    "forward_flops": "forward_flops(batch_size) -> int, analytic FLOPs of one forward (for MFU)",
 }
 
 

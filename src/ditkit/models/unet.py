@@ -1,6 +1,7 @@
-"""The convolutional U-Net baseline that DiT replaced (ADM: Dhariwal & Nichol, "Diffusion Models Beat GANs
-on Image Synthesis", 2021; LDM: Rombach et al., 2022), built from `diffusers.UNet2DModel` and wrapped
-with the DiT interface so that it trains, samples and evaluates with every objective and sampler.
+"""The convolutional U-Net baseline that DiT replaced (ADM: Dhariwal & Nichol, "Diffusion Models
+Beat GANs on Image Synthesis", 2021; LDM: Rombach et al., 2022), built from `diffusers.UNet2DModel`
+and wrapped with the DiT interface so that it trains, samples and evaluates with every objective and
+sampler.
 
 The class condition is a learned embedding added to the timestep embedding (ADM's class-conditional
 U-Net); row `num_classes` of it is the null class for classifier-free guidance. Residual blocks use
@@ -17,7 +18,8 @@ from .embeddings import drop_labels, null_labels
 
 
 def _conv_macs(conv: nn.Conv2d, out_size: int) -> int:
-    """Multiply-adds of a dense conv whose output is out_size x out_size: one weight tensor per pixel."""
+    """Multiply-adds of a dense conv whose output is out_size x out_size: one weight tensor per
+    pixel."""
     return out_size * out_size * conv.weight.numel()
 
 
@@ -26,8 +28,9 @@ def _linear_macs(linear: nn.Linear, tokens: int = 1) -> int:
 
 
 def _stage_macs(block: nn.Module, size: int) -> int:
-    """Multiply-adds of the residual blocks and attentions of one U-Net stage at resolution size x size
-    (per sample). Attention: q, k, v, out projections over size^2 tokens plus QK^T and AV, 2 T^2 D."""
+    """Multiply-adds of the residual blocks and attentions of one U-Net stage at resolution size x
+    size (per sample). Attention: q, k, v, out projections over size^2 tokens plus QK^T and AV, 2
+    T^2 D."""
     macs = 0
     for res in block.resnets:
         macs += (
@@ -123,7 +126,8 @@ class UNet(nn.Module):
         factor = 2 ** (len(channels) - 1)
         if input_size % factor:
             raise ValueError(
-                f"input_size {input_size} is not divisible by {factor} (the U-Net halves it {len(channels) - 1} "
+                f"input_size {input_size} is not divisible by {factor} (the U-Net halves it "
+                f"{len(channels) - 1} "
                 "times); use fewer model.block_out_channels or another latent size"
             )
         if any(c % groups for c in channels):
@@ -144,9 +148,9 @@ class UNet(nn.Module):
             )
 
     def initialize_weights(self) -> None:
-        """ADM's zero initialisation: the last conv of every residual block, every attention's output
-        projection and the output conv start at zero, so each block starts as the identity (the
-        convolutional counterpart of DiT's adaLN-Zero)."""
+        """ADM's zero initialisation: the last conv of every residual block, every attention's
+        output projection and the output conv start at zero, so each block starts as the identity
+        (the convolutional counterpart of DiT's adaLN-Zero)."""
         for module in self.unet.modules():
             if isinstance(module, ResnetBlock2D):
                 zero = module.conv2
@@ -161,11 +165,13 @@ class UNet(nn.Module):
 
     @property
     def blocks(self) -> list[nn.Module]:
-        """The U-Net's stages (down, middle, up), the units to shard or checkpoint, like DiT.blocks."""
+        """The U-Net's stages (down, middle, up), the units to shard or checkpoint, like
+        DiT.blocks."""
         return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (N, C, H, W) latents, t: (N,) timesteps in [0, 1000), y: (N,) labels (num_classes = null)."""
+        """x: (N, C, H, W) latents, t: (N,) timesteps in [0, 1000), y: (N,) labels (num_classes =
+        null)."""
         if self.training:
             y = drop_labels(y, self.num_classes, self.class_dropout_prob)
         return self.unet(x, t, class_labels=y, return_dict=False)[0]
@@ -175,8 +181,9 @@ class UNet(nn.Module):
         return {"y": null_labels(y, self.unet.class_embedding)}
 
     def forward_flops(self, batch_size: int = 1) -> int:
-        """Analytic forward FLOPs (2 x multiply-adds) at input_size: convolutions, linears and attention
-        matmuls, stage by stage at the resolution each runs at (norms and activations are not counted)."""
+        """Analytic forward FLOPs (2 x multiply-adds) at input_size: convolutions, linears and
+        attention matmuls, stage by stage at the resolution each runs at (norms and activations are
+        not counted)."""
         u, size = self.unet, self.input_size
         last = len(u.down_blocks) - 1
         macs = _conv_macs(u.conv_in, size) + _conv_macs(u.conv_out, size)

@@ -9,12 +9,11 @@ t = 0 on a (possibly shifted) grid.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-
-from collections.abc import Mapping
 
 from .guidance import Guidance, Model
 from .protocol import DiffusionObjective, model_inputs
@@ -186,7 +185,9 @@ def _grid(objective: RectifiedFlow, x_T: torch.Tensor, steps: int, progress: boo
         yield grid[i], grid[i + 1], i == len(grid) - 2
 
 
-@register_sampler("euler", "flow", default_steps=50, description="Euler on the probability-flow ODE")
+@register_sampler(
+    "euler", "flow", default_steps=50, description="Euler on the probability-flow ODE"
+)
 def euler_sampler(objective, model, x_T, model_kwargs, *, steps, guidance, progress):
     x = x_T
     for t, t_next, _ in _grid(objective, x_T, steps, progress, "euler"):
@@ -195,7 +196,10 @@ def euler_sampler(objective, model, x_T, model_kwargs, *, steps, guidance, progr
 
 
 @register_sampler(
-    "heun", "flow", default_steps=25, nfe_per_step=2,
+    "heun",
+    "flow",
+    default_steps=25,
+    nfe_per_step=2,
     description="Heun (2nd order) on the probability-flow ODE",
 )
 def heun_sampler(objective, model, x_T, model_kwargs, *, steps, guidance, progress):
@@ -210,11 +214,15 @@ def heun_sampler(objective, model, x_T, model_kwargs, *, steps, guidance, progre
 
 
 @register_sampler(
-    "sde", "flow", default_steps=250, diffusion_norm=1.0,
+    "sde",
+    "flow",
+    default_steps=250,
+    diffusion_norm=1.0,
     description="Euler-Maruyama on the SDE with the ODE's marginals (SiT's FID protocol: 250)",
 )
-def sde_sampler(objective, model, x_T, model_kwargs, *, steps, guidance, progress,
-                diffusion_norm=1.0):
+def sde_sampler(
+    objective, model, x_T, model_kwargs, *, steps, guidance, progress, diffusion_norm=1.0
+):
     """diffusion_norm: the SDE's diffusion g(t)^2 = diffusion_norm * t."""
     if diffusion_norm < 0:
         raise ValueError(f"diffusion_norm must be >= 0, got {diffusion_norm}")

@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 from .guidance import Guidance, Model
 from .protocol import DiffusionObjective, model_inputs
 from .samplers import register_sampler
-from .terms import Term, TermInputs
 from .schedule import (
     SCHEDULES,
     beta_schedule,
@@ -29,6 +28,7 @@ from .schedule import (
     respaced_betas,
     space_timesteps,
 )
+from .terms import Term, TermInputs
 
 PREDICTIONS = ("eps", "x0", "v")
 
@@ -144,7 +144,8 @@ class GaussianDiffusion(DiffusionObjective):
     def q_sample(
         self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I). x_start: (N, C, H, W), t: (N,)."""
+        """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I). x_start: (N, C, H, W), t:
+        (N,)."""
         if noise is None:
             noise = torch.randn_like(x_start)
         nd = x_start.ndim
@@ -323,11 +324,21 @@ class GaussianDiffusion(DiffusionObjective):
 
 # ---------------------------------------------------------------------- registered samplers
 @register_sampler(
-    "ddpm", "ddpm", default_steps=250, clip_denoised=False,
+    "ddpm",
+    "ddpm",
+    default_steps=250,
+    clip_denoised=False,
     description="ancestral DDPM over evenly respaced steps (DiT's FID protocol: 250)",
 )
 def ddpm_sampler(
-    objective: GaussianDiffusion, model, x_T, model_kwargs, *, steps, guidance, progress,
+    objective: GaussianDiffusion,
+    model,
+    x_T,
+    model_kwargs,
+    *,
+    steps,
+    guidance,
+    progress,
     clip_denoised=False,
 ) -> torch.Tensor:
     """steps: a count (evenly respaced) or any respacing spec string ("250", "10,10,5")."""
@@ -337,16 +348,33 @@ def ddpm_sampler(
 
 
 @register_sampler(
-    "ddim", "ddpm", default_steps=50, eta=0.0, clip_denoised=False,
+    "ddim",
+    "ddpm",
+    default_steps=50,
+    eta=0.0,
+    clip_denoised=False,
     description="DDIM (Song et al. 2021, eq. 12); eta=0 deterministic, eta=1 DDPM's variance",
 )
 def ddim_sampler(
-    objective: GaussianDiffusion, model, x_T, model_kwargs, *, steps, guidance, progress,
-    eta=0.0, clip_denoised=False,
+    objective: GaussianDiffusion,
+    model,
+    x_T,
+    model_kwargs,
+    *,
+    steps,
+    guidance,
+    progress,
+    eta=0.0,
+    clip_denoised=False,
 ) -> torch.Tensor:
     """steps: a count (the "ddimN" stride) or any respacing spec string."""
     spec = f"ddim{steps}" if isinstance(steps, int) else steps
     return objective.respace(spec).ddim_sample(
-        model, x_T, model_kwargs, eta=eta, progress=progress, clip_denoised=clip_denoised,
+        model,
+        x_T,
+        model_kwargs,
+        eta=eta,
+        progress=progress,
+        clip_denoised=clip_denoised,
         guidance=guidance,
     )

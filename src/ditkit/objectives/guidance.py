@@ -29,7 +29,8 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tenso
 
 
 def _double(value: Any, n: int) -> Any:
-    """Repeat a per-sample keyword (leading dim n) for the doubled batch; leave others as they are."""
+    """Repeat a per-sample keyword (leading dim n) for the doubled batch; leave others as they
+    are."""
     if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == n:
         return torch.cat([value, value])
     return value

@@ -56,7 +56,8 @@ def check_objective(objective: object, where: str = "objective") -> None:
 
 
 def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict]:
-    """(x, condition) for `model` from a batch dict: `x` and the fields in `model.condition_keys`."""
+    """(x, condition) for `model` from a batch dict: `x` and the fields in
+    `model.condition_keys`."""
     if not isinstance(batch, Mapping):
         raise TypeError(
             f"batches are dicts of named fields ({{'x': latents, 'y': labels}} or text fields), got "
@@ -139,7 +140,8 @@ class DiffusionObjective:
     ) -> torch.Tensor:
         """x_0: (N, C, H, W) from noise x_T: (N, C, H, W) with a registered sampler (default
         `default_sampler`) and its default steps; options are the sampler's own (e.g. eta).
-        guidance_interval is in the objective's time (ddpm: original timesteps; flow: t in [0, 1])."""
+        guidance_interval is in the objective's time (ddpm: original timesteps; flow: t in [0,
+        1])."""
         spec, steps, options = resolve(
             {"name": sampler or self.default_sampler, "steps": steps, "options": options},
             self.name,
@@ -149,6 +151,12 @@ class DiffusionObjective:
             model, model_kwargs, cfg_scale, guidance_channels, guidance_interval
         )
         return spec.run(
-            self, model, x_T, model_kwargs, steps=steps, guidance=guidance, progress=progress,
+            self,
+            model,
+            x_T,
+            model_kwargs,
+            steps=steps,
+            guidance=guidance,
+            progress=progress,
             **options,
         )

@@ -4,8 +4,8 @@ and FID callbacks and the benchmarks all read this table; nothing else names sam
 
 A sampler is a function `run(objective, model, x_T, *, steps, guidance, progress, **options) -> x_0`
 registered with `@register_sampler(...)` beside the objective it integrates (gaussian.py, flow.py).
-`guidance` is the resolved `Guidance`; the function calls `guidance(model, x, t, model_kwargs, time, C)`
-wherever it needs the model. docs/extending.md walks through adding one.
+`guidance` is the resolved `Guidance`; the function calls `guidance(model, x, t, model_kwargs, time,
+C)` wherever it needs the model. docs/extending.md walks through adding one.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Any
 @dataclass(frozen=True)
 class SamplerSpec:
     """name: what `sampler=` takes; objective: the `Objective.name` it serves; default_steps: steps
-    when none are given (an int, or a respacing string for DDPM); options: keyword options with their
-    defaults; nfe_per_step: model calls per step (a guided call is one batch of 2N); run: the sampler."""
+    when none are given (an int, or a respacing string for DDPM); options: keyword options with
+    their defaults; nfe_per_step: model calls per step (a guided call is one batch of 2N); run: the
+    sampler."""
 
     name: str
     objective: str
@@ -70,7 +71,10 @@ def samplers_of(objective: str) -> tuple[str, ...]:
 
 def all_samplers() -> tuple[str, ...]:
     """Every registered sampler, grouped by objective (in the order of DEFAULTS, then any other)."""
-    objectives = [*DEFAULTS, *(s.objective for s in SAMPLERS.values() if s.objective not in DEFAULTS)]
+    objectives = [
+        *DEFAULTS,
+        *(s.objective for s in SAMPLERS.values() if s.objective not in DEFAULTS),
+    ]
     return tuple(name for obj in dict.fromkeys(objectives) for name in samplers_of(obj))
 
 

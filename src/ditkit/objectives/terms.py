@@ -105,8 +105,9 @@ def capture_block_outputs(model: nn.Module, depths: tuple[int, ...]) -> Iterator
     """Record the output of blocks `depths` (1-based) during the forwards inside the block.
 
     Forward hooks on the block modules: they fire around FSDP2's gather and outside a compiled or
-    checkpointed `forward`, so capture works with every way `ditkit.training.parallel` wraps a block.
-    A block returning a tuple (MMDiT: image, text tokens) is recorded by its first element."""
+    checkpointed `forward`, so capture works with every way `ditkit.training.parallel` wraps a
+    block. A block returning a tuple (MMDiT: image, text tokens) is recorded by its first
+    element."""
     hidden: dict[int, torch.Tensor] = {}
     handles = []
 

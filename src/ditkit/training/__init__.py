@@ -1,4 +1,5 @@
-"""Training: the LightningModule, EMA, preemption, FSDP2 and callbacks (checkpoints: ditkit.checkpoints)."""
+"""Training: the LightningModule, EMA, preemption, FSDP2 and callbacks (checkpoints:
+ditkit.checkpoints)."""
 
 from .ema import ema_decay, update_ema
 from .module import DiffusionModule, NonFiniteLossError

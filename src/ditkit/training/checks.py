@@ -24,8 +24,8 @@ class ConfigError(ValueError):
 
 
 def check_model_fits_data(model: Mapping[str, Any], data: Mapping[str, Any]) -> None:
-    """model: the resolved `model` config (DiT kwargs, `variant` for build_dit); data: the `data` config
-    with `latent_size`, `latent_channels`, `num_classes`. Raises ConfigError."""
+    """model: the resolved `model` config (DiT kwargs, `variant` for build_dit); data: the `data`
+    config with `latent_size`, `latent_channels`, `num_classes`. Raises ConfigError."""
     for key in INT_KEYS:
         value = model.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -38,7 +38,8 @@ def check_model_fits_data(model: Mapping[str, Any], data: Mapping[str, Any]) -> 
     if hidden is not None and heads is not None and hidden % heads:
         divisors = [h for h in range(1, 33) if hidden % h == 0]
         raise ConfigError(
-            f"model.hidden_size={hidden} is not divisible by model.num_heads={heads}; choose num_heads from {divisors}"
+            f"model.hidden_size={hidden} is not divisible by model.num_heads={heads}; choose "
+            f"num_heads from {divisors}"
         )
     size, patch = model.get("input_size"), model.get("patch_size")
     if size is not None and patch is not None:
@@ -51,7 +52,8 @@ def check_model_fits_data(model: Mapping[str, Any], data: Mapping[str, Any]) -> 
     if data.get("context_dim") is not None and "context_dim" not in model:
         raise ConfigError(
             f"the data yields text embeddings (data.context_dim={data['context_dim']}) but model "
-            f"{model.get('_target_')} takes class labels: use a text-to-image model (model=mmdit_d12|mmdit_d24), "
+            f"{model.get('_target_')} takes class labels: use a text-to-image model "
+            "(model=mmdit_d12|mmdit_d24), "
             "or data without text (unset data.context_len/context_dim/pooled_dim to train on the labels)"
         )
     for model_key, data_key in (
@@ -65,8 +67,10 @@ def check_model_fits_data(model: Mapping[str, Any], data: Mapping[str, Any]) -> 
             and model[model_key] != data[data_key]
         ):
             raise ConfigError(
-                f"model.{model_key}={model[model_key]} but the data has {data_key}={data[data_key]}: the model must be "
-                f"built for the data's latents. Drop the model.{model_key} override (it follows data.{data_key}) "
+                f"model.{model_key}={model[model_key]} but the data has "
+                f"{data_key}={data[data_key]}: the model must be "
+                f"built for the data's latents. Drop the model.{model_key} override (it follows "
+                f"data.{data_key}) "
                 f"or choose data that matches."
             )
 
@@ -95,9 +99,9 @@ def check_resume(resume: str, ckpt_path: str | None, checkpoint_dir: str | Path)
 
 
 def check_experiment_sizes(conf_dir: str | Path, experiment: str | None, model: str | None) -> None:
-    """An experiment that sizes its models per model (conf/experiment_model/<experiment>/*.yaml) must
-    have a size for the chosen one: otherwise the model would train at its full size, e.g. a whole
-    DiT-B on a CPU for experiment=quickstart model=dit_b."""
+    """An experiment that sizes its models per model (conf/experiment_model/<experiment>/*.yaml)
+    must have a size for the chosen one: otherwise the model would train at its full size, e.g. a
+    whole DiT-B on a CPU for experiment=quickstart model=dit_b."""
     if experiment is None or model is None:
         return
     folder = Path(conf_dir) / "experiment_model" / experiment

@@ -13,7 +13,8 @@ from torch.distributed.tensor import DTensor
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank holds: the local shard of an FSDP2 DTensor, the tensor itself otherwise."""
+    """The tensor this rank holds: the local shard of an FSDP2 DTensor, the tensor itself
+    otherwise."""
     return t.to_local() if isinstance(t, DTensor) else t
 
 
@@ -21,8 +22,8 @@ def ema_decay(decay: float, num_updates: int, warmup: bool) -> float:
     """Decay of update number `num_updates` (0-based).
 
     With warmup the decay is min(decay, (1 + n) / (10 + n)) (TensorFlow's ExponentialMovingAverage
-    `num_updates` rule): early on the average forgets the random initialisation quickly, which is what
-    makes a run of a few thousand steps (the quickstart) sample from a useful EMA.
+    `num_updates` rule): early on the average forgets the random initialisation quickly, which is
+    what makes a run of a few thousand steps (the quickstart) sample from a useful EMA.
     """
     if not warmup:
         return decay
@@ -33,8 +34,8 @@ def ema_decay(decay: float, num_updates: int, warmup: bool) -> float:
 def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * param, in place, as one fused `_foreach_lerp_`.
 
-    ema_params, params: matching lists of tensors or DTensors (FSDP2 shards the EMA copy exactly like
-    the model, so the local shards line up elementwise and no communication is needed).
+    ema_params, params: matching lists of tensors or DTensors (FSDP2 shards the EMA copy exactly
+    like the model, so the local shards line up elementwise and no communication is needed).
     The shadow is fp32; parameters in another dtype (bf16-true training) are upcast first.
     """
     ema_local = [local(e) for e in ema_params]

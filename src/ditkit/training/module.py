@@ -129,7 +129,8 @@ class DiffusionModule(L.LightningModule):
 
     # ---------------------------------------------------------------- what is trained
     def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """(name, parameter) of the backbone, then of the objective's modules (the EMA takes none)."""
+        """(name, parameter) of the backbone, then of the objective's modules (the EMA takes
+        none)."""
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
@@ -145,9 +146,10 @@ class DiffusionModule(L.LightningModule):
 
     # ---------------------------------------------------------------- setup
     def configure_model(self) -> None:
-        """FSDP2 (ModelParallelStrategy gives a device mesh): shard each block, then the root, of the
-        model and of its EMA alike, so their local shards line up, and each objective module; then
-        compile the blocks and wrap them in activation checkpointing, all from outside the model."""
+        """FSDP2 (ModelParallelStrategy gives a device mesh): shard each block, then the root, of
+        the model and of its EMA alike, so their local shards line up, and each objective module;
+        then compile the blocks and wrap them in activation checkpointing, all from outside the
+        model."""
         if self._configured:
             return
         self._configured = True
@@ -167,7 +169,8 @@ class DiffusionModule(L.LightningModule):
             checkpoint_blocks(self.model)
 
     def on_fit_start(self) -> None:
-        # "bf16-true" / "16-true" convert the whole LightningModule; the EMA must stay an fp32 average.
+        # "bf16-true" / "16-true" convert the whole LightningModule; the EMA must stay an fp32
+        # average.
         for shadow in (self.ema, *self.ema_objective.values()):
             if any(p.dtype != torch.float32 for p in shadow.parameters()):
                 shadow.float()
@@ -203,7 +206,8 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """After backward (grads complete and, under DDP, averaged), before clipping and the step."""
+        """After backward (grads complete and, under DDP, averaged), before clipping and the
+        step."""
         params = [p for p in self.trainable_parameters() if p.grad is not None]
         grads = [local(p.grad) for p in params]
         if grads:
@@ -217,7 +221,8 @@ class DiffusionModule(L.LightningModule):
         world = self.trainer.world_size
         if world > 1 and dist.is_available() and dist.is_initialized():
             # One collective decides for every rank: a NaN on any rank skips the step on all of them
-            # (a rank that skipped alone would desynchronise the replicas or hang the next collective).
+            # (a rank that skipped alone would desynchronise the replicas or hang the next
+            # collective).
             dist.all_reduce(vec, op=dist.ReduceOp.SUM)
         vec = vec.cpu()
         # DDP grads are replicas (each rank holds the full averaged gradient); FSDP2 grads are
@@ -228,8 +233,7 @@ class DiffusionModule(L.LightningModule):
         self._grad_norm = grad_norm
         self._step_taken = ok
         means = {
-            f"train/{n}": vec[i].item() / (world * self._micro_batches)
-            for i, n in enumerate(names)
+            f"train/{n}": vec[i].item() / (world * self._micro_batches) for i, n in enumerate(names)
         }
         if ok:
             self._consecutive_skips = 0
@@ -242,7 +246,9 @@ class DiffusionModule(L.LightningModule):
             self._consecutive_skips += 1
         # One lr per algorithm when the optimizer tags its groups (Muon: muon and adamw groups).
         lrs = {
-            f"train/lr_{g['algorithm']}": g["lr"] for g in optimizer.param_groups if "algorithm" in g
+            f"train/lr_{g['algorithm']}": g["lr"]
+            for g in optimizer.param_groups
+            if "algorithm" in g
         }
         self.log_dict(
             {

@@ -56,10 +56,11 @@ class Muon(torch.optim.Optimizer):
     momentum, nesterov, weight_decay (decoupled: p <- p (1 - lr wd)), ns_steps, adjust_lr_fn
     (default "match_rms_adamw": lr * 0.2 sqrt(max(A, B)) for an (A, B) matrix, Moonshot's match of
     AdamW's update RMS, so AdamW's lr and weight decay carry over: hence lr's default is DiT's
-    AdamW lr, 1e-4; with adjust_lr_fn="original", Keller Jordan's 0.02 is the usual lr). AdamW group: adamw_lr,
-    adamw_betas, adamw_eps, adamw_weight_decay; torch's fused kernel when every AdamW tensor
-    supports it (bit for bit `torch.optim.AdamW(fused=True)`), else its foreach one, decided here
-    from the tensors' device and dtype (Lightning builds the optimizer after moving the model).
+    AdamW lr, 1e-4; with adjust_lr_fn="original", Keller Jordan's 0.02 is the usual lr). AdamW
+    group: adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay; torch's fused kernel when every
+    AdamW tensor supports it (bit for bit `torch.optim.AdamW(fused=True)`), else its foreach one,
+    decided here from the tensors' device and dtype (Lightning builds the optimizer after moving the
+    model).
 
     State: `momentum_buffer` (Muon), `step`, `exp_avg`, `exp_avg_sq` (AdamW), per parameter, as
     torch's optimizers, so state_dict() and torch.distributed.checkpoint work unchanged.

@@ -1,11 +1,13 @@
-"""Preemption: SIGTERM / SIGUSR1 -> checkpoint at the next step boundary -> clean exit (-> SLURM requeue).
+"""Preemption: SIGTERM / SIGUSR1 -> checkpoint at the next step boundary -> clean exit (-> SLURM
+requeue).
 
-A signal only sets a flag (a handler that saved a checkpoint itself could fire mid-step, or on one rank
-while the others sit in a collective). After each training batch the ranks agree on the flag with one
-all-reduce, save `last.ckpt` through the atomic checkpoint callback, and stop; rerunning the same
-command resumes from it (resume=auto). On SLURM, rank 0 also requeues the job. This replaces Lightning's
-own SIGUSR1 handler on SLURM (which saves inside the signal handler) for the duration of training.
-Ask SLURM for the warning signal ahead of the time limit: `#SBATCH --signal=USR1@120`.
+A signal only sets a flag (a handler that saved a checkpoint itself could fire mid-step, or on one
+rank while the others sit in a collective). After each training batch the ranks agree on the flag
+with one all-reduce, save `last.ckpt` through the atomic checkpoint callback, and stop; rerunning
+the same command resumes from it (resume=auto). On SLURM, rank 0 also requeues the job. This
+replaces Lightning's own SIGUSR1 handler on SLURM (which saves inside the signal handler) for the
+duration of training. Ask SLURM for the warning signal ahead of the time limit: `#SBATCH
+--signal=USR1@120`.
 """
 
 import os

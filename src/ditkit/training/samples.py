@@ -29,7 +29,8 @@ SamplerSetting = str | Mapping[str, Any] | None
 def fixed_inputs(
     num: int, shape: tuple[int, int, int], labels: list[int], seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same noise (num, C, H, W) and labels (num,) at every call: labels cycle through `labels`."""
+    """The same noise (num, C, H, W) and labels (num,) at every call: labels cycle through
+    `labels`."""
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((num, *shape), generator=g)
     y = torch.tensor([labels[i % len(labels)] for i in range(num)], dtype=torch.int64)
@@ -76,7 +77,10 @@ def _decoder(trainer: L.Trainer, vae: str | None):
 
 
 def conditions(
-    trainer: L.Trainer, model: torch.nn.Module, labels: torch.Tensor, prompts: list[str] | None = None
+    trainer: L.Trainer,
+    model: torch.nn.Module,
+    labels: torch.Tensor,
+    prompts: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The backbone's condition for `labels` (N,): {"y": labels} for a class-conditional backbone;
     for a text backbone (MMDiT) the {"context", "pooled"} embeddings of `prompts` (cycled over the
@@ -116,7 +120,9 @@ def sample_in_chunks(
     out = []
     device = pl_module.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(0)  # stochastic samplers (ancestral DDPM, SDE) draw the same noise each time
+        torch.manual_seed(
+            0
+        )  # stochastic samplers (ancestral DDPM, SDE) draw the same noise each time
         for i in range(0, len(noise), batch_size):
             x = noise[i : i + batch_size].to(device)
             chunk = {k: v[i : i + batch_size].to(device) for k, v in condition.items()}

@@ -38,8 +38,8 @@ PEAK_FLOPS_16BIT = (
 def peak_flops(device_name: str, precision: str) -> float | None:
     """Peak FLOP/s of one device for a Lightning precision string, or None when unknown.
 
-    Only 16-bit precisions ("bf16-mixed", "16-mixed", "bf16-true", ...) have a table entry: fp32 runs
-    on different units (TF32 or CUDA cores), so no MFU is reported for them."""
+    Only 16-bit precisions ("bf16-mixed", "16-mixed", "bf16-true", ...) have a table entry: fp32
+    runs on different units (TF32 or CUDA cores), so no MFU is reported for them."""
     if "16" not in str(precision):
         return None
     for key, flops in PEAK_FLOPS_16BIT:
@@ -51,7 +51,8 @@ def peak_flops(device_name: str, precision: str) -> float | None:
 
 
 class Throughput(Callback):
-    """Logs perf/imgs_per_sec (all ranks together) and perf/mfu every `log_every_n_steps` optimizer steps.
+    """Logs perf/imgs_per_sec (all ranks together) and perf/mfu every `log_every_n_steps` optimizer
+    steps.
 
     The first window starts after the first step, so start-up and compilation are not counted."""
 
@@ -85,7 +86,8 @@ class Throughput(Callback):
             return
         self._sync(pl_module.device)
         elapsed = time.perf_counter() - self._t0
-        # Every rank sees a batch of the same size, so the global rate is the local one times the world.
+        # Every rank sees a batch of the same size, so the global rate is the local one times the
+        # world.
         imgs_per_sec = self._images * trainer.world_size / elapsed
         metrics = {"perf/imgs_per_sec": imgs_per_sec}
         if self._flops_per_image is not None and self._peak is not None:
