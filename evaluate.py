@@ -154,7 +154,7 @@ def evaluate_prompts(cfg: DictConfig, run_dir: Path) -> dict:
     import numpy as np
     from PIL import Image
 
-    from ditkit.checkpoints import read_checkpoint
+    from ditkit.checkpoints import atomic_write, read_checkpoint
     from ditkit.data.text import text_encoders_from_manifest
     from ditkit.evaluation.decoding import make_decoder, read_run_manifest
     from ditkit.evaluation.prompts import read_prompts, sample_prompts
@@ -194,10 +194,10 @@ def evaluate_prompts(cfg: DictConfig, run_dir: Path) -> dict:
         progress=cfg.progress,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image_grid(images, nrow=cfg.per_prompt)).save(run_dir / "prompts.png")
-    np.savez(
-        run_dir / "prompts.npz", arr_0=images.permute(0, 2, 3, 1).numpy(), prompts=np.array(prompts)
-    )
+    with atomic_write(run_dir / "prompts.png") as f:
+        Image.fromarray(image_grid(images, nrow=cfg.per_prompt)).save(f, format="PNG")
+    with atomic_write(run_dir / "prompts.npz") as f:
+        np.savez(f, arr_0=images.permute(0, 2, 3, 1).numpy(), prompts=np.array(prompts))
     result = {
         "grid": str(run_dir / "prompts.png"),
         "prompts": len(prompts),
@@ -214,7 +214,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         return evaluate_prompts(cfg, run_dir)
     import lightning as L
 
-    from ditkit.checkpoints import read_checkpoint
+    from ditkit.checkpoints import atomic_write, read_checkpoint
     from ditkit.evaluation import (
         METRICS,
         InceptionMetrics,
@@ -321,7 +321,8 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         )
         if len(kept):  # grid_images=0: no grid
             save_grid(run_dir / "samples.png", kept)
-        (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        with atomic_write(run_dir / "metrics.json", "w") as f:
+            json.dump(result, f, indent=2)
         log_wandb(wandb_run, run_dir, result, kept)
         shutil.rmtree(run_dir / "parts")
         print(

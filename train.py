@@ -41,9 +41,12 @@ def wandb_run_id(run_dir: Path) -> str:
     path = run_dir / "wandb_id"
     if path.is_file():
         return path.read_text().strip()
+    from ditkit.checkpoints.atomic import atomic_write
+
     run_id = secrets.token_hex(4)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(run_id)
+    with atomic_write(path, "w") as f:
+        f.write(run_id)
     return run_id
 
 
