@@ -1,4 +1,5 @@
-"""Bad data never crashes a run: setup refuses what cannot work, naming it; damaged samples are skipped and counted."""
+"""Bad data never crashes a run: setup refuses what cannot work, naming it; damaged samples are
+skipped and counted."""
 
 import json
 import logging
@@ -7,18 +8,21 @@ import os
 import numpy as np
 import pytest
 import webdataset as wds
-from helpers_data import datamodule_kwargs, synthetic_moments, write_latent_shards
 
 from ditkit.data import DataFormatError, LatentShardsDataModule
 from ditkit.data.format import encode_sample, shard_name
 
 
-def make(root, **overrides):
-    return LatentShardsDataModule(**datamodule_kwargs(root, **overrides))
+@pytest.fixture
+def make(datamodule_kwargs):
+    def make(root, **overrides):
+        return LatentShardsDataModule(**datamodule_kwargs(root, **overrides))
+
+    return make
 
 
 @pytest.fixture
-def shards(tmp_path):
+def shards(tmp_path, write_latent_shards):
     root = tmp_path / "shards"
     write_latent_shards(root, (4, 4, 4))
     return root
@@ -85,13 +89,15 @@ def edit_manifest(root, **changes):
         "image-size",
     ],
 )
-def test_setup_refuses_unusable_data_naming_the_fix(shards, damage, error, message):
+def test_setup_refuses_unusable_data_naming_the_fix(shards, make, damage, error, message):
     damage(shards)
     with pytest.raises(error, match=message):
         make(shards).setup()
 
 
-def test_shards_whose_latents_do_not_match_the_manifest_are_refused_at_setup(tmp_path):
+def test_shards_whose_latents_do_not_match_the_manifest_are_refused_at_setup(
+    tmp_path, make, write_latent_shards
+):
     write_latent_shards(tmp_path, (3,), shape=(4, 4, 4))
     edit_manifest(tmp_path, latent_shape=[4, 8, 8], image_size=8)
     with pytest.raises(
@@ -101,7 +107,7 @@ def test_shards_whose_latents_do_not_match_the_manifest_are_refused_at_setup(tmp
         make(tmp_path).setup()
 
 
-def test_bad_arguments_fail_at_construction(shards):
+def test_bad_arguments_fail_at_construction(shards, make):
     with pytest.raises(ValueError, match="exactly one of data.root"):
         LatentShardsDataModule(8, 4, 10, 8)
     with pytest.raises(ValueError, match="data.batch_size=0"):
@@ -110,32 +116,40 @@ def test_bad_arguments_fail_at_construction(shards):
         make(shards, builtin="mnist")
 
 
-def write_damaged(root):
-    """4 shards of 5 samples (keys k0000..k0019) with: k0002 a corrupt .npy, k0006 no cls, k0011 a wrong
-    latent shape, and shard 3 cut in the middle of k0017's moments. Returns the keys that are intact."""
-    root.mkdir()
-    write_latent_shards(root, (5, 5, 5, 5))  # the manifest; shards are rewritten below
-    for s in range(4):
-        with wds.TarWriter(str(root / shard_name(s)), encoder=False) as tar:
-            for i in range(5 * s, 5 * s + 5):
-                sample = encode_sample(f"k{i:04d}", i % 10, *synthetic_moments(i))
-                if i == 2:
-                    sample["moments.npy"] = b"\x93NUMPY garbage"
-                if i == 6:
-                    del sample["cls"]
-                if i == 11:
-                    sample = encode_sample(f"k{i:04d}", 1, *synthetic_moments(i, shape=(4, 4, 4)))
-                tar.write(sample)
-    data = (root / shard_name(3)).read_bytes()
-    cut = (
-        data.index(b"k0017.moments.npy") + 512 + 1000
-    )  # header block, then 1000 bytes into the member
-    (root / shard_name(3)).write_bytes(data[:cut])
-    return [f"k{i:04d}" for i in range(17) if i not in (2, 6, 11)]
+@pytest.fixture
+def write_damaged(write_latent_shards, synthetic_moments):
+    def write_damaged(root):
+        """4 shards of 5 samples (keys k0000..k0019) with: k0002 a corrupt .npy, k0006 no cls,
+        k0011 a wrong latent shape, and shard 3 cut in the middle of k0017's moments. Returns the
+        keys that are intact."""
+        root.mkdir()
+        write_latent_shards(root, (5, 5, 5, 5))  # the manifest; shards are rewritten below
+        for s in range(4):
+            with wds.TarWriter(str(root / shard_name(s)), encoder=False) as tar:
+                for i in range(5 * s, 5 * s + 5):
+                    sample = encode_sample(f"k{i:04d}", i % 10, *synthetic_moments(i))
+                    if i == 2:
+                        sample["moments.npy"] = b"\x93NUMPY garbage"
+                    if i == 6:
+                        del sample["cls"]
+                    if i == 11:
+                        sample = encode_sample(
+                            f"k{i:04d}", 1, *synthetic_moments(i, shape=(4, 4, 4))
+                        )
+                    tar.write(sample)
+        data = (root / shard_name(3)).read_bytes()
+        # header block, then 1000 bytes into the member
+        cut = data.index(b"k0017.moments.npy") + 512 + 1000
+        (root / shard_name(3)).write_bytes(data[:cut])
+        return [f"k{i:04d}" for i in range(17) if i not in (2, 6, 11)]
+
+    return write_damaged
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_damaged_samples_and_a_truncated_shard_are_skipped_and_counted(tmp_path, workers, caplog):
+def test_damaged_samples_and_a_truncated_shard_are_skipped_and_counted(
+    tmp_path, workers, caplog, make, write_damaged
+):
     intact = write_damaged(tmp_path / "damaged")
     # No flips: every read decodes moments.npy (k0002's mirror moments are intact, and a flipped
     # read of it would be used).
@@ -157,7 +171,7 @@ def test_damaged_samples_and_a_truncated_shard_are_skipped_and_counted(tmp_path,
         assert "train-000003.tar" in messages
 
 
-def test_training_goes_on_through_damage_and_a_shard_lost_mid_run(tmp_path):
+def test_training_goes_on_through_damage_and_a_shard_lost_mid_run(tmp_path, make, write_damaged):
     write_damaged(tmp_path / "damaged")
     dm = make(tmp_path / "damaged", num_workers=2)
     loader = dm.train_dataloader()

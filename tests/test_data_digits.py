@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from helpers_data import write_latent_shards
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -49,9 +48,10 @@ def test_digits_config_builds_the_set_once_and_feeds_pixel_batches(data_dir):
         and dm.manifest["num_shards"] == 8
         and dm.scale_factor == 1.0
     )
-    labels = [decode_label(s) for s in wds.tariterators.tarfile_samples(
-        [{"url": u} for u in dm.shard_urls]
-    )]
+    labels = [
+        decode_label(s)
+        for s in wds.tariterators.tarfile_samples([{"url": u} for u in dm.shard_urls])
+    ]
     assert np.bincount(labels).tolist() == DIGIT_COUNTS  # every digit, once
     batch = next(iter(dm.train_dataloader()))
     latents, labels = batch["x"], batch["y"]
@@ -75,7 +75,7 @@ def test_a_non_empty_folder_without_manifest_is_not_overwritten(tmp_path):
         build_digits(str(tmp_path / "digits16"))
 
 
-def test_imagenet_latents_config_reads_any_shard_set(tmp_path):
+def test_imagenet_latents_config_reads_any_shard_set(tmp_path, write_latent_shards):
     keys = write_latent_shards(tmp_path / "shards", (4, 4), shape=(4, 8, 8))
     cfg = compose_train(
         "data=imagenet_latents",

@@ -1,9 +1,9 @@
-"""A real Lightning Trainer resumed from checkpoints sees exactly the batches of an uninterrupted run (2 workers)."""
+"""A real Lightning Trainer resumed from checkpoints sees exactly the batches of an uninterrupted run
+(2 workers)."""
 
 import lightning as L
 import pytest
 import torch
-from helpers_data import datamodule_kwargs, write_latent_shards
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ditkit.data import LatentShardsDataModule
@@ -26,28 +26,34 @@ class Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def fit(root, steps, checkpoint=None, ckpt_path=None):
-    # 20 samples, 10 per epoch, batch 2: 5 batches an epoch, so 12 steps cross two epoch ends.
-    datamodule = LatentShardsDataModule(
-        **datamodule_kwargs(root, num_workers=2, samples_per_epoch=10)
-    )
-    module = Recorder()
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[checkpoint] if checkpoint else [],
-        enable_checkpointing=checkpoint is not None,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    return module.seen
+@pytest.fixture
+def fit(datamodule_kwargs):
+    def fit(root, steps, checkpoint=None, ckpt_path=None):
+        # 20 samples, 10 per epoch, batch 2: 5 batches an epoch, so 12 steps cross two epoch ends.
+        datamodule = LatentShardsDataModule(
+            **datamodule_kwargs(root, num_workers=2, samples_per_epoch=10)
+        )
+        module = Recorder()
+        trainer = L.Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[checkpoint] if checkpoint else [],
+            enable_checkpointing=checkpoint is not None,
+            limit_val_batches=0,
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        return module.seen
+
+    return fit
 
 
 @pytest.mark.slow
-def test_resumed_training_sees_the_same_batches_as_an_uninterrupted_run(tmp_path):
+def test_resumed_training_sees_the_same_batches_as_an_uninterrupted_run(
+    tmp_path, fit, write_latent_shards
+):
     root = tmp_path / "shards"
     write_latent_shards(root, (6, 5, 4, 3, 2))
     straight = fit(root, 12)

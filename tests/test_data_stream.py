@@ -7,7 +7,6 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
-from helpers_data import datamodule_kwargs, write_latent_shards
 
 from ditkit.data import LatentShardsDataModule
 from ditkit.data.datamodule import ResumableLoader
@@ -16,19 +15,24 @@ SIZES = (6, 5, 4, 3, 2)  # 20 samples in 5 uneven shards
 
 
 @pytest.fixture
-def shards(tmp_path):
+def shards(tmp_path, write_latent_shards):
     keys = write_latent_shards(tmp_path / "shards", SIZES)
     return tmp_path / "shards", keys
 
 
-def make(root, **overrides):
-    dm = LatentShardsDataModule(**datamodule_kwargs(root, **overrides))
-    dm.setup()
-    return dm
+@pytest.fixture
+def make(datamodule_kwargs):
+    def make(root, **overrides):
+        dm = LatentShardsDataModule(**datamodule_kwargs(root, **overrides))
+        dm.setup()
+        return dm
+
+    return make
 
 
 def run_keys(loader, n=None):
-    """(keys, latents, labels) of the next n batches (all of the pass if n is None), taking no more than n."""
+    """(keys, latents, labels) of the next n batches (all of the pass if n is None), taking no more
+    than n."""
     return [(tuple(b["key"]), b["x"].clone(), b["y"].clone()) for b in islice(loader, n)]
 
 
@@ -44,7 +48,7 @@ def same(a, b):
     )
 
 
-def test_each_read_is_a_scaled_posterior_draw_of_a_random_flip(tmp_path):
+def test_each_read_is_a_scaled_posterior_draw_of_a_random_flip(tmp_path, make, write_latent_shards):
     # mean = +index (mirror: -index), logvar = log 4 (std 2), scale 0.5: latent / 0.5 = +-index + 2 eps.
     write_latent_shards(tmp_path, SIZES, logvar=math.log(4.0), scale=0.5)
     dm = make(tmp_path, batch_size=4)
@@ -73,7 +77,7 @@ def test_each_read_is_a_scaled_posterior_draw_of_a_random_flip(tmp_path):
     assert abs(eps.mean()) < 0.02 and abs(eps.std() - 1) < 0.02
 
 
-def test_stream_depends_on_seed_and_rank_and_epoch_only(shards, monkeypatch):
+def test_stream_depends_on_seed_and_rank_and_epoch_only(shards, make, monkeypatch):
     root, _ = shards
     a = run_keys(make(root, num_workers=2).train_dataloader())
     assert len(a) == 10  # 20 samples // batch 2
@@ -95,7 +99,7 @@ def test_stream_depends_on_seed_and_rank_and_epoch_only(shards, monkeypatch):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_state_dict_resumes_the_stream_exactly(shards, workers):
+def test_state_dict_resumes_the_stream_exactly(shards, make, workers):
     root, _ = shards
     loader = make(root, num_workers=workers).train_dataloader()
     straight = run_keys(loader) + run_keys(loader)  # two epochs of 10 batches
@@ -110,7 +114,7 @@ def test_state_dict_resumes_the_stream_exactly(shards, workers):
     assert same(first + rest[:13], straight)
 
 
-def test_position_counts_what_the_consumer_used_not_what_was_prefetched(shards):
+def test_position_counts_what_the_consumer_used_not_what_was_prefetched(shards, make):
     root, _ = shards
     dm = make(root)
     used = {"n": 100}  # a trainer's running batch counter, 100 batches before this pass
@@ -123,7 +127,7 @@ def test_position_counts_what_the_consumer_used_not_what_was_prefetched(shards):
     assert loader.state_dict()["batches"] == 3
 
 
-def test_urls_brace_pattern_pipe_and_manifest_location(shards, tmp_path):
+def test_urls_brace_pattern_pipe_and_manifest_location(shards, tmp_path, datamodule_kwargs):
     root, keys = shards
     kwargs = datamodule_kwargs(root)
     kwargs.pop("root")
@@ -142,7 +146,7 @@ def test_urls_brace_pattern_pipe_and_manifest_location(shards, tmp_path):
     assert keys_read(moved) == set(keys[:6])
 
 
-def test_a_rebuilt_train_loader_continues(shards):
+def test_a_rebuilt_train_loader_continues(shards, make):
     root, _ = shards
     straight = run_keys(make(root).train_dataloader())
     dm = make(root)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from helpers_data import tiny_autoencoder
 
 from ditkit.data.vae import (
     IDENTITY_LOGVAR,
@@ -32,7 +31,7 @@ def test_identity_vae_is_pixel_space():
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(tmp_path_factory, tiny_autoencoder):
     path = tmp_path_factory.mktemp("vae") / "tiny"
     autoencoder = tiny_autoencoder()
     autoencoder.save_pretrained(path)

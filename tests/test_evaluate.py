@@ -1,5 +1,6 @@
-"""evaluate.py end to end on official-layout weights (the tiny reference DiT + a tiny VAE): numbers equal to
-torch-fidelity's on the written samples.npz, 2 processes equal 1, resume from finished parts."""
+"""evaluate.py end to end on official-layout weights (the tiny reference DiT + a tiny VAE): numbers
+equal to torch-fidelity's on the written samples.npz, 2 processes equal 1, resume from finished
+parts."""
 
 import json
 from pathlib import Path
@@ -8,22 +9,24 @@ import numpy as np
 import pytest
 import torch
 import torch_fidelity
-from helpers_fid import (
-    REPO,
-    blob_images,
-    make_reference,
-    run_evaluate,
-    write_image_folder,
-)
 
+REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "dit_reference_tiny.pt"
 N = 8  # samples per run: Inception at 299 px is the slow part on CPU
 
 
 @pytest.fixture(scope="module")
-def official(tmp_path_factory, inception_weights):
-    """The tiny reference DiT as a bare official-layout .pt, a tiny AutoencoderKL (8x8x4 latents -> 64 px), a
-    64 px reference made from a folder of PNGs, and one finished 1-process evaluate.py run."""
+def official(
+    tmp_path_factory,
+    inception_weights,
+    blob_images,
+    write_image_folder,
+    make_reference,
+    run_evaluate,
+):
+    """The tiny reference DiT as a bare official-layout .pt, a tiny AutoencoderKL (8x8x4 latents ->
+    64 px), a 64 px reference made from a folder of PNGs, and one finished 1-process evaluate.py
+    run."""
     from diffusers import AutoencoderKL
 
     root = tmp_path_factory.mktemp("official")
@@ -81,7 +84,9 @@ def read_run(out: Path):
 
 
 @pytest.mark.slow
-def test_official_layout_end_to_end_equals_torch_fidelity_on_samples_npz(official, tmp_path):
+def test_official_layout_end_to_end_equals_torch_fidelity_on_samples_npz(
+    official, tmp_path, write_image_folder
+):
     metrics, images, labels = read_run(official["run"])
     assert images.dtype == np.uint8 and images.shape == (N, 64, 64, 3)
     assert sorted(labels.tolist()) == list(
@@ -128,15 +133,15 @@ def test_official_layout_end_to_end_equals_torch_fidelity_on_samples_npz(officia
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_give_the_samples_and_fid_of_one(official, tmp_path):
+def test_two_gloo_processes_give_the_samples_and_fid_of_one(official, tmp_path, run_evaluate):
     run_evaluate(
         *official_overrides(official, tmp_path / "run2", "devices=2", "wandb.enabled=false")
     )
     one, two = read_run(official["run"]), read_run(tmp_path / "run2")
     np.testing.assert_array_equal(one[1], two[1])  # the very same images, in the same order
     np.testing.assert_array_equal(one[2], two[2])
-    # Statistics merged over the ranks: equal up to float64 summation order, which the square roots of the ~0
-    # eigenvalues of a rank-7 covariance (8 samples, 2048 dimensions) magnify to ~1e-9.
+    # Statistics merged over the ranks: equal up to float64 summation order, which the square roots
+    # of the ~0 eigenvalues of a rank-7 covariance (8 samples, 2048 dimensions) magnify to ~1e-9.
     assert two[0]["fid"] == pytest.approx(one[0]["fid"], rel=1e-6)
     assert two[0]["is"] == pytest.approx(one[0]["is"], rel=1e-9)
     assert two[0]["kid"] == pytest.approx(one[0]["kid"], rel=1e-9)
@@ -144,8 +149,9 @@ def test_two_gloo_processes_give_the_samples_and_fid_of_one(official, tmp_path):
 
 
 @pytest.mark.slow
-def test_rerun_resumes_from_the_parts_an_interrupted_run_left(official, tmp_path):
-    """A part on disk is read back, not sampled again; the missing batches are sampled as in an uninterrupted run."""
+def test_rerun_resumes_from_the_parts_an_interrupted_run_left(official, tmp_path, run_evaluate):
+    """A part on disk is read back, not sampled again; the missing batches are sampled as in an
+    uninterrupted run."""
     out = tmp_path / "run"
     (out / "parts").mkdir(parents=True)
     fake = {

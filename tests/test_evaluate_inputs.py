@@ -1,21 +1,22 @@
-"""What evaluate.py accepts: checkpoint kinds, sampler and guidance settings; and what it refuses before any
-sampling, with a message that says what to fix.
+"""What evaluate.py accepts: checkpoint kinds, sampler and guidance settings; and what it refuses
+before any sampling, with a message that says what to fix.
 
 These run evaluate() / build() in process on configs composed from conf/evaluate.yaml; every error case
 fails before Lightning starts or Inception loads.
 """
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers_fid import REPO
 from hydra import compose, initialize_config_dir
 
-from ditkit.evaluation import Reference, save_reference
 from ditkit.checkpoints import read_checkpoint
+from ditkit.evaluation import Reference, save_reference
 
+REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "dit_reference_tiny.pt"
 
 spec = importlib.util.spec_from_file_location("evaluate_entry", REPO / "evaluate.py")
@@ -25,8 +26,8 @@ spec.loader.exec_module(evaluate_entry)
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """The tiny reference DiT as official-layout weights (8x8x4 latents; with vae=identity it samples 8 px), and
-    references (statistics only, no Inception needed) made at 8 px and at 32 px."""
+    """The tiny reference DiT as official-layout weights (8x8x4 latents; with vae=identity it samples
+    8 px), and references (statistics only, no Inception needed) made at 8 px and at 32 px."""
     root = tmp_path_factory.mktemp("errors")
     torch.save(torch.load(FIXTURE, weights_only=True)["state_dict"], root / "DiT-tiny.pt")
     ref = Reference(
@@ -166,7 +167,8 @@ def test_safetensors_weights_build_the_model_and_settings_follow_the_config(tmp_
         "guidance_channels": 3,
         "guidance_interval": [0.0, 700.0],
     }
-    # A flow model's weights: objective=flow, and the default sampler follows the objective (SiT's SDE, 250 steps).
+    # A flow model's weights: objective=flow, and the default sampler follows the objective (SiT's
+    # SDE, 250 steps).
     cfg = _compose(
         f"ckpt={tmp_path / 'ema.safetensors'}", "num_heads=2", "vae=identity", "objective=flow"
     )

@@ -9,8 +9,6 @@ import csv
 import json
 
 import pytest
-from helpers_fid import make_reference, run_evaluate
-from helpers_training import TINY_MODEL, run_overrides, run_train, write_synthetic_shards
 
 from ditkit.evaluation import load_reference
 
@@ -18,7 +16,15 @@ SAMPLING = {"num_samples": 8, "batch_size": 4, "sampler": "ddim", "steps": 2}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, inception_weights):
+def trained(
+    tmp_path_factory,
+    inception_weights,
+    write_synthetic_shards,
+    make_reference,
+    tiny_model,
+    run_overrides,
+    run_train,
+):
     root = tmp_path_factory.mktemp("training")
     shards = write_synthetic_shards(
         root / "shards", num_samples=8, shape=(3, 8, 8), num_classes=10, num_shards=2
@@ -49,7 +55,7 @@ def trained(tmp_path_factory, inception_weights):
         "callbacks.fid.grid_images=4",
     ]
     run_train(
-        *TINY_MODEL,
+        *tiny_model,
         *data,
         *run_overrides(root / "out", steps=2, every=2),
         *fid,
@@ -66,7 +72,7 @@ def test_reference_from_latent_shards(trained):
 
 
 @pytest.mark.slow
-def test_fid_callback_logs_and_equals_evaluate_on_the_checkpoint(trained, tmp_path):
+def test_fid_callback_logs_and_equals_evaluate_on_the_checkpoint(trained, tmp_path, run_evaluate):
     logged = json.loads((trained["run"] / "fid" / "step_0000002.json").read_text())
     assert (
         logged["num_samples"] == 8

@@ -1,4 +1,5 @@
-"""images -> VAE moments -> shards: crop, colour modes, bad files, the VAE's moments, resume, ranks, manifest."""
+"""images -> VAE moments -> shards: crop, colour modes, bad files, the VAE's moments, resume, ranks,
+manifest."""
 
 import io
 import json
@@ -8,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from helpers_data import make_image_folder, tiny_autoencoder
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from sklearn.datasets import load_digits
@@ -102,7 +102,7 @@ def test_colour_modes_become_the_expected_rgb(tmp_path, make, rgb):
 
 
 @pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory):
+def tiny_vae_dir(tmp_path_factory, tiny_autoencoder):
     path = tmp_path_factory.mktemp("vae") / "tiny-vae"
     tiny_autoencoder().save_pretrained(path)
     return path
@@ -129,7 +129,7 @@ def _extract(folder, out, vae_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def extracted(tmp_path_factory, tiny_vae_dir):
+def extracted(tmp_path_factory, tiny_vae_dir, make_image_folder):
     root = tmp_path_factory.mktemp("extract")
     folder, out = root / "images", root / "latents"
     files = make_image_folder(folder)
@@ -167,7 +167,9 @@ def test_extraction_counts_skips_and_records(extracted, tiny_vae_dir):
         assert samples[rel.replace(".", "_")]["label"] == ("cat", "dog").index(rel.split("/")[0])
 
 
-def test_stored_moments_are_the_vae_posterior_of_the_crop_and_its_mirror(extracted):
+def test_stored_moments_are_the_vae_posterior_of_the_crop_and_its_mirror(
+    extracted, tiny_autoencoder
+):
     folder, out, files, _ = extracted
     samples = read_shards(out)
     crops = [center_crop_arr(open_rgb(folder / rel), 32) for rel in files["good"]]

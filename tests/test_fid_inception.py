@@ -6,7 +6,6 @@ Images are 32 px blobs, 8 per set; Inception resizes to 299 px itself, which is 
 import numpy as np
 import pytest
 import torch
-from helpers_fid import blob_images, make_reference, write_image_folder
 
 from ditkit.evaluation import (
     FeatureStats,
@@ -25,7 +24,7 @@ def extractor(inception_weights):
 
 
 @pytest.fixture(scope="module")
-def folder_a(tmp_path_factory):
+def folder_a(tmp_path_factory, blob_images, write_image_folder):
     """The 'real' set as an ImageNet-layout folder of PNGs (two class folders)."""
     return write_image_folder(
         tmp_path_factory.mktemp("set_a"), blob_images(N, SIZE, seed=0), classes=2
@@ -33,14 +32,15 @@ def folder_a(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference_a(folder_a, inception_weights, tmp_path_factory):
-    """fid_reference run on folder A through its Hydra config (features kept for KID / precision-recall)."""
+def reference_a(folder_a, inception_weights, tmp_path_factory, make_reference):
+    """fid_reference run on folder A through its Hydra config (features kept for KID /
+    precision-recall)."""
     out = tmp_path_factory.mktemp("ref") / "ref_a.npz"
     return make_reference(folder_a, out, inception_weights, SIZE, f"features={N}")
 
 
 @pytest.fixture(scope="module")
-def clean(extractor):
+def clean(extractor, blob_images):
     """Pool features and logits of set A computed in memory (not through the PNG folder)."""
     return _features(extractor, blob_images(N, SIZE, seed=0))
 
@@ -75,11 +75,12 @@ def test_fid_of_a_set_against_its_own_statistics_is_zero(reference_a, clean):
     ref = load_reference(reference_a)
     mu, sigma = _stats(clean[0])
     fid = ref.fid(mu, sigma)
-    # Not exactly 0: the ~2040 zero eigenvalues of a rank-7 covariance carry float noise, and FID sums their roots.
+    # Not exactly 0: the ~2040 zero eigenvalues of a rank-7 covariance carry float noise, and FID sums
+    # their roots.
     assert abs(fid) < 1e-5 * np.trace(sigma)
 
 
-def test_fid_grows_monotonically_with_distortion(reference_a, extractor, clean):
+def test_fid_grows_monotonically_with_distortion(reference_a, extractor, clean, blob_images):
     ref = load_reference(reference_a)
     images = blob_images(N, SIZE, seed=0).astype(np.float64)
     noise = np.random.default_rng(1).standard_normal(images.shape)

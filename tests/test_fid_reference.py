@@ -1,14 +1,15 @@
-"""fid_reference sources and Inception loading, without running Inception: the images a reference is made from
-are exactly the training images, ADM batches are taken as they are, bad weight files are refused."""
+"""fid_reference sources and Inception loading, without running Inception: the images a reference is
+made from are exactly the training images, ADM batches are taken as they are, bad weight files are
+refused."""
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from helpers_fid import REPO
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -16,6 +17,8 @@ from data_pipelines.fid_reference import _shard_images, _SourceBatches, build_re
 from ditkit.data.format import FORMAT, MANIFEST, VERSION, encode_sample, shard_name
 from ditkit.data.sources import DigitsSource
 from ditkit.evaluation import load_inception, load_reference
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_digits_source_gives_the_pixels_the_quickstart_trains_on():
@@ -31,7 +34,8 @@ def test_digits_source_gives_the_pixels_the_quickstart_trains_on():
 
 
 def test_shards_source_decodes_the_stored_means_back_to_the_images(tmp_path):
-    """Pixel-space shards (identity VAE, scale 1): posterior means in float16 decode to the exact uint8 images."""
+    """Pixel-space shards (identity VAE, scale 1): posterior means in float16 decode to the exact
+    uint8 images."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, 3, 8, 8), dtype=np.uint8)
     mean = images / 127.5 - 1

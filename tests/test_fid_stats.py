@@ -1,4 +1,5 @@
-"""FID machinery without Inception: statistics, closed-form metrics, reference files, sampling plan, ADM npz."""
+"""FID machinery without Inception: statistics, closed-form metrics, reference files, sampling plan,
+ADM npz."""
 
 import contextlib
 
@@ -37,7 +38,8 @@ def test_feature_stats_equal_numpy_mean_and_cov():
 
 
 def test_merged_sums_equal_stats_of_the_union():
-    """What all_reduce does across ranks: adding the three sums of two halves gives the statistics of the whole."""
+    """What all_reduce does across ranks: adding the three sums of two halves gives the statistics of
+    the whole."""
     f = torch.randn(40, 5)
     a, b, whole = FeatureStats(5), FeatureStats(5), FeatureStats(5)
     a.update(f[:13])
@@ -81,7 +83,8 @@ def test_frechet_distance_equals_torch_fidelity_formula(n):
 
 
 def test_inception_score_closed_form():
-    # Uniform predictions carry no information: IS = 1. Confident predictions spread evenly over K classes: IS = K.
+    # Uniform predictions carry no information: IS = 1. Confident predictions spread evenly over K
+    # classes: IS = K.
     assert inception_score(torch.zeros(40, 1008))[0] == pytest.approx(1.0, abs=1e-9)
     confident = torch.full((40, 1008), -40.0)  # p of the others ~e^-40: IS = 4 to ~1e-12
     confident[torch.arange(40), torch.arange(40) % 4] = 0.0

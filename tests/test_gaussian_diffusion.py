@@ -276,9 +276,7 @@ def test_sampler_and_option_errors_are_clear():
     with pytest.raises(ValueError, match="exceeds the 4 prediction channels"):
         d.sample(model, x, y, sampler="ddim", steps=10, cfg_scale=2.0, guidance_channels=5)
     with pytest.raises(ValueError, match="low <= high"):
-        d.sample(
-            model, x, y, sampler="ddim", steps=10, cfg_scale=2.0, guidance_interval=(700, 100)
-        )
+        d.sample(model, x, y, sampler="ddim", steps=10, cfg_scale=2.0, guidance_interval=(700, 100))
     # Guidance needs the model's null condition (the Backbone contract).
     with pytest.raises(ValueError, match="null_condition"):
         d.sample(lambda x, t, y: torch.cat([x, x], 1), x, y, sampler="ddim", cfg_scale=2.0)

@@ -10,20 +10,12 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_training import (
-    TINY_MODEL,
-    data_overrides,
-    run_overrides,
-    run_train,
-    torchrun_cmd,
-    write_synthetic_shards,
-)
 from torch.utils.data import DataLoader
 
 from ditkit.checkpoints import consolidate_checkpoint
 from ditkit.data import TensorDict
 from ditkit.models import DiT
-from ditkit.objectives import GaussianDiffusion, LinearProbe, RectifiedFlow, TermInputs
+from ditkit.objectives import GaussianDiffusion, LinearProbe, RectifiedFlow
 from ditkit.training import DiffusionModule
 
 PROBE = [
@@ -42,8 +34,15 @@ def one_thread():
 
 def tiny_dit() -> DiT:
     torch.manual_seed(0)
-    return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
-               num_classes=10)
+    return DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+    )
 
 
 def batch(n: int = 4) -> dict:
@@ -98,12 +97,20 @@ def test_the_term_is_in_the_optimizer_the_checkpoint_and_the_log(tmp_path):
     head = module.objective_modules["probe"].head
     before = head.weight.detach().clone()
     g = torch.Generator().manual_seed(0)
-    data = TensorDict({"x": torch.randn(32, 4, 8, 8, generator=g),
-                       "y": torch.randint(0, 10, (32,), generator=g)})
-    saver = AtomicModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=0,
-                                  save_last=True)
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[saver])
+    data = TensorDict(
+        {"x": torch.randn(32, 4, 8, 8, generator=g), "y": torch.randint(0, 10, (32,), generator=g)}
+    )
+    saver = AtomicModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=3, save_top_k=0, save_last=True
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[saver],
+    )
     trainer.fit(module, DataLoader(data, batch_size=4))
     names = trainer.optimizers[0].param_groups[0]["param_names"]
     assert "objective_modules.probe.head.weight" in names and names[0].startswith("model.")
@@ -115,16 +122,29 @@ def test_the_term_is_in_the_optimizer_the_checkpoint_and_the_log(tmp_path):
     assert ckpt["optimizer_states"][0]["state"][index]["exp_avg"].shape == head.weight.shape
 
 
-def fsdp_args(out: Path, shards: Path, name: str, steps: int) -> list[str]:
-    return [
-        *TINY_MODEL, *data_overrides(shards), *run_overrides(out, steps, 2), *PROBE,
-        f"run_name={name}", "strategy=fsdp", "trainer.devices=2", "optimizer.lr=1e-3",
-        "objective=flow", "module.ema_objective_modules=true",
-    ]
+@pytest.fixture
+def fsdp_args(tiny_model, data_overrides, run_overrides):
+    def fsdp_args(out: Path, shards: Path, name: str, steps: int) -> list[str]:
+        return [
+            *tiny_model,
+            *data_overrides(shards),
+            *run_overrides(out, steps, 2),
+            *PROBE,
+            f"run_name={name}",
+            "strategy=fsdp",
+            "trainer.devices=2",
+            "optimizer.lr=1e-3",
+            "objective=flow",
+            "module.ema_objective_modules=true",
+        ]
+
+    return fsdp_args
 
 
 @pytest.mark.slow
-def test_fsdp2_shards_the_head_and_resumes_it_exactly(tmp_path):
+def test_fsdp2_shards_the_head_and_resumes_it_exactly(
+    tmp_path, fsdp_args, write_synthetic_shards, run_train, torchrun_cmd
+):
     """4 steps straight == 2 steps, a new pair of processes, 2 more: weights, EMA, head, head EMA
     and optimizer moments equal bit for bit (every draw is a function of seed, step and rank)."""
     from torch.distributed.checkpoint import FileSystemReader

@@ -11,22 +11,49 @@ from ditkit.training.parallel import checkpoint_blocks
 
 
 def dit():
-    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2,
-                num_classes=10, class_dropout_prob=0.0)
+    model = DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=32,
+        depth=3,
+        num_heads=2,
+        num_classes=10,
+        class_dropout_prob=0.0,
+    )
     return model, {"y": torch.tensor([1, 2])}
 
 
 def mmdit():
-    model = MMDiT(input_size=8, patch_size=2, in_channels=4, depth=3, head_dim=16, context_dim=12,
-                  pooled_dim=6, context_len=5, caption_dropout_prob=0.0)
+    model = MMDiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=4,
+        depth=3,
+        head_dim=16,
+        context_dim=12,
+        pooled_dim=6,
+        context_len=5,
+        caption_dropout_prob=0.0,
+    )
     g = torch.Generator().manual_seed(3)
-    return model, {"context": torch.randn(2, 5, 12, generator=g), "pooled": torch.randn(2, 6, generator=g)}
+    return model, {
+        "context": torch.randn(2, 5, 12, generator=g),
+        "pooled": torch.randn(2, 6, generator=g),
+    }
 
 
 def unet():
-    model = UNet(input_size=8, in_channels=4, num_classes=10, block_out_channels=(16, 32),
-                 attention_levels=(1,), attention_head_dim=8, norm_num_groups=8,
-                 class_dropout_prob=0.0)
+    model = UNet(
+        input_size=8,
+        in_channels=4,
+        num_classes=10,
+        block_out_channels=(16, 32),
+        attention_levels=(1,),
+        attention_head_dim=8,
+        norm_num_groups=8,
+        class_dropout_prob=0.0,
+    )
     return model, {"y": torch.tensor([1, 2])}
 
 

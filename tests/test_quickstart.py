@@ -5,15 +5,14 @@ import json
 import time
 
 import pytest
-from helpers_training import run_train
 
 pytestmark = pytest.mark.slow
 
 
-def test_quickstart_samples_are_recognisable_digits(tmp_path):
+def test_quickstart_samples_are_recognisable_digits(tmp_path, run_train):
     start = time.time()
-    # What `make train` runs (WANDB_MODE=offline python train.py experiment=quickstart), in a fresh folder
-    # for the runs and the built-in data, with the default thread count.
+    # What `make train` runs (WANDB_MODE=offline python train.py experiment=quickstart), in a fresh
+    # folder for the runs and the built-in data, with the default thread count.
     run_train(
         "experiment=quickstart",
         f"paths.output_dir={tmp_path / 'outputs'}",
@@ -25,7 +24,8 @@ def test_quickstart_samples_are_recognisable_digits(tmp_path):
     (score_file,) = (tmp_path / "outputs").glob("*/digits_score.json")
     score = json.loads(score_file.read_text())
     print(
-        f"quickstart: {minutes:.1f} min, digits accuracy {score['accuracy']:.1%}, per class {score['per_class']}"
+        f"quickstart: {minutes:.1f} min, digits accuracy {score['accuracy']:.1%}, "
+        f"per class {score['per_class']}"
     )
     assert score["num_samples"] == 200 and score["step"] > 0
     assert score["accuracy"] >= 0.8

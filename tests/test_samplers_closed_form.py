@@ -435,7 +435,9 @@ def test_guidance_takes_the_null_condition_from_the_model():
             return x
 
     with pytest.raises(ValueError, match="null_condition"):
-        RectifiedFlow().sample(NoNull(), standard_noise(y).float(), {"y": y}, steps=5, cfg_scale=2.0)
+        RectifiedFlow().sample(
+            NoNull(), standard_noise(y).float(), {"y": y}, steps=5, cfg_scale=2.0
+        )
 
 
 def test_flow_exact_velocity_sanity_at_the_ends():

@@ -3,7 +3,6 @@ text batches."""
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,6 @@ from hydra import compose, initialize_config_dir
 from ditkit.data import DataFormatError, LatentShardsDataModule
 from ditkit.data.captions import DIGIT_WORDS, class_captions
 from ditkit.data.text import TextEncoders, build_tiny_text_encoders, text_encoders_from_manifest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from helpers_data import write_latent_shards  # noqa: E402
 
 CONF = Path(__file__).parents[1] / "conf"
 VOCAB = ["a", "handwritten", *DIGIT_WORDS]
@@ -58,7 +54,8 @@ def test_tokenizer_words_and_unknowns(encoders):
 
 
 def test_context_and_pooled_are_the_encoders_outputs_sd3_style(encoders):
-    """context = [CLIP penultimate hidden states ; T5 last hidden state] along the sequence, pooled = CLIP projection."""
+    """context = [CLIP penultimate hidden states ; T5 last hidden state] along the sequence,
+    pooled = CLIP projection."""
     context, pooled = encoders(CAPTIONS[:3])
     assert context.shape == (3, 16, 32) and pooled.shape == (3, 32)
     assert (encoders.context_len, encoders.context_dim, encoders.pooled_dim) == (16, 32, 32)
@@ -129,7 +126,7 @@ def read_samples(folder: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def captioned(tmp_path_factory, tiny):
+def captioned(tmp_path_factory, tiny, write_latent_shards):
     root = tmp_path_factory.mktemp("shards")
     write_latent_shards(root / "src", shard_sizes=(6, 5, 3))
     summary = extract(root / "src", root / "t2i", tiny, *DIGITS)

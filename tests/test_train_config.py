@@ -1,17 +1,19 @@
-"""train.py's configs: every experiment composes and fits its data, bad configs fail before any work with
-a message that names the key and the fix (RELIABILITY row 13), run folders are named by the overrides."""
+"""train.py's configs: every experiment composes and fits its data, bad configs fail before any work
+with a message that names the key and the fix (RELIABILITY row 13), run folders are named by the
+overrides."""
 
 import importlib.util
 import time
+from pathlib import Path
 
 import pytest
-from helpers_training import REPO, run_train, write_synthetic_shards
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from ditkit.training.checks import ConfigError, check_experiment_sizes, check_model_fits_data
 
+REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ["quickstart", "dit_xl2_in256", "sit_xl2_in256", "lightningdit_xl1_in256"]
 
 
@@ -37,7 +39,11 @@ def test_experiment_recipes():
     dit = composed("experiment=dit_xl2_in256")
     assert (dit.model.variant, dit.model.patch_size, dit.model.learn_sigma) == ("XL", 2, True)
     assert dit.objective._target_ == "ditkit.objectives.GaussianDiffusion"
-    assert (dit.optimizer.lr, dit.optimizer.weight_decay, dit.module.ema_decay) == (1e-4, 0.0, 0.9999)
+    assert (dit.optimizer.lr, dit.optimizer.weight_decay, dit.module.ema_decay) == (
+        1e-4,
+        0.0,
+        0.9999,
+    )
     assert dit.optimizer._target_ == "torch.optim.AdamW" and dit.optimizer.fused
     assert dit.lr_schedule.kind == "constant" and dit.lr_schedule.warmup_steps == 0
     assert dit.data.batch_size * 8 == 256 and dit.trainer.max_steps == 400_000
@@ -95,7 +101,7 @@ def test_misspelt_key_is_refused_by_hydra():
         composed("model.dpeth=3")
 
 
-def test_unknown_model_fails_in_seconds_listing_the_choices():
+def test_unknown_model_fails_in_seconds_listing_the_choices(run_train):
     start = time.time()
     proc = run_train("model=dit_xxl", check=False, timeout=120)
     assert proc.returncode != 0
@@ -105,7 +111,7 @@ def test_unknown_model_fails_in_seconds_listing_the_choices():
     print(f"train.py model=dit_xxl failed after {time.time() - start:.1f} s")
 
 
-def test_patch_size_error_comes_from_train_py_before_building(tmp_path):
+def test_patch_size_error_comes_from_train_py_before_building(tmp_path, run_train):
     proc = run_train(
         "data=digits",
         "model.patch_size=3",
@@ -122,11 +128,12 @@ def test_patch_size_error_comes_from_train_py_before_building(tmp_path):
     )
 
 
-def test_shards_that_do_not_fit_fail_before_the_model_is_built(tmp_path):
+def test_shards_that_do_not_fit_fail_before_the_model_is_built(
+    tmp_path, write_synthetic_shards, run_train
+):
     """DiT-XL (seconds to build on a CPU) is never built: the manifest is read first."""
-    shards = write_synthetic_shards(
-        tmp_path / "shards"
-    )  # 4 x 8 x 8 latents; data.latent_size defaults to 32
+    # 4 x 8 x 8 latents; data.latent_size defaults to 32
+    shards = write_synthetic_shards(tmp_path / "shards")
     proc = run_train(
         "model=dit_xl",
         "data=imagenet_latents",
@@ -175,10 +182,16 @@ def test_submitit_launcher_config():
     assert launcher.signal_delay_s == 120
 
 
-def test_experiment_without_a_size_for_the_model_is_refused_before_training(tmp_path):
+def test_experiment_without_a_size_for_the_model_is_refused_before_training(tmp_path, run_train):
     """experiment=quickstart sizes dit_s and unet_s only: model=dit_b would be a full DiT-B on CPU."""
-    proc = run_train("experiment=quickstart", "model=dit_b", f"paths.output_dir={tmp_path}",
-                     "logger=csv", check=False, timeout=120)
+    proc = run_train(
+        "experiment=quickstart",
+        "model=dit_b",
+        f"paths.output_dir={tmp_path}",
+        "logger=csv",
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "experiment=quickstart has model sizes for model=dit_s|unet_s only" in proc.stderr
     assert "conf/experiment_model/quickstart/dit_b.yaml" in proc.stderr

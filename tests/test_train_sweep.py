@@ -7,13 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_training import (
-    TINY_MODEL,
-    data_overrides,
-    run_overrides,
-    run_train,
-    write_synthetic_shards,
-)
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from PIL import Image
@@ -24,8 +17,9 @@ STEPS = 3
 
 
 def wandb_records(path: Path):
-    """Protobuf records of an offline W&B run file: a 7-byte header, then a LevelDB-style log of 32 KiB
-    blocks whose records are (crc32: 4, length: 2, type: 1, data), type 1 = whole, 2/3/4 = first/middle/last."""
+    """Protobuf records of an offline W&B run file: a 7-byte header, then a LevelDB-style log of
+    32 KiB blocks whose records are (crc32: 4, length: 2, type: 1, data), type 1 = whole,
+    2/3/4 = first/middle/last."""
     data = path.read_bytes()
     assert data[:4] == b":W&B", f"{path} is not a W&B run file"
     pos, block, parts = 7, 32768, b""
@@ -70,7 +64,9 @@ def read_offline_run(run_dir: Path) -> dict:
     }
 
 
-def test_two_job_sweep_with_offline_wandb(tmp_path):
+def test_two_job_sweep_with_offline_wandb(
+    tmp_path, tiny_model, write_synthetic_shards, data_overrides, run_overrides, run_train
+):
     shards = write_synthetic_shards(tmp_path / "shards")
     out = tmp_path / "runs"
     overrides = [
@@ -83,7 +79,7 @@ def test_two_job_sweep_with_offline_wandb(tmp_path):
     ]
     proc = run_train(
         "-m",
-        *TINY_MODEL,
+        *tiny_model,
         *data_overrides(shards),
         *overrides,
         *grid,
@@ -111,7 +107,7 @@ def test_two_job_sweep_with_offline_wandb(tmp_path):
         assert OverridesParser.create().parse_override(f"ckpt={ckpt}").value() == ckpt
 
     ids = set()
-    for target, (run_dir, cfg) in runs.items():
+    for target, (run_dir, _cfg) in runs.items():
         ckpt = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
         assert ckpt["global_step"] == STEPS
         assert ckpt["ditkit_config"]["objective"]["_target_"].endswith(target)  # for evaluate.py

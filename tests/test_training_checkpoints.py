@@ -11,9 +11,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ditkit.data import TensorDict
-from ditkit.models import DiT
-from ditkit.objectives import GaussianDiffusion
 from ditkit.checkpoints import (
     AtomicModelCheckpoint,
     CheckpointSaveError,
@@ -21,6 +18,9 @@ from ditkit.checkpoints import (
     checkpoint_step,
     find_resume_checkpoint,
 )
+from ditkit.data import TensorDict
+from ditkit.models import DiT
+from ditkit.objectives import GaussianDiffusion
 from ditkit.training import DiffusionModule
 from ditkit.training.checks import ConfigError, check_resume
 

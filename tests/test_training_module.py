@@ -50,7 +50,9 @@ def tiny_data(n: int = 48, seed: int = 0) -> TensorDict:
 
 def adamw(lr: float):
     """conf/optimizer/adamw.yaml's optimizer at another lr (DiT's settings: no weight decay)."""
-    return partial(torch.optim.AdamW, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8, fused=True)
+    return partial(
+        torch.optim.AdamW, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8, fused=True
+    )
 
 
 def fit(module, steps: int, batch_size: int = 4, **trainer_kwargs) -> L.Trainer:
@@ -219,7 +221,9 @@ def test_too_many_nan_steps_in_a_row_stop_with_a_clear_error(tmp_path):
         enable_model_summary=False,
         callbacks=[saver],
     )
-    with pytest.raises(NonFiniteLossError, match=r"3 optimizer steps in a row .* lower optimizer.lr"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"3 optimizer steps in a row .* lower optimizer.lr"
+    ):
         trainer.fit(module, DataLoader(tiny_data(), batch_size=4))
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 5  # saved after the last skipped step before the fatal one...
@@ -300,8 +304,12 @@ def test_optimizer_and_lr_schedule_groups_build_from_their_configs():
     conf = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(
-            overrides=["+optimizer=muon", "+lr_schedule=cosine", "+trainer.max_steps=4",
-                       "lr_schedule.warmup_steps=2"]
+            overrides=[
+                "+optimizer=muon",
+                "+lr_schedule=cosine",
+                "+trainer.max_steps=4",
+                "lr_schedule.warmup_steps=2",
+            ]
         )
     module = DiffusionModule(
         tiny_dit(),

@@ -5,49 +5,48 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_training import (
-    TINY_MODEL,
-    data_overrides,
-    run_overrides,
-    run_train,
-    torchrun_cmd,
-    write_synthetic_shards,
-)
 
+from ditkit.checkpoints import consolidate_checkpoint
 from ditkit.models import DiT
 from ditkit.objectives import GaussianDiffusion
-from ditkit.checkpoints import consolidate_checkpoint
 from ditkit.training import DiffusionModule
 
 pytestmark = pytest.mark.slow
 STEPS = 4
 
 
-def overrides(out: Path, shards: Path, name: str, strategy: str, steps: int = STEPS) -> list[str]:
-    # a sample grid from the EMA copy every step: FSDP2 leaves a root gathered after a forward without
-    # backward, and the next EMA update must still see shards
-    run = [a for a in run_overrides(out, steps, 2) if a != "~callbacks.sample_grid"]
-    return [
-        *TINY_MODEL,
-        *data_overrides(shards),
-        *run,
-        f"run_name={name}",
-        "callbacks.sample_grid.every_n_steps=1",
-        "callbacks.sample_grid.num_images=2",
-        "callbacks.sample_grid.sampler.steps=2",
-        f"strategy={strategy}",
-        "trainer.devices=2",
-        "optimizer.lr=1e-3",
-        "module.ema_decay=0.5",
-        # rank 1 alone gets a NaN gradient at step 2 (after the DDP all-reduce): both ranks must skip it
-        "+callbacks.nan._target_=helpers_training.NaNGradOnRank",
-        "+callbacks.nan.rank=1",
-        "+callbacks.nan.step=2",
-    ]
+@pytest.fixture(scope="module")
+def overrides(tiny_model, data_overrides, run_overrides):
+    def overrides(
+        out: Path, shards: Path, name: str, strategy: str, steps: int = STEPS
+    ) -> list[str]:
+        # a sample grid from the EMA copy every step: FSDP2 leaves a root gathered after a forward
+        # without backward, and the next EMA update must still see shards
+        run = [a for a in run_overrides(out, steps, 2) if a != "~callbacks.sample_grid"]
+        return [
+            *tiny_model,
+            *data_overrides(shards),
+            *run,
+            f"run_name={name}",
+            "callbacks.sample_grid.every_n_steps=1",
+            "callbacks.sample_grid.num_images=2",
+            "callbacks.sample_grid.sampler.steps=2",
+            f"strategy={strategy}",
+            "trainer.devices=2",
+            "optimizer.lr=1e-3",
+            "module.ema_decay=0.5",
+            # rank 1 alone gets a NaN gradient at step 2 (after the DDP all-reduce): both ranks must
+            # skip it (tests/train_callbacks.py: importable in train.py, whose PYTHONPATH has tests/)
+            "+callbacks.nan._target_=train_callbacks.NaNGradOnRank",
+            "+callbacks.nan.rank=1",
+            "+callbacks.nan.step=2",
+        ]
+
+    return overrides
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, overrides, write_synthetic_shards, run_train, torchrun_cmd):
     shards = write_synthetic_shards(tmp_path_factory.mktemp("shards"))
     out = tmp_path_factory.mktemp("runs")
     for strategy in ("ddp", "fsdp"):
@@ -102,7 +101,7 @@ def test_ddp_and_fsdp2_agree_and_skip_the_one_rank_nan_together(runs):
         torch.testing.assert_close(p, ddp["state_dict"][f"ema.{name}"], rtol=1e-4, atol=1e-6)
 
 
-def test_sharded_checkpoint_resumes_on_another_world_size(runs):
+def test_sharded_checkpoint_resumes_on_another_world_size(runs, overrides, run_train):
     """2 FSDP ranks -> 1 FSDP rank: torch.distributed.checkpoint reshards on load."""
     out, shards = runs
     args = [

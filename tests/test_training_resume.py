@@ -1,6 +1,7 @@
-"""Exact resume across processes (RELIABILITY rows 4-6): N steps + resume in a new process + N steps equals
-2N steps straight, bit for bit, with 2 loader workers and with none, an epoch boundary in between; a SIGKILLed run
-rerun with the same command, and a SIGTERMed (preempted) one, end on the same weights too."""
+"""Exact resume across processes (RELIABILITY rows 4-6): N steps + resume in a new process + N steps
+equals 2N steps straight, bit for bit, with 2 loader workers and with none, an epoch boundary in
+between; a SIGKILLed run rerun with the same command, and a SIGTERMed (preempted) one, end on the same
+weights too."""
 
 import csv
 import os
@@ -12,41 +13,37 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers_training import (
-    REPO,
-    TINY_MODEL,
-    data_overrides,
-    run_overrides,
-    run_train,
-    train_cmd,
-    write_synthetic_shards,
-)
 
+REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 N = 10  # 64 samples / batch 4 = 16 batches per epoch: step N is mid-epoch, 2N crosses an epoch end
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+def shards(tmp_path_factory, write_synthetic_shards):
     return write_synthetic_shards(tmp_path_factory.mktemp("shards"))
 
 
-def overrides(
-    out: Path, shards: Path, name: str, steps: int, every: int = N, workers: int = 2
-) -> list[str]:
-    return [
-        *TINY_MODEL,
-        *data_overrides(shards, num_workers=workers),
-        *run_overrides(out, steps, every),
-        f"run_name={name}",
-        "objective=ddpm",
-        "seed=3",
-    ]
+@pytest.fixture(scope="module")
+def overrides(tiny_model, data_overrides, run_overrides):
+    def overrides(
+        out: Path, shards: Path, name: str, steps: int, every: int = N, workers: int = 2
+    ) -> list[str]:
+        return [
+            *tiny_model,
+            *data_overrides(shards, num_workers=workers),
+            *run_overrides(out, steps, every),
+            f"run_name={name}",
+            "objective=ddpm",
+            "seed=3",
+        ]
+
+    return overrides
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, shards):
+def straight(tmp_path_factory, shards, overrides, run_train):
     out = tmp_path_factory.mktemp("runs")
     run_train(*overrides(out, shards, "straight", 2 * N))
     return out / "straight"
@@ -79,7 +76,7 @@ def assert_same_state(a: Path, b: Path) -> None:
             assert torch.equal(sa[i][moment], sb[i][moment]), (i, moment)
 
 
-def test_resume_in_a_new_process_is_exact(straight, shards):
+def test_resume_in_a_new_process_is_exact(straight, shards, overrides, run_train):
     out = straight.parent
     run_train(*overrides(out, shards, "resumed", N))
     assert torch.load(out / "resumed/checkpoints/last.ckpt", weights_only=True)["global_step"] == N
@@ -92,7 +89,7 @@ def test_resume_in_a_new_process_is_exact(straight, shards):
     assert_same_state(straight, out / "resumed")
 
 
-def test_resume_without_loader_workers_is_exact(tmp_path, shards):
+def test_resume_without_loader_workers_is_exact(tmp_path, shards, overrides, run_train):
     """The same with the data read in the training process (num_workers=0, RELIABILITY row 4)."""
     run_train(*overrides(tmp_path, shards, "straight", 2 * N, workers=0))
     run_train(*overrides(tmp_path, shards, "resumed", N, workers=0))
@@ -113,19 +110,25 @@ def wait_for_checkpoint(proc: subprocess.Popen, path: Path, timeout: float = 180
         time.sleep(0.01)
 
 
-def start(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **ENV}
-    return subprocess.Popen(
-        train_cmd(*args),
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+@pytest.fixture
+def start(train_cmd):
+    def start(args: list[str]) -> subprocess.Popen:
+        env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **ENV}
+        return subprocess.Popen(
+            train_cmd(*args),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    return start
 
 
-def test_sigkill_then_the_same_command_resumes_to_the_same_weights(straight, shards):
+def test_sigkill_then_the_same_command_resumes_to_the_same_weights(
+    straight, shards, overrides, run_train, start
+):
     args = overrides(straight.parent, shards, "killed", 2 * N, every=2)
     proc = start(args)
     wait_for_checkpoint(proc, straight.parent / "killed/checkpoints/last.ckpt")
@@ -144,7 +147,9 @@ def test_sigkill_then_the_same_command_resumes_to_the_same_weights(straight, sha
     assert_same_state(straight, straight.parent / "killed")
 
 
-def test_sigterm_saves_exits_cleanly_and_the_rerun_matches(straight, shards):
+def test_sigterm_saves_exits_cleanly_and_the_rerun_matches(
+    straight, shards, overrides, run_train, start
+):
     args = overrides(straight.parent, shards, "preempted", 2 * N, every=1000)
     proc = start(
         [*args, "callbacks.archive.every_n_train_steps=2"]
@@ -166,11 +171,10 @@ def test_sigterm_saves_exits_cleanly_and_the_rerun_matches(straight, shards):
 def test_sigusr1_in_process_saves_at_the_step_boundary_and_stops(tmp_path):
     from torch.utils.data import DataLoader
 
+    from ditkit.checkpoints import AtomicModelCheckpoint
     from ditkit.data import TensorDict
-
     from ditkit.models import DiT
     from ditkit.objectives import RectifiedFlow
-    from ditkit.checkpoints import AtomicModelCheckpoint
     from ditkit.training import DiffusionModule, Preemption
 
     class SignalAt(L.Callback):

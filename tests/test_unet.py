@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_training import run_train
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -232,7 +231,7 @@ def test_quickstart_sizes_each_backbone():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["flow", "ddpm"])
-def test_train_py_trains_the_unet_on_the_quickstart(tmp_path, objective):
+def test_train_py_trains_the_unet_on_the_quickstart(tmp_path, objective, run_train):
     out = tmp_path / "outputs"
     run_train(
         "experiment=quickstart",
