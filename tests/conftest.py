@@ -4,7 +4,8 @@ Most are factory fixtures: session-scoped, each returns the function of the same
 (or a module- or session-scoped fixture of its own) calls with its arguments, e.g.
 `write_synthetic_shards(tmp_path / "shards")`. They are grouped as
 
-- training: `tiny_model`, `write_synthetic_shards`, `data_overrides`, `run_overrides`, `train_cmd`,
+- training: `tiny_model`, `tiny_dit` and `tiny_batches` (the same DiT and data in process),
+  `write_synthetic_shards`, `data_overrides`, `run_overrides`, `train_cmd`,
   `torchrun_cmd`, `run_train` (train.py in a fresh process);
 - data: `tiny_autoencoder`, `synthetic_moments`, `write_latent_shards`, `datamodule_kwargs`,
   `make_image_folder`;
@@ -216,6 +217,38 @@ def run_train():
     """run_train(*overrides, timeout=240, check=True, env=None, cmd=None, one_thread=True): train.py
     (or `cmd`) in a fresh process from the repo root; raises with its output if it fails."""
     return _run_train
+
+
+def _tiny_dit(seed: int = 0, **options):
+    """The in-process counterpart of TINY_MODEL: a DiT on 8x8x4 latents, 10 classes, depth 2, width
+    32, 2 heads, built after torch.manual_seed(seed)."""
+    from ditkit.models import DiT
+
+    torch.manual_seed(seed)
+    kwargs = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2)
+    return DiT(**{**kwargs, "num_classes": 10, **options})
+
+
+def _tiny_batches(n: int = 48, seed: int = 0):
+    """A TensorDict of n samples {"x": (4, 8, 8) normal, "y": () in [0, 10)} from generator `seed`:
+    a plain DataLoader collates them into the batch dicts the shards give."""
+    from ditkit.data import TensorDict
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, 8, 8, generator=g)
+    return TensorDict({"x": x, "y": torch.randint(0, 10, (n,), generator=g)})
+
+
+@pytest.fixture(scope="session")
+def tiny_dit():
+    """tiny_dit(seed=0, **options) -> DiT: the tiny DiT of TINY_MODEL, in process."""
+    return _tiny_dit
+
+
+@pytest.fixture(scope="session")
+def tiny_batches():
+    """tiny_batches(n=48, seed=0) -> TensorDict of {"x": (4, 8, 8), "y": ()} samples."""
+    return _tiny_batches
 
 
 # --- data: a tiny AutoencoderKL, latent shard sets, an image folder with bad files -------------------

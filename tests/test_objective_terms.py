@@ -13,8 +13,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ditkit.checkpoints import consolidate_checkpoint
-from ditkit.data import TensorDict
-from ditkit.models import DiT
 from ditkit.objectives import GaussianDiffusion, LinearProbe, RectifiedFlow
 from ditkit.training import DiffusionModule
 
@@ -32,25 +30,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_dit() -> DiT:
-    torch.manual_seed(0)
-    return DiT(
-        input_size=8,
-        patch_size=2,
-        in_channels=4,
-        hidden_size=32,
-        depth=2,
-        num_heads=2,
-        num_classes=10,
-    )
-
-
 def batch(n: int = 4) -> dict:
     g = torch.Generator().manual_seed(1)
     return {"x": torch.randn(n, 4, 8, 8, generator=g), "y": torch.randint(0, 10, (n,), generator=g)}
 
 
-def test_probe_value_is_the_cross_entropy_of_the_pooled_hidden_state():
+def test_probe_value_is_the_cross_entropy_of_the_pooled_hidden_state(tiny_dit):
     """By hand in float64: hidden tokens after block 1 (captured by a hook of our own), mean over
     tokens, the head, cross-entropy of the label; the loss is the objective's plus weight x that."""
     model = tiny_dit().double()
@@ -72,7 +57,7 @@ def test_probe_value_is_the_cross_entropy_of_the_pooled_hidden_state():
     torch.testing.assert_close(losses["loss"], plain["loss"] + 0.5 * expected, rtol=0, atol=1e-12)
 
 
-def test_a_detached_probe_trains_its_head_and_leaves_the_backbone_gradients_alone():
+def test_a_detached_probe_trains_its_head_and_leaves_the_backbone_gradients_alone(tiny_dit):
     model = tiny_dit()
     reference = copy.deepcopy(model)
     objective = GaussianDiffusion(terms={"probe": LinearProbe(depth=2)})
@@ -86,7 +71,7 @@ def test_a_detached_probe_trains_its_head_and_leaves_the_backbone_gradients_alon
     assert objective.terms["probe"].head.weight.grad.abs().sum() > 0
 
 
-def test_the_term_is_in_the_optimizer_the_checkpoint_and_the_log(tmp_path):
+def test_the_term_is_in_the_optimizer_the_checkpoint_and_the_log(tmp_path, tiny_dit, tiny_batches):
     from ditkit.checkpoints import AtomicModelCheckpoint
 
     module = DiffusionModule(
@@ -96,10 +81,7 @@ def test_the_term_is_in_the_optimizer_the_checkpoint_and_the_log(tmp_path):
     )
     head = module.objective_modules["probe"].head
     before = head.weight.detach().clone()
-    g = torch.Generator().manual_seed(0)
-    data = TensorDict(
-        {"x": torch.randn(32, 4, 8, 8, generator=g), "y": torch.randint(0, 10, (32,), generator=g)}
-    )
+    data = tiny_batches(32)
     saver = AtomicModelCheckpoint(
         dirpath=tmp_path, every_n_train_steps=3, save_top_k=0, save_last=True
     )

@@ -18,8 +18,6 @@ from ditkit.checkpoints import (
     checkpoint_step,
     find_resume_checkpoint,
 )
-from ditkit.data import TensorDict
-from ditkit.models import DiT
 from ditkit.objectives import GaussianDiffusion
 from ditkit.training import DiffusionModule
 from ditkit.training.checks import ConfigError, check_resume
@@ -33,21 +31,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def run(tmp_path, steps, savers, ckpt_path=None):
-    torch.manual_seed(0)
-    model = DiT(
-        input_size=8,
-        patch_size=2,
-        in_channels=4,
-        hidden_size=32,
-        depth=2,
-        num_heads=2,
-        num_classes=10,
-    )
-    g = torch.Generator().manual_seed(0)
-    data = TensorDict(
-        {"x": torch.randn(64, 4, 8, 8, generator=g), "y": torch.randint(0, 10, (64,), generator=g)}
-    )
+@pytest.fixture
+def run(tiny_dit, tiny_batches):
+    """run(tmp_path, steps, savers, ckpt_path=None) -> Trainer: the tiny DiT fitted on 64 samples
+    with the checkpoint callbacks `savers`."""
+
+    def fit(*args, **kwargs):  # a fresh model and data at every call
+        return _run(tiny_dit(0), tiny_batches(64, 0), *args, **kwargs)
+
+    return fit
+
+
+def _run(model, data, tmp_path, steps, savers, ckpt_path=None):
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=steps,
@@ -76,7 +71,7 @@ def last_saver(folder, every=2):
     )
 
 
-def test_crash_mid_save_leaves_the_previous_checkpoint_byte_identical(tmp_path, monkeypatch):
+def test_crash_mid_save_leaves_the_previous_checkpoint_byte_identical(tmp_path, monkeypatch, run):
     folder = tmp_path / "ckpt"
     run(tmp_path, 2, [last_saver(folder)])
     before = (folder / "last.ckpt").read_bytes()
@@ -99,7 +94,7 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_byte_identical(tmp_path, 
     assert find_resume_checkpoint(folder) == folder / "last.ckpt"
 
 
-def test_resume_falls_back_past_a_truncated_or_bit_flipped_newest_checkpoint(tmp_path):
+def test_resume_falls_back_past_a_truncated_or_bit_flipped_newest_checkpoint(tmp_path, run):
     folder = tmp_path / "ckpt"
     archive = AtomicModelCheckpoint(
         dirpath=folder,
@@ -136,7 +131,9 @@ def test_resume_falls_back_past_a_truncated_or_bit_flipped_newest_checkpoint(tmp
         assert find_resume_checkpoint(folder) == folder / "step=2.ckpt"
 
 
-def test_disk_full_surfaces_and_retention_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_disk_full_surfaces_and_retention_keeps_the_last_good_checkpoint(
+    tmp_path, monkeypatch, run
+):
     folder = tmp_path / "ckpt"
     keep_one = AtomicModelCheckpoint(
         dirpath=folder,

@@ -10,8 +10,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ditkit.data import TensorDict
-from ditkit.models import DiT
 from ditkit.objectives import GaussianDiffusion, RectifiedFlow
 from ditkit.training import DiffusionModule, NonFiniteLossError, ema_decay, peak_flops, update_ema
 from ditkit.training.module import step_seed
@@ -27,27 +25,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_dit(seed: int = 0) -> DiT:
-    torch.manual_seed(seed)
-    return DiT(
-        input_size=8,
-        patch_size=2,
-        in_channels=4,
-        hidden_size=32,
-        depth=2,
-        num_heads=2,
-        num_classes=10,
-    )
-
-
-def tiny_data(n: int = 48, seed: int = 0) -> TensorDict:
-    """{"x": (4, 8, 8), "y": ()} samples: the loader collates them into batch dicts, as the shards'."""
-    g = torch.Generator().manual_seed(seed)
-    return TensorDict(
-        {"x": torch.randn(n, 4, 8, 8, generator=g), "y": torch.randint(0, 10, (n,), generator=g)}
-    )
-
-
 def adamw(lr: float):
     """conf/optimizer/adamw.yaml's optimizer at another lr (DiT's settings: no weight decay)."""
     return partial(
@@ -55,7 +32,7 @@ def adamw(lr: float):
     )
 
 
-def fit(module, steps: int, batch_size: int = 4, **trainer_kwargs) -> L.Trainer:
+def fit(module, steps: int, data, batch_size: int = 4, **trainer_kwargs) -> L.Trainer:
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=steps,
@@ -65,7 +42,7 @@ def fit(module, steps: int, batch_size: int = 4, **trainer_kwargs) -> L.Trainer:
         enable_checkpointing=False,
         **trainer_kwargs,
     )
-    trainer.fit(module, DataLoader(tiny_data(), batch_size=batch_size))
+    trainer.fit(module, DataLoader(data, batch_size=batch_size))
     return trainer
 
 
@@ -98,7 +75,7 @@ def test_step_seed_depends_on_every_coordinate():
 
 
 @pytest.mark.parametrize("objective", [GaussianDiffusion(), RectifiedFlow()], ids=["ddpm", "flow"])
-def test_steps_equal_a_hand_written_loop(objective):
+def test_steps_equal_a_hand_written_loop(objective, tiny_dit, tiny_batches):
     """Lightning + DiffusionModule == seed(seed, step) / loss / backward / AdamW / EMA written out by hand,
     bit for bit; so the per-step seeding contract and the EMA update are exactly what they claim."""
     steps, seed, decay = 5, 7, 0.9
@@ -106,13 +83,13 @@ def test_steps_equal_a_hand_written_loop(objective):
     module = DiffusionModule(
         copy.deepcopy(reference), objective, optimizer=adamw(1e-3), ema_decay=decay, seed=seed
     )
-    fit(module, steps)
+    fit(module, steps, tiny_batches())
 
     ema = copy.deepcopy(reference).requires_grad_(False)
     opt = torch.optim.AdamW(
         reference.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8, fused=True
     )
-    for step, batch in zip(range(steps), DataLoader(tiny_data(), batch_size=4)):
+    for step, batch in zip(range(steps), DataLoader(tiny_batches(), batch_size=4)):
         torch.manual_seed(step_seed(seed, step, 0, 0))
         loss = objective.training_losses(reference, batch)["loss"].mean()
         opt.zero_grad()
@@ -127,7 +104,7 @@ def test_steps_equal_a_hand_written_loop(objective):
     assert module.ema_updates.item() == steps and module.skipped_steps.item() == 0
 
 
-def test_clipping_uses_the_global_norm_and_warmup_scales_lr():
+def test_clipping_uses_the_global_norm_and_warmup_scales_lr(tiny_dit, tiny_batches):
     """gradient_clip_val clips like torch.nn.utils.clip_grad_norm_; warmup_steps=W gives lr * (s + 1) / W."""
     objective, steps, clip, warmup = GaussianDiffusion(), 3, 0.05, 4
     reference = tiny_dit()
@@ -137,12 +114,12 @@ def test_clipping_uses_the_global_norm_and_warmup_scales_lr():
         optimizer=adamw(1e-3),
         lr_schedule=partial(lr_schedule, kind="warmup", warmup_steps=warmup),
     )
-    trainer = fit(module, steps, gradient_clip_val=clip)
+    trainer = fit(module, steps, tiny_batches(), gradient_clip_val=clip)
 
     opt = adamw(1e-3)(reference.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     norms = []
-    for step, batch in zip(range(steps), DataLoader(tiny_data(), batch_size=4)):
+    for step, batch in zip(range(steps), DataLoader(tiny_batches(), batch_size=4)):
         torch.manual_seed(step_seed(0, step, 0, 0))
         loss = objective.training_losses(reference, batch)["loss"].mean()
         opt.zero_grad()
@@ -183,7 +160,7 @@ def _snapshot(module):
     ]
 
 
-def test_nan_step_is_skipped_and_counted_weights_and_ema_unchanged():
+def test_nan_step_is_skipped_and_counted_weights_and_ema_unchanged(tiny_dit, tiny_batches):
     module = DiffusionModule(
         NaNAt(tiny_dit(), bad={2}), GaussianDiffusion(), optimizer=adamw(1e-3), ema_decay=0.5
     )
@@ -193,7 +170,7 @@ def test_nan_step_is_skipped_and_counted_weights_and_ema_unchanged():
         def on_train_batch_end(self, trainer, pl_module, *args):
             states.append(_snapshot(pl_module))
 
-    fit(module, 4, callbacks=[Snap()])
+    fit(module, 4, tiny_batches(), callbacks=[Snap()])
     (w1, e1), (w2, e2), (w3, _) = states[1], states[2], states[3]
     assert all(torch.equal(a, b) for a, b in zip(w1, w2))  # step 2 changed nothing
     assert all(torch.equal(a, b) for a, b in zip(e1, e2))
@@ -204,7 +181,7 @@ def test_nan_step_is_skipped_and_counted_weights_and_ema_unchanged():
     assert opt_state["step"].item() == 3
 
 
-def test_too_many_nan_steps_in_a_row_stop_with_a_clear_error(tmp_path):
+def test_too_many_nan_steps_in_a_row_stop_with_a_clear_error(tmp_path, tiny_dit, tiny_batches):
     from ditkit.checkpoints import AtomicModelCheckpoint
 
     module = DiffusionModule(
@@ -224,7 +201,7 @@ def test_too_many_nan_steps_in_a_row_stop_with_a_clear_error(tmp_path):
     with pytest.raises(
         NonFiniteLossError, match=r"3 optimizer steps in a row .* lower optimizer.lr"
     ):
-        trainer.fit(module, DataLoader(tiny_data(), batch_size=4))
+        trainer.fit(module, DataLoader(tiny_batches(), batch_size=4))
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 5  # saved after the last skipped step before the fatal one...
     assert (
@@ -244,15 +221,15 @@ def test_peak_flops_table():
     assert peak_flops("Some Future GPU", "bf16-mixed") is None
 
 
-def test_ema_stays_fp32_under_bf16_true():
+def test_ema_stays_fp32_under_bf16_true(tiny_dit, tiny_batches):
     module = DiffusionModule(tiny_dit(), RectifiedFlow(), ema_decay=0.5)
-    fit(module, 2, precision="bf16-true")
+    fit(module, 2, tiny_batches(), precision="bf16-true")
     assert next(module.model.parameters()).dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in module.ema.parameters())
     assert module.ema_updates.item() == 2
 
 
-def test_compile_switch_compiles_every_block_in_place():
+def test_compile_switch_compiles_every_block_in_place(tiny_dit):
     module = DiffusionModule(tiny_dit(), RectifiedFlow(), compile=True)
     keys = set(module.state_dict())
     module.configure_model()
@@ -267,7 +244,7 @@ def test_compile_switch_compiles_every_block_in_place():
     )  # checkpoints of compiled and eager runs are interchangeable
 
 
-def test_throughput_and_mfu_arithmetic(monkeypatch):
+def test_throughput_and_mfu_arithmetic(monkeypatch, tiny_dit):
     from types import SimpleNamespace
 
     from ditkit.training import Throughput
@@ -295,7 +272,7 @@ def test_throughput_and_mfu_arithmetic(monkeypatch):
     assert logged["perf/mfu"] == pytest.approx(16.0 * 3 * model.forward_flops(1) / (1e12 * 2))
 
 
-def test_optimizer_and_lr_schedule_groups_build_from_their_configs():
+def test_optimizer_and_lr_schedule_groups_build_from_their_configs(tiny_dit, tiny_batches):
     """optimizer=muon: Muon takes the 2-D weights inside the blocks, AdamW the rest, one optimizer
     with one lr per group logged; lr_schedule=cosine: warm-up, then the cosine to the final lr."""
     from hydra import compose, initialize_config_dir
@@ -317,7 +294,7 @@ def test_optimizer_and_lr_schedule_groups_build_from_their_configs():
         optimizer=instantiate(cfg.optimizer, _convert_="all"),
         lr_schedule=instantiate(cfg.lr_schedule, _convert_="all"),
     )
-    trainer = fit(module, 4)
+    trainer = fit(module, 4, tiny_batches())
     muon, adamw = trainer.optimizers[0].param_groups
     assert (muon["algorithm"], adamw["algorithm"]) == ("muon", "adamw")
     assert all(n.startswith("model.blocks.") for n in muon["param_names"])

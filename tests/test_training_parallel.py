@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from ditkit.checkpoints import consolidate_checkpoint
-from ditkit.models import DiT
 from ditkit.objectives import GaussianDiffusion
 from ditkit.training import DiffusionModule
 
@@ -54,20 +53,7 @@ def runs(tmp_path_factory, overrides, write_synthetic_shards, run_train, torchru
     return out, shards
 
 
-def tiny_module() -> DiffusionModule:
-    model = DiT(
-        input_size=8,
-        patch_size=2,
-        in_channels=4,
-        hidden_size=32,
-        depth=2,
-        num_heads=2,
-        num_classes=10,
-    )
-    return DiffusionModule(model, GaussianDiffusion())
-
-
-def test_ddp_and_fsdp2_agree_and_skip_the_one_rank_nan_together(runs):
+def test_ddp_and_fsdp2_agree_and_skip_the_one_rank_nan_together(runs, tiny_dit):
     out, _ = runs
     ddp = torch.load(out / "ddp/checkpoints/last.ckpt", weights_only=True)
     folder = out / "fsdp/checkpoints/last.ckpt"
@@ -94,7 +80,7 @@ def test_ddp_and_fsdp2_agree_and_skip_the_one_rank_nan_together(runs):
             )
 
     # The consolidated checkpoint loads strictly into a plain single-process module, EMA included.
-    module = tiny_module()
+    module = DiffusionModule(tiny_dit(), GaussianDiffusion())
     module.load_state_dict(fsdp["state_dict"], strict=True)
     for name, p in module.ema.named_parameters():
         assert torch.equal(p, fsdp["state_dict"][f"ema.{name}"])

@@ -168,12 +168,10 @@ def test_sigterm_saves_exits_cleanly_and_the_rerun_matches(
     assert_same_state(straight, straight.parent / "preempted")
 
 
-def test_sigusr1_in_process_saves_at_the_step_boundary_and_stops(tmp_path):
+def test_sigusr1_in_process_saves_at_the_step_boundary_and_stops(tmp_path, tiny_dit, tiny_batches):
     from torch.utils.data import DataLoader
 
     from ditkit.checkpoints import AtomicModelCheckpoint
-    from ditkit.data import TensorDict
-    from ditkit.models import DiT
     from ditkit.objectives import RectifiedFlow
     from ditkit.training import DiffusionModule, Preemption
 
@@ -182,16 +180,7 @@ def test_sigusr1_in_process_saves_at_the_step_boundary_and_stops(tmp_path):
             if trainer.global_step == 3:
                 signal.raise_signal(signal.SIGUSR1)  # arrives mid-step, before the forward
 
-    model = DiT(
-        input_size=8,
-        patch_size=2,
-        in_channels=4,
-        hidden_size=32,
-        depth=2,
-        num_heads=2,
-        num_classes=10,
-    )
-    data = TensorDict({"x": torch.randn(64, 4, 8, 8), "y": torch.randint(0, 10, (64,))})
+    model, data = tiny_dit(), tiny_batches(64)
     saver = AtomicModelCheckpoint(
         dirpath=tmp_path, every_n_train_steps=1000, save_top_k=0, save_last=True
     )
