@@ -7,6 +7,8 @@ sharded folders, reading for evaluation, and released weights in and out.
     consolidate  consolidate_checkpoint; `python -m ditkit.checkpoints.consolidate FOLDER`
     reading      read_checkpoint: a ditkit .ckpt, an official DiT .pt or a .safetensors, told apart
     official     load_official_dit, read_state_dict, export_weights (safetensors)
+    diffusers    to_diffusers, from_diffusers, load_pretrained, instantiate_model: diffusers
+                 save_pretrained folders (DiT, SD3, U-Net) in and out; mappings in diffusers_*.py
 
 Names load on first use, so that `ditkit.checkpoints.atomic` stays cheap to import from the data
 code.
@@ -29,6 +31,10 @@ _NAMES = {
     "export_weights": "official",
     "load_official_dit": "official",
     "read_state_dict": "official",
+    "from_diffusers": "diffusers",
+    "to_diffusers": "diffusers",
+    "load_pretrained": "diffusers",
+    "instantiate_model": "diffusers",
 }
 
 __all__ = sorted(_NAMES)

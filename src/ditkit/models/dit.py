@@ -146,7 +146,9 @@ class DiT(nn.Module):
     forward(x: (N, C, H, W), t: (N,), y: (N,)) -> (N, C_out, H, W).
 
     Beyond the reference (each off by default): `block` design, `qk_norm`, `norm="rmsnorm"`,
-    `mlp="swiglu"`, `rope` (2-D RoPE on top of the fixed sin-cos table). Activation checkpointing,
+    `mlp="swiglu"`, `rope` (2-D RoPE on top of the fixed sin-cos table), `timestep_freq_shift=1`
+    (the timestep frequencies of diffusers' DiTTransformer2DModel, which exports exactly; 0 is the
+    reference DiT's). Activation checkpointing,
     compile and FSDP2 are applied to `blocks` from outside (ditkit.training.parallel).
     """
 
@@ -169,6 +171,7 @@ class DiT(nn.Module):
         norm: str = "layernorm",
         mlp: str = "gelu",
         rope: bool = False,
+        timestep_freq_shift: int = 0,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -192,7 +195,7 @@ class DiT(nn.Module):
         grid = input_size // patch_size
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.register_buffer(
             "pos_embed", sincos_2d(hidden_size, grid).unsqueeze(0)

@@ -20,11 +20,14 @@ class PatchEmbed(nn.Module):
 
 class TimestepEmbedder(nn.Module):
     """Scalar timesteps -> (N, D): sinusoidal features (as in the Transformer / ADM) then a 2-layer
-    MLP."""
+    MLP. freq_shift: the frequencies are max_period^(-i / (half - freq_shift)); 0 is DiT's
+    reference, 1 is what diffusers' DiTTransformer2DModel hard-codes (its
+    CombinedTimestepLabelEmbeddings: Timesteps(downscale_freq_shift=1))."""
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: int = 0):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = freq_shift
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size),
             nn.SiLU(),
@@ -32,12 +35,16 @@ class TimestepEmbedder(nn.Module):
         )
 
     @staticmethod
-    def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    def sinusoidal(
+        t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: int = 0
+    ) -> torch.Tensor:
         """t: (N,) possibly fractional -> (N, dim) = [cos(t w_i), sin(t w_i)], w_i =
-        max_period^(-i/half)."""
+        max_period^(-i/(half - freq_shift))."""
         half = dim // 2
         freqs = torch.exp(
-            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+            -math.log(max_period)
+            * torch.arange(half, dtype=torch.float32, device=t.device)
+            / (half - freq_shift)
         )
         args = t[:, None].float() * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -46,7 +53,7 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freq = self.sinusoidal(t, self.frequency_embedding_size)
+        freq = self.sinusoidal(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
@@ -96,10 +103,15 @@ def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
 
-def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
+def sincos_2d(dim: int, grid_size: int, base_size: int | None = None) -> torch.Tensor:
     """Fixed 2-D position table (T, dim), T = grid_size^2 in row-major token order.
-    Half the channels encode the column, half the row, matching the official checkpoints."""
+    Half the channels encode the column, half the row, matching the official checkpoints.
+    base_size: positions are arange(grid_size) * base_size / grid_size, computed in float32 as
+    diffusers' get_2d_sincos_pos_embed does (its SD3 table uses base_size = sample_size / patch);
+    None: the integer positions."""
     coords = torch.arange(grid_size, dtype=torch.float64)
+    if base_size is not None:
+        coords = (torch.arange(grid_size, dtype=torch.float32) / (grid_size / base_size)).double()
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
     return torch.cat(
         [sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1

@@ -108,7 +108,8 @@ class MMDiT(nn.Module):
     Width = num_heads * head_dim; num_heads defaults to depth (SD3: d heads of 64, width 64 d).
     The fixed 2-D sin-cos table covers a pos_embed_max_size^2 grid (default: the input_size grid)
     and is centre-cropped to each input's grid (SD3), so one model takes several resolutions up to
-    that size.
+    that size. pos_embed_base_size: the table's positions are arange(max) * base / max (diffusers'
+    SD3 formula, base = sample_size / patch_size); None: integer positions.
     """
 
     condition_keys = ("context", "pooled")
@@ -126,6 +127,7 @@ class MMDiT(nn.Module):
         pooled_dim: int | None = 2048,
         context_len: int | None = 154,
         pos_embed_max_size: int | None = None,
+        pos_embed_base_size: int | None = None,
         qk_norm: bool = False,
         learn_sigma: bool = False,
         caption_dropout_prob: float = 0.1,
@@ -163,6 +165,8 @@ class MMDiT(nn.Module):
         self.hidden_size = hidden = num_heads * head_dim
         self.context_dim, self.pooled_dim, self.context_len = context_dim, pooled_dim, context_len
         self.pos_embed_max_size = pos_embed_max_size
+        self.pos_embed_base_size = pos_embed_base_size
+        self.qk_norm = qk_norm
         self.caption_dropout_prob = caption_dropout_prob
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden)
@@ -172,7 +176,7 @@ class MMDiT(nn.Module):
         self.pooled_embedder = nn.Sequential(
             nn.Linear(pooled_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
         )
-        table = sincos_2d(hidden, pos_embed_max_size).view(
+        table = sincos_2d(hidden, pos_embed_max_size, pos_embed_base_size).view(
             pos_embed_max_size, pos_embed_max_size, hidden
         )
         self.register_buffer("pos_embed", table, persistent=False)  # fixed: rebuilt from the config
