@@ -47,13 +47,14 @@ def _converter(model: nn.Module):
     raise TypeError(f"to_diffusers takes a ditkit DiT, MMDiT or UNet, not {type(model).__name__}")
 
 
-def diffusers_model(model: nn.Module):
+def diffusers_model(model: nn.Module, approximate: bool = False):
     """The diffusers model (DiTTransformer2DModel, SD3Transformer2DModel or UNet2DModel) with the
-    ditkit model's weights, in the ditkit model's dtype, eval mode."""
+    ditkit model's weights, in the ditkit model's dtype, eval mode. approximate: see
+    to_diffusers."""
     import diffusers
 
     convert, name = _converter(model)
-    config, state = convert(model)
+    config, state = convert(model, approximate)
     out = getattr(diffusers, name)(**config)
     # nn.Module.to: ModelMixin.to warns about fp32-pinned modules, which these classes have none of.
     nn.Module.to(out, next(model.parameters()).dtype)
@@ -61,12 +62,14 @@ def diffusers_model(model: nn.Module):
     return out.eval()
 
 
-def to_diffusers(model: nn.Module, out_dir: str | os.PathLike) -> Path:
+def to_diffusers(model: nn.Module, out_dir: str | os.PathLike, approximate: bool = False) -> Path:
     """Write `model` as a diffusers `save_pretrained` folder (config.json +
     diffusion_pytorch_model.safetensors) that `<Class>.from_pretrained(out_dir)` loads and whose
-    forward equals the ditkit model's. Returns out_dir."""
+    forward equals the ditkit model's. A DiT with the reference timestep frequencies
+    (timestep_freq_shift=0) is refused unless approximate=True (diffusers' DiT hard-codes other
+    ones; diffusers_dit.py). Returns out_dir."""
     out_dir = Path(out_dir)
-    diffusers_model(model).save_pretrained(out_dir, safe_serialization=True)
+    diffusers_model(model, approximate).save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
 

@@ -26,10 +26,18 @@ CLASS_NAME = "DiTTransformer2DModel"
 _EMB = "norm1.emb"
 
 
-def _representable(model: DiT) -> None:
+def _representable(model: DiT, approximate: bool) -> None:
     """Raise naming the ditkit option that DiTTransformer2DModel has no counterpart for."""
     blk = model.blocks[0]
     problems = []
+    if model.t_embedder.freq_shift != 1 and not approximate:
+        problems.append(
+            f"model.timestep_freq_shift={model.t_embedder.freq_shift} (the reference DiT's timestep "
+            "frequencies 10000^(-i/128); DiTTransformer2DModel hard-codes 10000^(-i/127), so its "
+            "forward would differ): train with model.timestep_freq_shift=1 for an exact export, or "
+            "pass approximate=True (`python -m ditkit.export ... approximate=true`) to write it "
+            "anyway, as diffusers' own conversion of the official DiT weights does"
+        )
     if model.block != "adaln_zero":
         problems.append(f"model.block={model.block} (diffusers' DiT has adaln_zero blocks only)")
     if not isinstance(blk.norm1, nn.LayerNorm):
@@ -50,10 +58,12 @@ def _representable(model: DiT) -> None:
         )
 
 
-def dit_to_diffusers(model: DiT) -> tuple[dict, dict[str, torch.Tensor]]:
+def dit_to_diffusers(model: DiT, approximate: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
     """A ditkit DiT -> (DiTTransformer2DModel config, its state_dict). Tensors are the model's own
-    (no copy); the QKV split and the per-block embedder copies are views."""
-    _representable(model)
+    (no copy); the QKV split and the per-block embedder copies are views. approximate: accept a
+    model with the reference timestep frequencies (timestep_freq_shift=0), whose diffusers forward
+    then differs in the timestep embedding."""
+    _representable(model, approximate)
     heads = model.num_heads
     config = dict(
         num_attention_heads=heads,

@@ -66,8 +66,9 @@ _QKV = {
 _QK_NORM = {False: ("attn.norm_q", "attn.norm_k"), True: ("attn.norm_added_q", "attn.norm_added_k")}
 
 
-def mmdit_to_diffusers(model: MMDiT) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A ditkit MMDiT -> (SD3Transformer2DModel config, its state_dict)."""
+def mmdit_to_diffusers(model: MMDiT, approximate: bool = False) -> tuple[dict, dict]:
+    """A ditkit MMDiT -> (SD3Transformer2DModel config, its state_dict); exact, so `approximate`
+    changes nothing (it is there for to_diffusers' one signature)."""
     if model.mlp_ratio != 4.0:
         raise ValueError(
             f"model.mlp_ratio={model.mlp_ratio}: diffusers' SD3 MLPs are 4x wide; "

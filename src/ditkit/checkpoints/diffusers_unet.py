@@ -13,8 +13,8 @@ CLASS_NAME = "UNet2DModel"
 PREFIX = "unet."
 
 
-def unet_to_diffusers(model: UNet) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A ditkit UNet -> (UNet2DModel config, its state_dict)."""
+def unet_to_diffusers(model: UNet, approximate: bool = False) -> tuple[dict, dict]:
+    """A ditkit UNet -> (UNet2DModel config, its state_dict); exact (`approximate` is unused)."""
     config = {k: v for k, v in model.unet.config.items() if not k.startswith("_")}
     return config, model.unet.state_dict()
 
