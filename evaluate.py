@@ -73,6 +73,8 @@ def build(cfg: DictConfig, ckpt):
         # Checkpoints of ditkit 0.1 name activation checkpointing in the model config; it is applied
         # from outside the model now (module.activation_checkpointing) and means nothing here.
         model_cfg.pop("grad_checkpointing", None)
+        # The diffusers folder training started from: the checkpoint's weights replace it.
+        model_cfg.pop("pretrained", None)
         model = instantiate(model_cfg)
         objective_cfg = cfg.objective if cfg.get("objective") is not None else run["objective"]
         vae = run_vae(

@@ -58,7 +58,7 @@ def train(cfg: DictConfig) -> Path:
     from hydra.utils import instantiate
     from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-    from ditkit.checkpoints import find_resume_checkpoint
+    from ditkit.checkpoints import find_resume_checkpoint, instantiate_model
     from ditkit.training.checks import check_experiment_sizes, check_model_fits_data, check_resume
 
     choices = HydraConfig.get().runtime.choices
@@ -77,7 +77,8 @@ def train(cfg: DictConfig) -> Path:
     datamodule = instantiate(cfg.data)
     # Reads the shards' manifest now: shards that do not fit the config fail here.
     datamodule.setup("fit")
-    model = instantiate(cfg.model)
+    # model.pretrained=FOLDER: the weights of a diffusers folder, checked against the config first.
+    model = instantiate_model(cfg.model)
     objective = instantiate(cfg.objective)
     # Plain Python values (lists, not ListConfig) go into the optimizer's state_dict, which
     # checkpoints store and load with weights_only=True.

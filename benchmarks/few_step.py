@@ -41,6 +41,7 @@ def load(path: str):
     cfg.model.pop(
         "grad_checkpointing", None
     )  # ditkit 0.1 checkpoints name it; applied from outside now
+    cfg.model.pop("pretrained", None)  # the checkpoint's weights replace the starting folder's
     model = instantiate(cfg.model)
     model.load_state_dict(ckpt.state_dict)
     return model.eval(), instantiate(cfg.objective)

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from common import parse_args
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from tqdm import tqdm
 
+from ditkit.checkpoints import instantiate_model
 from ditkit.models import DiT, MMDiT
 from ditkit.models.flops import forward_flops
 
@@ -55,7 +55,7 @@ def build(name: str, overrides: list[str], latent_size: int) -> torch.nn.Module:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(overrides=[f"+model={name}", *data, *overrides])
     with torch.device("meta"):
-        return instantiate(cfg.model)
+        return instantiate_model(cfg.model)
 
 
 def example_inputs(model: torch.nn.Module, latent_size: int) -> tuple[torch.Tensor, ...]:

@@ -28,6 +28,7 @@ from common import (
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from ditkit.checkpoints import instantiate_model
 from ditkit.objectives import get_sampler
 from ditkit.objectives.samplers import all_samplers
 
@@ -48,7 +49,7 @@ def build(args: dict, sampler: str):
     ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(overrides=overrides + (TINY if args["tiny"] else []))
-    return instantiate(cfg.model), instantiate(cfg.objective), spec
+    return instantiate_model(cfg.model), instantiate(cfg.objective), spec
 
 
 class CountingModel(torch.nn.Module):

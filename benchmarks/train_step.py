@@ -24,6 +24,7 @@ from common import (
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from ditkit.checkpoints import instantiate_model
 from ditkit.training.ema import update_ema
 from ditkit.training.parallel import checkpoint_blocks, compile_blocks
 
@@ -44,7 +45,7 @@ def build(model: str, objective: str, latent_size: int, overrides: list[str]):
                 *overrides,
             ]
         )
-    return instantiate(cfg.model), instantiate(cfg.objective)
+    return instantiate_model(cfg.model), instantiate(cfg.objective)
 
 
 def build_from_args(args: dict):

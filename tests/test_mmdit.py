@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from ditkit.checkpoints import instantiate_model
 from ditkit.models import MMDiT
 from ditkit.models.embeddings import sincos_1d
 from ditkit.models.mmdit import JointBlock
@@ -271,7 +271,7 @@ def compose_model(*overrides: str):
 def test_hydra_configs_size_by_depth(overrides, depth):
     cfg = compose_model(*overrides)
     with torch.device("meta"):
-        model = instantiate(cfg.model)
+        model = instantiate_model(cfg.model)
     assert isinstance(model, MMDiT) and (model.depth, model.num_heads, model.hidden_size) == (
         depth,
         depth,
@@ -351,7 +351,7 @@ def test_config_errors_name_the_fix():
             overrides=["+model=mmdit_d12", "+data.latent_size=16", "+data.latent_channels=3"]
         )
     with pytest.raises(InstantiationException, match="train it on captioned shards"):
-        instantiate(cfg.model)
+        instantiate_model(cfg.model)
     with pytest.raises(ConfigError, match="use a text-to-image model"):
         check_model_fits_data(
             {"_target_": "ditkit.models.build_dit", "variant": "S"}, {"context_dim": 32}

@@ -7,9 +7,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
-from hydra.utils import instantiate
 
-from ditkit.checkpoints import load_official_dit, read_state_dict
+from ditkit.checkpoints import instantiate_model, load_official_dit, read_state_dict
 from ditkit.models import DiT, build_dit
 from ditkit.models.attention import apply_rope, attention, gelu_tanh
 from ditkit.models.embeddings import rope_2d
@@ -144,7 +143,7 @@ def compose_model(*overrides: str):
 def test_hydra_model_configs(variant, patch, params):
     cfg = compose_model(f"+model={variant}", f"model.patch_size={patch}")
     with torch.device("meta"):
-        model = instantiate(cfg.model)
+        model = instantiate_model(cfg.model)
     assert isinstance(model, DiT) and model.patch_size == patch
     assert sum(v.numel() for v in model.state_dict().values()) == params
 
