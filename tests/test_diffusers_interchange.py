@@ -172,10 +172,31 @@ def test_dit_forward_equals_diffusers(tmp_path, dtype, atol):
         )
 
 
+def test_dit_with_diffusers_default_eps_and_legacy_class_name(tmp_path):
+    """norm_eps left at diffusers' 1e-5, and `Transformer2DModel` as the class name (the released
+    facebook/DiT-XL-2 folders): both import, with the same forward."""
+    ref = tiny_diffusers_dit(norm_eps=1e-5)
+    ref.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("norm_eps")
+    config["_class_name"] = "Transformer2DModel"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = from_diffusers(tmp_path).double()
+    assert model.blocks[0].norm2.eps == 1e-5
+    x, t, y = dit_inputs(torch.float64)
+    with torch.no_grad():
+        expected = ref.double()(x, timestep=t, class_labels=y).sample
+        torch.testing.assert_close(model(x, t, y), expected, rtol=0, atol=ATOL64)
+    # 1e-5 vs 1e-6 is visible at this precision: the eps is really carried.
+    model.blocks[0].norm2.eps = 1e-6
+    with torch.no_grad():
+        assert (model(x, t, y) - expected).abs().max() > 1e-8
+
+
 def test_dit_refusals_name_the_key(tmp_path):
-    tiny_diffusers_dit(norm_eps=1e-5).save_pretrained(tmp_path / "eps")
-    with pytest.raises(ValueError, match="norm_eps=1e-05"):
-        from_diffusers(tmp_path / "eps")
+    tiny_diffusers_dit(activation_fn="gelu").save_pretrained(tmp_path / "act")
+    with pytest.raises(ValueError, match="activation_fn='gelu'"):
+        from_diffusers(tmp_path / "act")
     ref = tiny_diffusers_dit()
     with torch.no_grad():
         ref.transformer_blocks[1].norm1.emb.class_embedder.embedding_table.weight.add_(1.0)

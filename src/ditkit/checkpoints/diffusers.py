@@ -29,6 +29,7 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 SUBFOLDERS = ("transformer", "unet")
 _CLASSES = {
     diffusers_dit.CLASS_NAME: diffusers_dit.dit_from_diffusers,
+    diffusers_dit.LEGACY_CLASS_NAME: diffusers_dit.dit_from_diffusers,
     diffusers_sd3.CLASS_NAME: diffusers_sd3.mmdit_from_diffusers,
     diffusers_unet.CLASS_NAME: diffusers_unet.unet_from_diffusers,
 }
@@ -166,6 +167,11 @@ def _misfits(model: nn.Module, source: nn.Module) -> list[str]:
             problems.append(
                 f"model.timestep_freq_shift: the folder has {theirs} (diffusers' DiT timestep "
                 f"frequencies), the model {ours}"
+            )
+        ours, theirs = model.blocks[0].norm2.eps, source.blocks[0].norm2.eps
+        if ours != theirs:
+            problems.append(
+                f"model.mlp_norm_eps: the folder has {theirs} (its norm_eps), the model {ours}"
             )
     if (
         isinstance(model, MMDiT)

@@ -6,8 +6,11 @@ What differs between the two layouts:
     and its final layer reads block 0's; ditkit has one (`t_embedder`, `y_embedder`). Export copies
     it into each block; import requires every copy to equal block 0's.
   - diffusers splits the fused QKV projection into to_q / to_k / to_v.
-  - diffusers' per-block LayerNorm eps is `norm_eps` (default 1e-5); DiT's is 1e-6 (the adaLN norm
-    is 1e-6 in both), so export writes norm_eps=1e-6 and import refuses anything else.
+  - diffusers' pre-MLP LayerNorm eps is `norm_eps` (default 1e-5, and what the released
+    facebook/DiT-XL-2 folders leave it at); DiT's is 1e-6 (every other norm is 1e-6 in both). The
+    ditkit option `mlp_norm_eps` carries it both ways.
+  - folders written before DiTTransformer2DModel existed name `Transformer2DModel` with
+    norm_type=ada_norm_zero; diffusers loads those as a DiTTransformer2DModel, and so does ditkit.
   - diffusers' timestep frequencies are 10000^(-i/127) (Timesteps(downscale_freq_shift=1) in its
     CombinedTimestepLabelEmbeddings, not configurable); the reference DiT's are 10000^(-i/128).
     A ditkit DiT with `timestep_freq_shift=1` has diffusers' frequencies; import sets it.
@@ -23,6 +26,7 @@ from ditkit.models import DiT
 from ditkit.models.attention import Mlp
 
 CLASS_NAME = "DiTTransformer2DModel"
+LEGACY_CLASS_NAME = "Transformer2DModel"
 _EMB = "norm1.emb"
 
 
@@ -80,7 +84,7 @@ def dit_to_diffusers(model: DiT, approximate: bool = False) -> tuple[dict, dict[
         upcast_attention=False,
         norm_type="ada_norm_zero",
         norm_elementwise_affine=False,
-        norm_eps=1e-6,
+        norm_eps=model.blocks[0].norm2.eps,
     )
     src = model.state_dict()
     out = {
@@ -125,9 +129,15 @@ def dit_kwargs_from_diffusers(config: dict) -> dict:
         "norm_elementwise_affine": False,
         "attention_bias": True,
         "upcast_attention": False,
-        "norm_eps": 1e-6,
     }
-    defaults = {"norm_eps": 1e-5, "attention_bias": True, "upcast_attention": False}
+    defaults = {"attention_bias": True, "upcast_attention": False}
+    if config.get("_class_name") == LEGACY_CLASS_NAME:
+        # Transformer2DModel's options that DiT folders leave unset (their defaults are DiT's).
+        unset = dict(
+            cross_attention_dim=None, double_self_attention=False, only_cross_attention=False
+        )
+        expect.update(unset)
+        defaults.update(unset)
     bad = [
         f"{key}={config.get(key, defaults.get(key))!r} (ditkit needs {want!r})"
         for key, want in expect.items()
@@ -157,6 +167,7 @@ def dit_kwargs_from_diffusers(config: dict) -> dict:
         num_classes=config["num_embeds_ada_norm"],
         learn_sigma=out_channels == 2 * in_channels,
         timestep_freq_shift=1,
+        mlp_norm_eps=float(config.get("norm_eps", 1e-5)),
     )
 
 

@@ -148,7 +148,8 @@ class DiT(nn.Module):
     Beyond the reference (each off by default): `block` design, `qk_norm`, `norm="rmsnorm"`,
     `mlp="swiglu"`, `rope` (2-D RoPE on top of the fixed sin-cos table), `timestep_freq_shift=1`
     (the timestep frequencies of diffusers' DiTTransformer2DModel, which exports exactly; 0 is the
-    reference DiT's). Activation checkpointing,
+    reference DiT's), `mlp_norm_eps` (eps of each block's pre-MLP norm: diffusers' `norm_eps`).
+    Activation checkpointing,
     compile and FSDP2 are applied to `blocks` from outside (ditkit.training.parallel).
     """
 
@@ -172,6 +173,7 @@ class DiT(nn.Module):
         mlp: str = "gelu",
         rope: bool = False,
         timestep_freq_shift: int = 0,
+        mlp_norm_eps: float = 1e-6,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -207,6 +209,10 @@ class DiT(nn.Module):
             BLOCKS[block](hidden_size, num_heads, mlp_ratio, norm, mlp, qk_norm)
             for _ in range(depth)
         )
+        for (
+            blk
+        ) in self.blocks:  # diffusers' DiT sets this one norm's eps (`norm_eps`, default 1e-5)
+            blk.norm2.eps = mlp_norm_eps
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm)
         self.initialize_weights()
 
