@@ -147,6 +147,7 @@ _KEYS = {
     "qk_norm": "model.qk_norm",
     "pos_embed_max_size": "model.pos_embed_max_size",
     "pos_embed_base_size": "model.pos_embed_base_size",
+    "dual_attention_layers": "model.dual_attention_layers",
 }
 
 

@@ -11,8 +11,8 @@ What differs between the two layouts:
     ditkit. diffusers computes its positions as arange(M) * base / M with base = sample_size /
     patch_size; import finds which table a folder holds (that one, or integer positions) and sets
     `pos_embed_base_size` so ditkit rebuilds the same table bit for bit.
-  - SD3.5-medium's `dual_attention_layers` (a second, image-only attention in those blocks) has no
-    ditkit counterpart yet: import refuses it, naming the key.
+  - SD3.5-medium's `dual_attention_layers` (MMDiT-X: a second, image-only attention `attn2` in
+    those blocks, with 9 modulation vectors instead of 6) map to ditkit's dual image streams.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def mmdit_to_diffusers(model: MMDiT, approximate: bool = False) -> tuple[dict, d
         pooled_projection_dim=model.pooled_dim,
         out_channels=model.out_channels,
         pos_embed_max_size=model.pos_embed_max_size,
-        dual_attention_layers=[],
+        dual_attention_layers=list(model.dual_attention_layers),
         qk_norm="rms_norm" if model.qk_norm else None,
     )
     src = model.state_dict()
@@ -123,6 +123,15 @@ def mmdit_to_diffusers(model: MMDiT, approximate: bool = False) -> tuple[dict, d
             if model.qk_norm:
                 for name, ours in zip(_QK_NORM[text], ("q_norm", "k_norm")):
                     out[f"{d}{name}.weight"] = src[f"{s}attn.{ours}.weight"]
+        if blk.image.dual:
+            s = f"blocks.{i}.image.attn2."
+            for p in ("weight", "bias"):
+                for n, part in zip("qkv", src[f"{s}qkv.{p}"].chunk(3, dim=0)):
+                    out[f"{d}attn2.to_{n}.{p}"] = part
+                out[f"{d}attn2.to_out.0.{p}"] = src[f"{s}proj.{p}"]
+            if model.qk_norm:
+                for n in "qk":
+                    out[f"{d}attn2.norm_{n}.weight"] = src[f"{s}{n}_norm.weight"]
     return config, out
 
 
@@ -148,12 +157,6 @@ def _table_base(config: dict, table: torch.Tensor, hidden: int) -> int | None:
 def mmdit_kwargs_from_diffusers(config: dict, state: dict[str, torch.Tensor]) -> dict:
     """SD3Transformer2DModel config (and its position table) -> MMDiT constructor arguments; a
     setting ditkit's blocks cannot represent raises naming the config key."""
-    if config.get("dual_attention_layers"):
-        raise ValueError(
-            f"dual_attention_layers={list(config['dual_attention_layers'])} (SD3.5-medium's "
-            "MMDiT-X blocks with a second, image-only attention) is not representable by ditkit's "
-            "MMDiT blocks; only SD3-medium / SD3.5-large layouts (dual_attention_layers=[]) import"
-        )
     qk = config.get("qk_norm")
     if qk not in (None, "rms_norm"):
         raise ValueError(f"qk_norm={qk!r}: ditkit's MMDiT has RMSNorm QK-norm only (rms_norm)")
@@ -189,11 +192,12 @@ def mmdit_kwargs_from_diffusers(config: dict, state: dict[str, torch.Tensor]) ->
         pos_embed_base_size=_table_base(config, state["pos_embed.pos_embed"], hidden),
         qk_norm=qk == "rms_norm",
         learn_sigma=out_channels == 2 * in_channels,
+        dual_attention_layers=tuple(config.get("dual_attention_layers") or ()),
     )
 
 
 def mmdit_state_from_diffusers(
-    state: dict[str, torch.Tensor], depth: int, qk_norm: bool
+    state: dict[str, torch.Tensor], depth: int, qk_norm: bool, dual: tuple[int, ...] = ()
 ) -> dict[str, torch.Tensor]:
     """SD3Transformer2DModel state_dict -> ditkit MMDiT state_dict (the position table is dropped:
     ditkit rebuilds it, and the kwargs check made sure it is the same)."""
@@ -232,6 +236,16 @@ def mmdit_state_from_diffusers(
             if qk_norm:
                 for name, ours in zip(_QK_NORM[text], ("q_norm", "k_norm")):
                     out[f"{s}attn.{ours}.weight"] = state.pop(f"{d}{name}.weight")
+        if i in dual:
+            s = f"blocks.{i}.image.attn2."
+            for p in ("weight", "bias"):
+                out[f"{s}qkv.{p}"] = torch.cat(
+                    [state.pop(f"{d}attn2.to_{n}.{p}") for n in "qkv"], dim=0
+                )
+                out[f"{s}proj.{p}"] = state.pop(f"{d}attn2.to_out.0.{p}")
+            if qk_norm:
+                for n in "qk":
+                    out[f"{s}{n}_norm.weight"] = state.pop(f"{d}attn2.norm_{n}.weight")
     if state:
         raise ValueError(f"tensors ditkit's MMDiT has no place for: {sorted(state)[:8]}")
     return out
@@ -241,6 +255,7 @@ def mmdit_from_diffusers(config: dict, state: dict[str, torch.Tensor], **overrid
     """Build the ditkit MMDiT of an SD3Transformer2DModel config and load its weights strictly."""
     model = MMDiT(**{**mmdit_kwargs_from_diffusers(config, state), **overrides})
     model.load_state_dict(
-        mmdit_state_from_diffusers(state, model.depth, model.qk_norm), strict=True
+        mmdit_state_from_diffusers(state, model.depth, model.qk_norm, model.dual_attention_layers),
+        strict=True,
     )
     return model

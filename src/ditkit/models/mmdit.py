@@ -41,29 +41,41 @@ def joint_attention(
 class Stream(nn.Module):
     """One modality's half of a joint block: adaLN-Zero modulation from c, QKV, output projection,
     MLP. A `pre_only` stream (the text stream of the last block) has only the modulated QKV: 2
-    modulation vectors (shift, scale) instead of 6, no projection, no MLP."""
+    modulation vectors (shift, scale) instead of 6, no projection, no MLP. A `dual` stream (the
+    image stream of SD3.5-medium's MMDiT-X blocks) adds a second self-attention over its own
+    tokens after the joint one, from the same norm with its own shift, scale and gate: 9 vectors."""
 
     def __init__(
-        self, hidden: int, heads: int, mlp_ratio: float, qk_norm: bool, pre_only: bool = False
+        self,
+        hidden: int,
+        heads: int,
+        mlp_ratio: float,
+        qk_norm: bool,
+        pre_only: bool = False,
+        dual: bool = False,
     ):
         super().__init__()
-        self.pre_only = pre_only
+        self.pre_only, self.dual = pre_only, dual
         self.norm1 = make_norm("layernorm", hidden)
         self.attn = Attention(hidden, heads, qk_norm, out_proj=not pre_only)
+        if dual:
+            self.attn2 = Attention(hidden, heads, qk_norm)
         if not pre_only:
             self.norm2 = make_norm("layernorm", hidden)
             self.mlp = make_mlp("gelu", hidden, int(hidden * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(
-            nn.SiLU(), nn.Linear(hidden, (2 if pre_only else 6) * hidden)
-        )
+        self.num_mods = 2 if pre_only else 9 if dual else 6
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, self.num_mods * hidden))
 
     def pre_attention(
         self, x: torch.Tensor, c: torch.Tensor
     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """x: (N, T, D), c: (N, D) -> (q, k, v) each (N, heads, T, hd), and the modulation vectors
-        still needed."""
-        mods = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, dim=1)
-        qkv = self.attn.heads_qkv(modulate(self.norm1(x), mods[0], mods[1]))
+        still needed (for a dual stream also the second attention's modulated input (N, T, D))."""
+        mods = self.adaLN_modulation(c).chunk(self.num_mods, dim=1)
+        normed = self.norm1(x)
+        qkv = self.attn.heads_qkv(modulate(normed, mods[0], mods[1]))
+        if self.dual:  # shift_msa2, scale_msa2, gate_msa2 come last (SD3.5's AdaLayerNormZeroX)
+            return qkv, (*mods[2:6], modulate(normed, mods[6], mods[7]), mods[8])
         return qkv, mods[2:]
 
     def post_attention(
@@ -71,8 +83,11 @@ class Stream(nn.Module):
     ) -> torch.Tensor:
         """x, attn_out: (N, T, D) -> (N, T, D): gated residual attention, then the gated modulated
         MLP."""
-        gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:4]
         x = x + gate_msa.unsqueeze(1) * self.attn.proj(attn_out)
+        if self.dual:
+            x2, gate_msa2 = mods[4:]
+            x = x + gate_msa2.unsqueeze(1) * self.attn2(x2)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -80,10 +95,16 @@ class JointBlock(nn.Module):
     """An MMDiT block: image and text streams with their own weights, one joint attention."""
 
     def __init__(
-        self, hidden: int, heads: int, mlp_ratio: float, qk_norm: bool, last: bool = False
+        self,
+        hidden: int,
+        heads: int,
+        mlp_ratio: float,
+        qk_norm: bool,
+        last: bool = False,
+        dual: bool = False,
     ):
         super().__init__()
-        self.image = Stream(hidden, heads, mlp_ratio, qk_norm)
+        self.image = Stream(hidden, heads, mlp_ratio, qk_norm, dual=dual)
         self.text = Stream(hidden, heads, mlp_ratio, qk_norm, pre_only=last)
 
     def forward(
@@ -108,8 +129,10 @@ class MMDiT(nn.Module):
     Width = num_heads * head_dim; num_heads defaults to depth (SD3: d heads of 64, width 64 d).
     The fixed 2-D sin-cos table covers a pos_embed_max_size^2 grid (default: the input_size grid)
     and is centre-cropped to each input's grid (SD3), so one model takes several resolutions up to
-    that size. pos_embed_base_size: the table's positions are arange(max) * base / max (diffusers'
-    SD3 formula, base = sample_size / patch_size); None: integer positions.
+    that size. dual_attention_layers: the blocks whose image stream has a second self-attention
+    (SD3.5-medium's MMDiT-X: blocks 0..12). pos_embed_base_size: the table's positions are
+    arange(max) * base / max (diffusers' SD3 formula, base = sample_size / patch_size); None:
+    integer positions.
     """
 
     condition_keys = ("context", "pooled")
@@ -131,6 +154,7 @@ class MMDiT(nn.Module):
         qk_norm: bool = False,
         learn_sigma: bool = False,
         caption_dropout_prob: float = 0.1,
+        dual_attention_layers: tuple[int, ...] | list[int] = (),
     ):
         super().__init__()
         if input_size % patch_size:
@@ -150,6 +174,12 @@ class MMDiT(nn.Module):
             )
         if not 0.0 <= caption_dropout_prob < 1.0:
             raise ValueError(f"caption_dropout_prob must lie in [0, 1), got {caption_dropout_prob}")
+        dual_attention_layers = tuple(dual_attention_layers)
+        if any(not 0 <= i < depth for i in dual_attention_layers):
+            raise ValueError(
+                f"model.dual_attention_layers {list(dual_attention_layers)} must be block indices "
+                f"0..{depth - 1}"
+            )
         num_heads = depth if num_heads is None else num_heads
         grid = input_size // patch_size
         pos_embed_max_size = grid if pos_embed_max_size is None else pos_embed_max_size
@@ -167,6 +197,7 @@ class MMDiT(nn.Module):
         self.pos_embed_max_size = pos_embed_max_size
         self.pos_embed_base_size = pos_embed_base_size
         self.qk_norm = qk_norm
+        self.dual_attention_layers = dual_attention_layers
         self.caption_dropout_prob = caption_dropout_prob
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden)
@@ -181,7 +212,14 @@ class MMDiT(nn.Module):
         )
         self.register_buffer("pos_embed", table, persistent=False)  # fixed: rebuilt from the config
         self.blocks = nn.ModuleList(
-            JointBlock(hidden, num_heads, mlp_ratio, qk_norm, last=i == depth - 1)
+            JointBlock(
+                hidden,
+                num_heads,
+                mlp_ratio,
+                qk_norm,
+                last=i == depth - 1,
+                dual=i in dual_attention_layers,
+            )
             for i in range(depth)
         )
         self.final_layer = FinalLayer(hidden, patch_size, self.out_channels, "layernorm")
@@ -281,6 +319,10 @@ class MMDiT(nn.Module):
         )  # + scores, weighted sum, adaLN
         macs_last = n_img * full_stream + n_txt * 3 * d * d + 2 * seq * seq * d + (6 + 2) * d * d
         macs = (self.depth - 1) * macs_block + macs_last
+        # A dual block's image-only attention: qkv + proj, T x T scores and sum, 3 more adaLN rows.
+        macs += len(self.dual_attention_layers) * (
+            n_img * 4 * d * d + 2 * n_img * n_img * d + 3 * d * d
+        )
         macs += n_img * self.in_channels * self.patch_size**2 * d  # patch embedding
         macs += self.t_embedder.frequency_embedding_size * d + d * d  # timestep MLP
         macs += (
