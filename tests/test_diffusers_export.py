@@ -2,10 +2,12 @@
 what ditkit's DDPM sampler samples from the same noise and labels."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DiTPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline, FlowMatchEulerDiscreteScheduler
 
 from ditkit.export import main, scheduler_config
 from ditkit.models import DiT
@@ -106,6 +108,47 @@ def test_export_refusals(tmp_path, write_synthetic_shards):
         main([ckpt, f"out={tmp_path / 'c'}", "format=onnx"])
     with pytest.raises(SystemExit, match="unknown argument 'steps=3'"):
         main([ckpt, "steps=3"])
+    # The module runs as a command, and fails on a bad argument before any heavy import.
+    proc = subprocess.run(
+        [sys.executable, "-m", "ditkit.export", "steps=3"], capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and "unknown argument 'steps=3'" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "objective,variance,prediction",
+    [
+        ({"schedule": "linear", "learn_sigma": True}, "fixed_small", "epsilon"),
+        (
+            {"schedule": "cosine", "learn_sigma": False, "prediction": "v"},
+            "fixed_large",
+            "v_prediction",
+        ),
+        (
+            {"num_timesteps": 500, "learn_sigma": False, "fixed_variance": "small"},
+            "fixed_small",
+            "epsilon",
+        ),
+    ],
+)
+def test_ddpm_scheduler_has_the_runs_schedule(objective, variance, prediction):
+    """The exported DDPMScheduler's alphas_cumprod are ditkit's (float32 in diffusers: to 1e-6),
+    for linear (also at another T) and cosine betas; the variance and prediction follow the run."""
+    name, config = scheduler_config(
+        {"_target_": "ditkit.objectives.GaussianDiffusion", **objective}
+    )
+    scheduler = DDPMScheduler(**config)
+    assert (name, scheduler.config.variance_type, scheduler.config.prediction_type) == (
+        "DDPMScheduler",
+        variance,
+        prediction,
+    )
+    ours = GaussianDiffusion(
+        num_timesteps=objective.get("num_timesteps", 1000),
+        schedule=objective.get("schedule", "linear"),
+        learn_sigma=objective["learn_sigma"],
+    ).alphas_cumprod
+    torch.testing.assert_close(scheduler.alphas_cumprod.double(), ours, rtol=0, atol=1e-6)
 
 
 def test_flow_scheduler_carries_the_shift():
