@@ -165,3 +165,64 @@ def test_flow_scheduler_carries_the_shift():
         scheduler_config(
             {"_target_": "ditkit.objectives.RectifiedFlow", "shift_reference_area": 1024}
         )
+
+
+def test_mmdit_flow_run_exports_transformer_and_shifted_scheduler(tmp_path, write_synthetic_shards):
+    """A text-to-image flow run: transformer/ is an SD3Transformer2DModel with the run's forward,
+    scheduler/ a FlowMatchEulerDiscreteScheduler with the run's shift, and a VAE that the manifest
+    names by hub id is recorded, not fetched (and there is no DiTPipeline index)."""
+    from diffusers import SD3Transformer2DModel
+
+    from ditkit.models import MMDiT
+
+    model_cfg = dict(
+        _target_="ditkit.models.MMDiT",
+        input_size=8,
+        patch_size=2,
+        in_channels=4,
+        depth=2,
+        num_heads=2,
+        head_dim=8,
+        context_dim=12,
+        pooled_dim=6,
+        context_len=5,
+        qk_norm=True,
+        pretrained=None,
+    )
+    shards = write_synthetic_shards(tmp_path / "shards", num_samples=4, num_shards=1)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["vae"] = {
+        "name": "stabilityai/sd-vae-ft-ema",
+        "scale_factor": 0.18215,
+        "latent_channels": 4,
+    }
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    model = MMDiT(**{k: v for k, v in model_cfg.items() if k not in ("_target_", "pretrained")})
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    objective = {"_target_": "ditkit.objectives.RectifiedFlow", "shift": 3.0}
+    config = {"model": model_cfg, "objective": objective, "data": {"root": str(shards)}}
+    state = {f"{w}.{k}": v for w in ("ema", "model") for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "ditkit_config": config}, tmp_path / "last.ckpt")
+
+    out = main([f"ckpt={tmp_path / 'last.ckpt'}", "format=diffusers", f"out={tmp_path / 'x'}"])
+    assert not (out / "model_index.json").exists() and not (out / "vae").exists()
+    record = json.loads((out / "ditkit_export.json").read_text())
+    assert record["vae"] == {
+        "name": "stabilityai/sd-vae-ft-ema",
+        "scale_factor": 0.18215,
+        "included": False,
+    }
+    assert FlowMatchEulerDiscreteScheduler.from_pretrained(out / "scheduler").config.shift == 3.0
+    ref = SD3Transformer2DModel.from_pretrained(out / "transformer").eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([250.0, 900.0])
+    context, pooled = torch.randn(2, 5, 12), torch.randn(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ref(x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t).sample,
+            model.eval()(x, t, context, pooled),
+            rtol=0,
+            atol=1e-5,  # float32, as in tests/test_diffusers_interchange.py
+        )
