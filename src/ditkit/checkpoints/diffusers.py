@@ -185,17 +185,57 @@ def _misfits(model: nn.Module, source: nn.Module) -> list[str]:
     return problems
 
 
+def _fit_source(config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The ditkit model a folder's config describes, on the meta device (sizes and options only,
+    no memory): what load_pretrained compares the configured model with."""
+    from ditkit.models import DiT, MMDiT, UNet
+
+    name = config.get("_class_name")
+    # Read the config (and, for SD3, compare the position table) on the CPU; build on meta.
+    if name in (diffusers_dit.CLASS_NAME, diffusers_dit.LEGACY_CLASS_NAME):
+        cls, kwargs = DiT, diffusers_dit.dit_kwargs_from_diffusers(config)
+    elif name == diffusers_sd3.CLASS_NAME:
+        cls, kwargs = MMDiT, diffusers_sd3.mmdit_kwargs_from_diffusers(config, state)
+    elif name == diffusers_unet.CLASS_NAME:
+        cls, kwargs = UNet, diffusers_unet.unet_kwargs_from_diffusers(config)
+    else:
+        raise ValueError(f"_class_name={name!r}; ditkit imports {', '.join(_CLASSES)}")
+    with torch.device("meta"):
+        model = cls(**kwargs)
+    if cls is UNet:
+        diffusers_unet.check_unet_config(config, model)
+    return model
+
+
+def _mapped_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A folder's state_dict in the ditkit layout of `model` (whose sizes it fits)."""
+    from ditkit.models import DiT, MMDiT
+
+    if isinstance(model, DiT):
+        return diffusers_dit.dit_state_from_diffusers(state, model.depth, model.pos_embed)
+    if isinstance(model, MMDiT):
+        return diffusers_sd3.mmdit_state_from_diffusers(
+            state, model.depth, model.qk_norm, model.dual_attention_layers
+        )
+    return diffusers_unet.unet_state_from_diffusers(state)
+
+
+_MODEL_GROUPS = {"DiT": "dit_*", "MMDiT": "mmdit_*", "UNet": "unet*"}
+
+
 def load_pretrained(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Start `model` (built from the run's config) from the weights of a diffusers folder, after
     checking that the folder's sizes fit the chosen variant and the data (text-embedding widths,
-    latent channels, classes); the error names each one that does not. Returns model."""
-    source = from_diffusers(path)
+    latent channels, classes); the error names each one that does not. The folder's model is
+    described on the meta device, so only one copy of the weights is ever in memory besides the
+    file's. Returns model."""
+    config, state = read_folder(path)
+    source = _fit_source(config, state)
     if type(source) is not type(model):
+        kind = type(source).__name__
         raise ValueError(
-            f"model.pretrained={path} holds a {type(source).__name__} (as diffusers "
-            f"{read_folder(path)[0].get('_class_name')}); the run's model is a "
-            f"{type(model).__name__}: choose model="
-            + ("dit_*" if type(source).__name__ == "DiT" else "mmdit_*")
+            f"model.pretrained={path} holds a {kind} (diffusers {config.get('_class_name')}); "
+            f"the run's model is a {type(model).__name__}: choose model={_MODEL_GROUPS[kind]}"
         )
     problems = _misfits(model, source)
     if problems:
@@ -203,7 +243,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             f"model.pretrained={path} does not fit the configured model:\n  "
             + "\n  ".join(problems)
         )
-    model.load_state_dict(source.state_dict(), strict=True)
+    model.load_state_dict(_mapped_state(model, state), strict=True)
     return model
 
 

@@ -47,6 +47,13 @@ def unet_from_diffusers(config: dict, state: dict[str, torch.Tensor], **override
     """Build the ditkit UNet of a UNet2DModel config; every config key must come out the same, and
     the weights load strictly."""
     model = UNet(**{**unet_kwargs_from_diffusers(config), **overrides})
+    check_unet_config(config, model)
+    model.load_state_dict(unet_state_from_diffusers(state), strict=True)
+    return model
+
+
+def check_unet_config(config: dict, model: UNet) -> None:
+    """Raise naming every UNet2DModel config key whose value the ditkit U-Net does not build."""
     ours = model.unet.config
     bad = [
         f"{k}={config[k]!r} (ditkit's U-Net builds {ours[k]!r})"
@@ -57,8 +64,10 @@ def unet_from_diffusers(config: dict, state: dict[str, torch.Tensor], **override
         raise ValueError(
             "this UNet2DModel cannot be represented by ditkit's U-Net: " + "; ".join(bad)
         )
-    model.unet.load_state_dict(state, strict=True)
-    return model
+
+
+def unet_state_from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {PREFIX + k: v for k, v in state.items()}
 
 
 def _norm(value):
