@@ -104,6 +104,8 @@ def test_export_refusals(tmp_path, write_synthetic_shards):
     main([ckpt, f"out={tmp_path / 'b'}", "approximate=true"])  # writes it, as asked
     with pytest.raises(SystemExit, match="is not empty"):
         main([ckpt, f"out={tmp_path / 'b'}", "approximate=true"])
+    with pytest.raises(SystemExit, match="python -m ditkit.checkpoints.consolidate"):
+        main([f"ckpt={tmp_path}", f"out={tmp_path / 'd'}"])
     with pytest.raises(SystemExit, match="format=onnx; valid: diffusers"):
         main([ckpt, f"out={tmp_path / 'c'}", "format=onnx"])
     with pytest.raises(SystemExit, match="unknown argument 'steps=3'"):

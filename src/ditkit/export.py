@@ -124,6 +124,12 @@ def export(args: dict) -> Path:
     out = Path(args["out"])
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"ditkit.export: out={out} exists and is not empty; choose a new folder")
+    if Path(args["ckpt"]).is_dir():
+        raise SystemExit(
+            f"ditkit.export: ckpt={args['ckpt']} is a folder (a sharded FSDP checkpoint); make one "
+            f"file first: python -m ditkit.checkpoints.consolidate {args['ckpt']}, then pass "
+            f"ckpt={args['ckpt']}.consolidated"
+        )
     ckpt = read_checkpoint(args["ckpt"], args["weights"])
     if ckpt.kind != "ditkit":
         raise SystemExit(
