@@ -302,6 +302,18 @@ def test_sd35_medium_dual_attention(tmp_path, qk_norm):
         torch.testing.assert_close(got, expected, rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sd3_half_precision_folder_imports(tmp_path, dtype):
+    """Released SD3 folders are fp16/bf16: the position table is recognised through the rounding,
+    and the weights load (as float32) equal to the folder's."""
+    ref = tiny_diffusers_sd3("rms_norm").to(dtype)
+    ref.save_pretrained(tmp_path)
+    model = from_diffusers(tmp_path)
+    assert model.pos_embed_base_size == 4
+    ours = model.state_dict()
+    assert torch.equal(ours["context_embedder.weight"], ref.context_embedder.weight.float())
+
+
 def test_sd3_refusals_name_the_key(tmp_path):
     ref = tiny_diffusers_sd3()
     with torch.no_grad():

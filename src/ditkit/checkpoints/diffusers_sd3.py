@@ -140,12 +140,13 @@ def _table_base(config: dict, table: torch.Tensor, hidden: int) -> int | None:
     then integer positions); a table neither formula gives (a trained one) raises."""
     m = config["pos_embed_max_size"]
     candidates = [config["sample_size"] // config["patch_size"], None]
+    # Values lie in [-1, 1]: the same table stored in float32, or rounded to a half-precision
+    # folder's dtype, is within that dtype's eps; the other formula is off by O(1) almost everywhere.
+    atol = max(1e-6, torch.finfo(table.dtype).eps)
     for base in candidates:
         if table.shape == (1, m * m, hidden):
             rebuilt = sincos_2d(hidden, m, base).reshape(1, m * m, hidden)
-            # The tables are float32 sin/cos values of float64 products; a different formula is off
-            # by far more than the float32 rounding of the same one (<= 6e-8).
-            if torch.allclose(table.float(), rebuilt, rtol=0, atol=1e-6):
+            if torch.allclose(table.float(), rebuilt, rtol=0, atol=atol):
                 return base
     raise ValueError(
         "pos_embed.pos_embed is not the sin-cos table of pos_embed_max_size="
