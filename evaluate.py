@@ -21,6 +21,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 OFFICIAL_VAE = "stabilityai/sd-vae-ft-ema"  # DiT's sample_ddp.py default
+# How evaluate.py takes a local VAE folder (the `vae` group is empty by default, so the group first).
+VAE_OVERRIDE = "vae=sd_ft_ema vae.pretrained=DIR"
 
 
 def run_name(overrides: str) -> str:
@@ -80,6 +82,7 @@ def build(cfg: DictConfig, ckpt):
             vae_cfg.pretrained if vae_cfg else None,
             vae_cfg.subfolder if vae_cfg else None,
             chosen=vae_cfg is not None,
+            override=VAE_OVERRIDE,
         )
         image_size = run["data"].get("image_size")
     else:
@@ -97,7 +100,11 @@ def build(cfg: DictConfig, ckpt):
             else {"_target_": "ditkit.objectives.GaussianDiffusion"}
         )
         pretrained = vae_cfg.pretrained if vae_cfg else OFFICIAL_VAE
-        vae = load_vae(pretrained or "identity", vae_cfg.subfolder if vae_cfg else None)
+        vae = load_vae(
+            pretrained or "identity",
+            vae_cfg.subfolder if vae_cfg else None,
+            override=VAE_OVERRIDE,
+        )
         image_size = None
     check_backbone(model, f"the model of ckpt={cfg.ckpt}")
     if tuple(model.condition_keys) != ("y",) and cfg.get("prompts") is None:

@@ -102,7 +102,7 @@ def _shard_images(
             f"source.root={cfg.source.root} holds {manifest['image_size']} px images; pass "
             f"image_size={manifest['image_size']}"
         )
-    vae = vae_from_manifest(manifest, cfg.source.vae).to(device)
+    vae = vae_from_manifest(manifest, cfg.source.vae, override="source.vae=DIR").to(device)
     loader = DataLoader(
         _ShardMeans(root, manifest, cfg.batch_size), batch_size=None, num_workers=cfg.num_workers
     )

@@ -66,7 +66,7 @@ def _decoder(trainer: L.Trainer, vae: str | None):
 
     datamodule = trainer.datamodule
     datamodule.setup()
-    model = vae_from_manifest(datamodule.manifest, vae).eval()
+    model = vae_from_manifest(datamodule.manifest, vae, "callbacks.sample_grid.vae=DIR").eval()
     scale = datamodule.scale_factor
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
@@ -181,6 +181,12 @@ class SampleGrid(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         resolve(self.sampler, pl_module.objective.name, "preview")  # a bad setting fails now
+        # The VAE and text encoders load now: weights that cannot be fetched fail before training.
+        model = pl_module.model
+        _, labels = fixed_inputs(self.num_images, (1, 1, 1), self.labels, self.seed)
+        self._condition = conditions(trainer, model, labels, self.prompts)
+        if trainer.is_global_zero:
+            self._decode = _decoder(trainer, self.vae)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
