@@ -211,6 +211,7 @@ def evaluate_prompts(cfg: DictConfig, run_dir: Path) -> dict:
         "per_prompt": cfg.per_prompt,
     }
     print(json.dumps(result))
+    print(f"evaluate.py: samples in {run_dir / 'prompts.npz'}, grid {run_dir / 'prompts.png'}")
     return result
 
 
@@ -298,6 +299,16 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         **sample_kwargs,
     }
     store = PartStore(run_dir / "parts", settings) if rank == 0 else None
+    if store is not None:
+        done = sum(
+            b - a for a, b in plan_batches(cfg.num_samples, cfg.batch_size) if store.load(a, b - a)
+        )
+        if done:
+            print(
+                f"evaluate.py: resuming the interrupted evaluation in {run_dir}: {done} of "
+                f"{cfg.num_samples} samples are done (parts/), sampling the other "
+                f"{cfg.num_samples - done}"
+            )
     wandb_run = start_wandb(cfg, run_dir) if rank == 0 else None
     fabric.barrier()  # rank 0 checked / wrote plan.json first
     store = store or PartStore(run_dir / "parts", settings)
@@ -336,6 +347,11 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
             json.dumps(
                 {k: result[k] for k in ("fid", "is", "kid", "precision", "recall") if k in result}
             )
+        )
+        grid = f", grid {run_dir / 'samples.png'}" if len(kept) else ""
+        print(
+            f"evaluate.py: metrics in {run_dir / 'metrics.json'}, samples in "
+            f"{run_dir / 'samples.npz'}{grid}"
         )
     fabric.barrier()
     return result

@@ -40,15 +40,29 @@ def device_of(name: str) -> torch.device:
     )
 
 
+def progress_bar(total: int, desc: str):
+    """A tqdm bar with rate and ETA on stderr (stdout carries the JSON lines), so a benchmark that
+    runs for minutes shows where it is between its results."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn, steps: int, warmup: int, device: torch.device) -> list[float]:
-    """Seconds of each of `steps` calls of fn after `warmup` untimed ones."""
+def time_calls(
+    fn, steps: int, warmup: int, device: torch.device, desc: str | None = None
+) -> list[float]:
+    """Seconds of each of `steps` calls of fn after `warmup` untimed ones; with `desc`, a progress
+    bar over all of them."""
+    bar = progress_bar(warmup + steps, desc) if desc else None
     for _ in range(warmup):
         fn()
+        if bar is not None:
+            bar.update()
     sync(device)
     times = []
     for _ in range(steps):
@@ -56,6 +70,10 @@ def time_calls(fn, steps: int, warmup: int, device: torch.device) -> list[float]
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
     return times
 
 
