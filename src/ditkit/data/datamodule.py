@@ -28,6 +28,15 @@ from ditkit.data.stream import SkipCounter, TrainStream
 BUILTINS = {"digits": build_digits, "digits_t2i": build_captioned_digits}
 
 
+def default_num_workers(requested: int | None, cap: int = 8) -> int:
+    """`requested`, or for None the CPU cores this process may use (its affinity mask, which SLURM
+    and containers set), at most `cap`: a fixed 8 made every run on a small machine warn."""
+    if requested is not None:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cap, cores or 1))
+
+
 class ResumableLoader:
     """The training loader: each pass over it is one epoch of ``len(self)`` batches
     (`WebLoader.with_epoch`, the same count on every rank, so DDP never waits at an epoch end for a
@@ -132,6 +141,7 @@ class LatentShardsDataModule(L.LightningDataModule):
             shard URLs (local paths, ``pipe:`` commands, object-store URLs WebDataset opens), with
             ``manifest`` the manifest's path or URL (default: ``manifest.json`` beside the first
             shard).
+        num_workers: loader processes; None: the CPU cores available, at most 8.
         batch_size: per rank. seed: of the stream (the same seed and world size give the same
             batches).
         shuffle_buffer: samples mixed in each worker. samples_per_epoch: default the manifest's
@@ -158,7 +168,7 @@ class LatentShardsDataModule(L.LightningDataModule):
         urls: str | list[str] | None = None,
         manifest: str | None = None,
         batch_size: int = 32,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         seed: int = 0,
         shuffle_buffer: int = 1000,
         samples_per_epoch: int | None = None,
@@ -195,7 +205,8 @@ class LatentShardsDataModule(L.LightningDataModule):
         self.num_classes, self.image_size = num_classes, image_size
         self.root = os.path.abspath(os.path.expanduser(root)) if root is not None else None
         self.urls, self.manifest_url = urls, manifest
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.batch_size, self.seed = batch_size, seed
+        self.num_workers = default_num_workers(num_workers)
         self.shuffle_buffer, self.samples_per_epoch = shuffle_buffer, samples_per_epoch
         self.builtin, self.return_keys = builtin, return_keys
         self.flip = flip
