@@ -14,6 +14,11 @@ PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.f
 def parse_args(defaults: dict) -> dict:
     """`key=value` arguments (Hydra style) over `defaults`, each cast to the default's type."""
     args = dict(defaults)
+    if any(item in ("-h", "--help") for item in sys.argv[1:]):
+        doc = (sys.modules["__main__"].__doc__ or "").strip()
+        keys = " ".join(f"{k}={v}" for k, v in defaults.items())
+        print(f"{doc}\n\nArguments (key=value, defaults shown): {keys}")
+        raise SystemExit(0)
     for item in sys.argv[1:]:
         key, sep, value = item.partition("=")
         if not sep or key not in defaults:

@@ -1,7 +1,12 @@
-"""Small fixes of issue 15: loader workers follow the machine, sample grids have gutters."""
+"""Small fixes of issue 15: loader workers follow the machine, sample grids have gutters, benchmark
+--help texts are complete."""
 
 import os
+import runpy
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from ditkit.data.datamodule import LatentShardsDataModule, default_num_workers
@@ -29,3 +34,15 @@ def test_grid_cells_are_separated_by_grey_gutters():
     assert (grid[2:4, :] == GUTTER_VALUE).all() and (grid[:, 2:4] == GUTTER_VALUE).all()
     assert (grid[4:6, 4:6] == GUTTER_VALUE).all()  # the empty cell
     assert to_grid(images, nrow=3, gutter=0).shape == (2, 6, 3)  # gutter=0: packed as before
+
+
+def test_benchmark_help_prints_the_whole_docstring_and_every_argument(monkeypatch, capsys):
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(bench / "sample.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert "Each time is the best of `repeats` interleaved runs" in out  # the docstring's end
+    assert "tiny=False" in out and "repeats=3" in out
