@@ -21,6 +21,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 OFFICIAL_VAE = "stabilityai/sd-vae-ft-ema"  # DiT's sample_ddp.py default
+# How evaluate.py takes a local VAE folder (the `vae` group is empty by default, so the group first).
+VAE_OVERRIDE = "vae=sd_ft_ema vae.pretrained=DIR"
 
 
 def run_name(overrides: str) -> str:
@@ -82,6 +84,7 @@ def build(cfg: DictConfig, ckpt):
             vae_cfg.pretrained if vae_cfg else None,
             vae_cfg.subfolder if vae_cfg else None,
             chosen=vae_cfg is not None,
+            override=VAE_OVERRIDE,
         )
         image_size = run["data"].get("image_size")
     else:
@@ -99,7 +102,11 @@ def build(cfg: DictConfig, ckpt):
             else {"_target_": "ditkit.objectives.GaussianDiffusion"}
         )
         pretrained = vae_cfg.pretrained if vae_cfg else OFFICIAL_VAE
-        vae = load_vae(pretrained or "identity", vae_cfg.subfolder if vae_cfg else None)
+        vae = load_vae(
+            pretrained or "identity",
+            vae_cfg.subfolder if vae_cfg else None,
+            override=VAE_OVERRIDE,
+        )
         image_size = None
     check_backbone(model, f"the model of ckpt={cfg.ckpt}")
     if tuple(model.condition_keys) != ("y",) and cfg.get("prompts") is None:
@@ -206,6 +213,7 @@ def evaluate_prompts(cfg: DictConfig, run_dir: Path) -> dict:
         "per_prompt": cfg.per_prompt,
     }
     print(json.dumps(result))
+    print(f"evaluate.py: samples in {run_dir / 'prompts.npz'}, grid {run_dir / 'prompts.png'}")
     return result
 
 
@@ -293,6 +301,16 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         **sample_kwargs,
     }
     store = PartStore(run_dir / "parts", settings) if rank == 0 else None
+    if store is not None:
+        done = sum(
+            b - a for a, b in plan_batches(cfg.num_samples, cfg.batch_size) if store.load(a, b - a)
+        )
+        if done:
+            print(
+                f"evaluate.py: resuming the interrupted evaluation in {run_dir}: {done} of "
+                f"{cfg.num_samples} samples are done (parts/), sampling the other "
+                f"{cfg.num_samples - done}"
+            )
     wandb_run = start_wandb(cfg, run_dir) if rank == 0 else None
     fabric.barrier()  # rank 0 checked / wrote plan.json first
     store = store or PartStore(run_dir / "parts", settings)
@@ -331,6 +349,11 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
             json.dumps(
                 {k: result[k] for k in ("fid", "is", "kid", "precision", "recall") if k in result}
             )
+        )
+        grid = f", grid {run_dir / 'samples.png'}" if len(kept) else ""
+        print(
+            f"evaluate.py: metrics in {run_dir / 'metrics.json'}, samples in "
+            f"{run_dir / 'samples.npz'}{grid}"
         )
     fabric.barrier()
     return result

@@ -5,10 +5,10 @@
     python train.py model=dit_b objective=flow strategy=fsdp trainer.devices=8
     python train.py -m model=dit_s,dit_b objective=ddpm,flow   # a sweep, one folder per run
 
-Each run lives in ${paths.output_dir}/<run name> (the overrides); rerunning a command resumes it.
+Each run lives in ${paths.output_dir}/<run name> (the overrides); rerunning a command resumes it
+when it trains the same thing (resume=force overrides that check).
 """
 
-import hashlib
 import secrets
 import warnings
 from pathlib import Path
@@ -23,14 +23,12 @@ CONF = Path(__file__).resolve().parent / "conf"
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
-def run_name(overrides: str) -> str:
-    """The run's folder name: the command-line overrides ("default" when there are none), "/" made
-    safe, and long lists cut to 100 characters plus a hash of the whole (file names stop at 255
-    bytes)."""
-    name = (overrides or "default").replace("/", "_")
-    if len(name) > 120:
-        name = f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
-    return name
+def run_name(overrides: list[str]) -> str:
+    """The run's folder name from the command-line overrides (`ditkit.training.identity.run_name`:
+    experiment/model/objective/data first, "default" when none changes what is trained)."""
+    from ditkit.training.identity import run_name as name_of
+
+    return name_of(list(overrides))
 
 
 OmegaConf.register_new_resolver("ditkit.run_name", run_name, replace=True)
@@ -59,10 +57,23 @@ def train(cfg: DictConfig) -> Path:
     from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
     from ditkit.checkpoints import find_resume_checkpoint, instantiate_model
-    from ditkit.training.checks import check_experiment_sizes, check_model_fits_data, check_resume
+    from ditkit.training.checks import (
+        ConfigError,
+        check_experiment_sizes,
+        check_model_fits_data,
+        check_resume,
+        fill_data_keys,
+    )
+    from ditkit.training.identity import fingerprint, identity_mismatch, record_identity
 
-    choices = HydraConfig.get().runtime.choices
+    hydra_cfg = HydraConfig.get()
+    choices = hydra_cfg.runtime.choices
     check_experiment_sizes(CONF, choices.get("experiment"), choices.get("model"))
+    # Shard sets say their latent shape, image size, classes and text shape: fill in what the command
+    # line did not set (checking what it did) before anything reads them.
+    for key, value in fill_data_keys(cfg, list(hydra_cfg.overrides.task)).items():
+        rank_zero_info(f"ditkit: data.{key}={value} (from the shards' manifest)")
+        cfg.data[key] = value
     rank_zero_info(OmegaConf.to_yaml(cfg, resolve=True))
     check_model_fits_data(
         OmegaConf.to_container(cfg.model, resolve=True),
@@ -77,6 +88,18 @@ def train(cfg: DictConfig) -> Path:
     datamodule = instantiate(cfg.data)
     # Reads the shards' manifest now: shards that do not fit the config fail here.
     datamodule.setup("fit")
+    # Continue this folder's run only if it trains the same thing (ditkit.training.identity).
+    identity = fingerprint(OmegaConf.to_container(cfg, resolve=True), datamodule.manifest)
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path is None and cfg.resume != "never":
+        ckpt_path = find_resume_checkpoint(cfg.paths.checkpoint_dir)
+        mismatch = identity_mismatch(run_dir, identity) if ckpt_path is not None else None
+        if mismatch is not None and cfg.resume == "auto":
+            raise ConfigError(mismatch)
+        if mismatch is not None:
+            rank_zero_info(f"ditkit: resume=force, continuing anyway. {mismatch}")
+    if rank_zero_only.rank == 0:
+        record_identity(run_dir, identity)
     # model.pretrained=FOLDER: the weights of a diffusers folder, checked against the config first.
     model = instantiate_model(cfg.model)
     objective = instantiate(cfg.objective)
@@ -104,9 +127,6 @@ def train(cfg: DictConfig) -> Path:
     if logger is not None and trainer.is_global_zero:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    ckpt_path = cfg.ckpt_path
-    if ckpt_path is None and cfg.resume == "auto":
-        ckpt_path = find_resume_checkpoint(cfg.paths.checkpoint_dir)
     if ckpt_path is not None:
         rank_zero_info(f"ditkit: resuming from {ckpt_path}")
     try:
@@ -121,7 +141,10 @@ def train(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    from ditkit.training.identity import removed_on_failure
+
+    with removed_on_failure(cfg.paths.run_dir, cfg.paths.checkpoint_dir):
+        train(cfg)
 
 
 if __name__ == "__main__":

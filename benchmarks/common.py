@@ -14,6 +14,11 @@ PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.f
 def parse_args(defaults: dict) -> dict:
     """`key=value` arguments (Hydra style) over `defaults`, each cast to the default's type."""
     args = dict(defaults)
+    if any(item in ("-h", "--help") for item in sys.argv[1:]):
+        doc = (sys.modules["__main__"].__doc__ or "").strip()
+        keys = " ".join(f"{k}={v}" for k, v in defaults.items())
+        print(f"{doc}\n\nArguments (key=value, defaults shown): {keys}")
+        raise SystemExit(0)
     for item in sys.argv[1:]:
         key, sep, value = item.partition("=")
         if not sep or key not in defaults:
@@ -40,15 +45,29 @@ def device_of(name: str) -> torch.device:
     )
 
 
+def progress_bar(total: int, desc: str):
+    """A tqdm bar with rate and ETA on stderr (stdout carries the JSON lines), so a benchmark that
+    runs for minutes shows where it is between its results."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn, steps: int, warmup: int, device: torch.device) -> list[float]:
-    """Seconds of each of `steps` calls of fn after `warmup` untimed ones."""
+def time_calls(
+    fn, steps: int, warmup: int, device: torch.device, desc: str | None = None
+) -> list[float]:
+    """Seconds of each of `steps` calls of fn after `warmup` untimed ones; with `desc`, a progress
+    bar over all of them."""
+    bar = progress_bar(warmup + steps, desc) if desc else None
     for _ in range(warmup):
         fn()
+        if bar is not None:
+            bar.update()
     sync(device)
     times = []
     for _ in range(steps):
@@ -56,6 +75,10 @@ def time_calls(fn, steps: int, warmup: int, device: torch.device) -> list[float]
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
     return times
 
 

@@ -22,6 +22,7 @@ from common import (
     matmul_peak_flops,
     parse_args,
     peak_memory_mb,
+    progress_bar,
     sig,
     sync,
 )
@@ -80,7 +81,8 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def bench(args: dict, sampler: str, device: torch.device) -> dict:
+def bench(args: dict, sampler: str, device: torch.device, tick=lambda: None) -> dict:
+    """tick: called after the recording run and after each repeat (the progress bar)."""
     model, objective, scfg = build(args, sampler)
     model.to(device).eval()
     steps = args["steps"] or scfg.default_steps
@@ -107,6 +109,7 @@ def bench(args: dict, sampler: str, device: torch.device) -> dict:
     counter.dry = True
     run_sampler()  # records the calls the bare run must repeat, at no model cost
     counter.dry = False
+    tick()
     batches = list(counter.batches)
     inputs = {
         b: (
@@ -129,6 +132,7 @@ def bench(args: dict, sampler: str, device: torch.device) -> dict:
     for _ in range(args["repeats"]):
         seconds = min(seconds, timed(run_sampler, device))
         forward_seconds = min(forward_seconds, timed(lambda: run_forwards(batches), device))
+        tick()
     flops = sum(model.forward_flops(b) for b in batches)
     peak = matmul_peak_flops(device, dtype or torch.float32, args["peak_matmul"] or None)
     return dict(
@@ -180,8 +184,14 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     with torch.inference_mode():
         names = all_samplers() if args["samplers"] == "all" else args["samplers"].split(",")
+        # One tick per recording run and per repeat of each sampler: an ETA between the results.
+        bar = progress_bar(len(names) * (1 + args["repeats"]), "samplers")
         for sampler in names:
-            emit(bench(args, sampler.strip(), device))
+            bar.set_postfix_str(sampler.strip())
+            record = bench(args, sampler.strip(), device, bar.update)
+            bar.clear()
+            emit(record)
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def main() -> None:
         opt.step()
         update_ema(ema, list(model.parameters()), 0.9999)
 
-    step_s = summarize(time_calls(step, args["steps"], args["warmup"], device))
+    step_s = summarize(time_calls(step, args["steps"], args["warmup"], device, desc="train steps"))
     flops = 3 * model.forward_flops(b)  # backward ~ 2x forward
     peak = matmul_peak_flops(device, dtype or torch.float32, args["peak_matmul"] or None)
     record = dict(

@@ -18,6 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from ditkit.data.datamodule import default_num_workers
 from ditkit.data.extract import extract_latents, merge_manifest
 from ditkit.data.vae import load_vae
 
@@ -53,7 +54,7 @@ def run(cfg: DictConfig) -> dict:
         shard_size=cfg.shard_size,
         batch_size=cfg.batch_size,
         precision=cfg.precision,
-        num_workers=cfg.num_workers,
+        num_workers=default_num_workers(cfg.num_workers),
         rank=rank,
         world_size=world_size,
         device=device,

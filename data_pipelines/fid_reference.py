@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ditkit.data.datamodule import default_num_workers
 from ditkit.data.format import MANIFEST, MOMENTS, decode_moments, moments_shape, parse_manifest
 from ditkit.data.images import BadImage, center_crop_arr
 from ditkit.data.sources import DigitsSource, ImageFolderSource
@@ -102,9 +103,11 @@ def _shard_images(
             f"source.root={cfg.source.root} holds {manifest['image_size']} px images; pass "
             f"image_size={manifest['image_size']}"
         )
-    vae = vae_from_manifest(manifest, cfg.source.vae).to(device)
+    vae = vae_from_manifest(manifest, cfg.source.vae, override="source.vae=DIR").to(device)
     loader = DataLoader(
-        _ShardMeans(root, manifest, cfg.batch_size), batch_size=None, num_workers=cfg.num_workers
+        _ShardMeans(root, manifest, cfg.batch_size),
+        batch_size=None,
+        num_workers=default_num_workers(cfg.num_workers),
     )
 
     def decode() -> Iterator[torch.Tensor]:
@@ -137,7 +140,9 @@ def build_reference(cfg: DictConfig) -> None:
         if kind in ("imagefolder", "digits"):
             source = ImageFolderSource(cfg.source.root) if kind == "imagefolder" else DigitsSource()
             data = _SourceBatches(source, cfg.image_size, cfg.batch_size)
-            batches = DataLoader(data, batch_size=None, num_workers=cfg.num_workers)
+            batches = DataLoader(
+                data, batch_size=None, num_workers=default_num_workers(cfg.num_workers)
+            )
             total = sum(source.size(job) for job in data.jobs)
             name = f"{kind}:{getattr(source, 'root', 'sklearn digits')}"
         elif kind == "shards":

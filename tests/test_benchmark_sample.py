@@ -53,3 +53,24 @@ def test_default_steps_come_from_the_sampler_configs(monkeypatch, capsys):
     assert (
         heun["steps"] == 25 and heun["model_evals"] == 50 and heun["batch"] == 2
     )  # unguided: N only
+
+
+def test_a_progress_bar_with_an_eta_runs_between_the_results(monkeypatch, capsys):
+    """stderr carries a tqdm bar over every recording run and repeat ("2/2 [elapsed<remaining"),
+    stdout only the JSON lines."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["sample.py", "tiny=true", "repeats=1", "threads=1", "samplers=ddim", "steps=2"]
+        + ["num_samples=2", "peak_matmul=64"],
+    )
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(BENCH / "sample.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    assert "samplers: 100%" in captured.err and "| 2/2 [" in captured.err
+    assert "<00:00" in captured.err  # the remaining-time estimate
+    assert all(line.startswith("{") for line in captured.out.splitlines())

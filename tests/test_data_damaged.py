@@ -65,17 +65,18 @@ def edit_manifest(root, **changes):
         (
             lambda r: edit_manifest(r, latent_shape=[4, 16, 16]),
             DataFormatError,
-            r"shape \[4, 16, 16\].*data.latent_channels=4 data.latent_size=16",
+            r"(?s)latents \[4, 16, 16\].*data.latent_size=8, but the shards have 16: pass "
+            r"data.latent_size=16",
         ),
         (
             lambda r: edit_manifest(r, num_classes=1000),
             DataFormatError,
-            r"num_classes=1000, but data.num_classes=10",
+            r"data.num_classes=10, but the shards have 1000: pass data.num_classes=1000",
         ),
         (
             lambda r: edit_manifest(r, image_size=256),
             DataFormatError,
-            r"image_size=256, but data.image_size=8",
+            r"data.image_size=8, but the shards have 256: pass data.image_size=256",
         ),
     ],
     ids=[

@@ -163,7 +163,10 @@ def test_rerun_resumes_from_the_parts_an_interrupted_run_left(official, tmp_path
     np.savez(
         out / "parts" / "part-000000002.npz", **fake
     )  # the batch of samples 2..3, "finished before the kill"
-    run_evaluate(*official_overrides(official, out, "wandb.enabled=false", metrics="[is]"))
+    proc = run_evaluate(*official_overrides(official, out, "wandb.enabled=false", metrics="[is]"))
+    # It says it resumes, and where its results went.
+    assert f"resuming the interrupted evaluation in {out}: 2 of {N} samples are done" in proc.stdout
+    assert f"metrics in {out / 'metrics.json'}, samples in {out / 'samples.npz'}" in proc.stdout
     metrics, images, labels = read_run(out)
     _, full_images, full_labels = read_run(official["run"])
     np.testing.assert_array_equal(images[2:4], 0)

@@ -196,6 +196,9 @@ def test_captions_from_a_file_and_its_errors(captioned, tiny, tmp_path):
     (tmp_path / "short.json").write_text(json.dumps(table))
     with pytest.raises(DataFormatError, match=f"sample '{keys[4]}' has no caption"):
         extract(root / "src", tmp_path / "out2", tiny, f"captions.file={tmp_path / 'short.json'}")
+    # The failed job completed no shard: rerun with a fixed file in the same out= (it was locked).
+    extract(root / "src", tmp_path / "out2", tiny, f"captions.file={tmp_path / 'captions.json'}")
+    assert read_samples(tmp_path / "out2").keys() == set(keys)
     with pytest.raises(DataFormatError, match="different text extraction"):
         extract(root / "src", tmp_path / "out", tiny, *DIGITS)  # same out=, other captions
     with pytest.raises(ValueError, match="out= must differ"):

@@ -113,18 +113,20 @@ def captioner(
     }
 
 
-def _check_job(out: str, job: dict[str, Any]) -> None:
-    """Refuse to finish a folder that another extraction (other encoders, captions or source)
-    started."""
+def _check_job(out: str, job: dict[str, Any], shards: list[str]) -> None:
+    """Refuse to finish a folder in which another extraction (other encoders, captions or source)
+    completed shards. One that failed before completing any (a bad captions file) left nothing to
+    keep: this job takes its folder over."""
     path = os.path.join(out, JOB)
     if os.path.isfile(path):
         with open(path) as f:
             previous = json.load(f)
-        if previous != job:
+        done = [name for name in shards if os.path.isfile(os.path.join(out, name))]
+        if previous != job and done:
             changed = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
             raise DataFormatError(
-                f"out={out} holds a different text extraction (changed: {', '.join(changed)}); "
-                "use a new out= folder or delete this one"
+                f"out={out} holds {len(done)} shards of a different text extraction (changed: "
+                f"{', '.join(changed)}); use a new out= folder or delete this one"
             )
     write_json_atomic(path, job)
 
@@ -184,7 +186,9 @@ def add_text_embeddings(
     text = {**encoders.describe(), "dtype": "float16", "captions": captions_record}
     os.makedirs(out, exist_ok=True)
     _check_job(
-        out, {"source_shards": src, "source_num_samples": manifest["num_samples"], "text": text}
+        out,
+        {"source_shards": src, "source_num_samples": manifest["num_samples"], "text": text},
+        [shard["name"] for shard in manifest["shards"]],
     )
     bar = tqdm(
         total=manifest["num_samples"], unit="caption", desc="text embeddings", disable=not progress

@@ -22,9 +22,19 @@ from ditkit.data.format import (
     moments_shape,
     parse_manifest,
 )
+from ditkit.data.manifest_keys import TEXT_KEYS, check_against_manifest
 from ditkit.data.stream import SkipCounter, TrainStream
 
 BUILTINS = {"digits": build_digits, "digits_t2i": build_captioned_digits}
+
+
+def default_num_workers(requested: int | None, cap: int = 8) -> int:
+    """`requested`, or for None the CPU cores this process may use (its affinity mask, which SLURM
+    and containers set), at most `cap`: a fixed 8 made every run on a small machine warn."""
+    if requested is not None:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cap, cores or 1))
 
 
 class ResumableLoader:
@@ -131,6 +141,7 @@ class LatentShardsDataModule(L.LightningDataModule):
             shard URLs (local paths, ``pipe:`` commands, object-store URLs WebDataset opens), with
             ``manifest`` the manifest's path or URL (default: ``manifest.json`` beside the first
             shard).
+        num_workers: loader processes; None: the CPU cores available, at most 8.
         batch_size: per rank. seed: of the stream (the same seed and world size give the same
             batches).
         shuffle_buffer: samples mixed in each worker. samples_per_epoch: default the manifest's
@@ -157,7 +168,7 @@ class LatentShardsDataModule(L.LightningDataModule):
         urls: str | list[str] | None = None,
         manifest: str | None = None,
         batch_size: int = 32,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         seed: int = 0,
         shuffle_buffer: int = 1000,
         samples_per_epoch: int | None = None,
@@ -194,7 +205,8 @@ class LatentShardsDataModule(L.LightningDataModule):
         self.num_classes, self.image_size = num_classes, image_size
         self.root = os.path.abspath(os.path.expanduser(root)) if root is not None else None
         self.urls, self.manifest_url = urls, manifest
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.batch_size, self.seed = batch_size, seed
+        self.num_workers = default_num_workers(num_workers)
         self.shuffle_buffer, self.samples_per_epoch = shuffle_buffer, samples_per_epoch
         self.builtin, self.return_keys = builtin, return_keys
         self.flip = flip
@@ -216,72 +228,30 @@ class LatentShardsDataModule(L.LightningDataModule):
             return
         if self.builtin is not None and self.trainer is None:
             self.prepare_data()  # used without a Trainer
-        self.manifest, self.shard_urls = self._open(self.root, self.urls, self.manifest_url)
+        self.manifest, self.shard_urls = open_manifest(self.root, self.urls, self.manifest_url)
         self._check(self.manifest, self.shard_urls, "data")
         self._counter = SkipCounter()
-
-    def _open(
-        self, root: str | None, urls: Any, manifest_url: str | None
-    ) -> tuple[dict[str, Any], list[str]]:
-        """Read the manifest and list the shards: from a folder, or from URLs + a manifest URL."""
-        if root is not None:
-            if not os.path.isdir(root):
-                raise FileNotFoundError(f"data.root={root} does not exist. {_HOW_TO_MAKE}")
-            where = os.path.join(root, MANIFEST)
-            if not os.path.isfile(where):
-                raise FileNotFoundError(
-                    f"{where} is missing: data.root must hold a latent shard set. {_HOW_TO_MAKE}"
-                )
-            with open(where) as f:
-                manifest = parse_manifest(f.read(), where)
-            return manifest, [os.path.join(root, shard["name"]) for shard in manifest["shards"]]
-        shard_urls = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else list(urls)
-        if not shard_urls:
-            raise ValueError(f"data.urls={urls!r} names no shards")
-        where = manifest_url or os.path.join(os.path.dirname(shard_urls[0]), MANIFEST)
-        try:
-            with wds.gopen(where, "rb") as f:
-                text = f.read().decode()
-        except Exception as err:
-            raise FileNotFoundError(
-                f"Cannot read the manifest {where} ({err}); set data.manifest=<path or URL>"
-            ) from err
-        return parse_manifest(text, where), shard_urls
 
     def _check(self, manifest: dict[str, Any], shard_urls: list[str], key: str) -> None:
         """Fail before training if the shards do not fit the configured model/data, naming the
         mismatch."""
-        stored = tuple(manifest["latent_shape"])
-        if stored != self.latent_shape:
-            raise DataFormatError(
-                f"The shards hold latents of shape {list(stored)} (C, H, W), but "
-                f"{key}.latent_channels/latent_size "
-                f"say {list(self.latent_shape)}. Set {key}.latent_channels={stored[0]} "
-                f"{key}.latent_size={stored[1]}, "
-                "or point at shards made for this size."
-            )
-        for name, want in (("image_size", self.image_size), ("num_classes", self.num_classes)):
-            if manifest[name] != want:
-                raise DataFormatError(
-                    f"The manifest says {name}={manifest[name]}, but {key}.{name}={want}."
-                )
+        config = {
+            "latent_channels": self.latent_shape[0],
+            "latent_size": self.latent_shape[1],
+            "image_size": self.image_size,
+            "num_classes": self.num_classes,
+        }
         if self.text is not None:
-            stored = manifest.get("text")
-            if not stored:
+            if not manifest.get("text"):
                 raise DataFormatError(
                     f"{key}.context_len/context_dim/pooled_dim are set but the shards carry no text "
                     "embeddings: make a "
                     "captioned set with python -m data_pipelines.extract_text_embeddings (or unset "
                     "them to train on labels)."
                 )
-            have = (stored["context_len"], stored["context_dim"], stored["pooled_dim"])
-            if have != self.text:
-                raise DataFormatError(
-                    "The shards hold text embeddings of (context_len, context_dim, pooled_dim) = "
-                    f"{have}, but the config "
-                    f"says {self.text}. Set {key}.context_len={have[0]} {key}.context_dim={have[1]} "
-                    f"{key}.pooled_dim={have[2]}."
-                )
+            config.update(zip(TEXT_KEYS, self.text, strict=True))
+        check_against_manifest(config, manifest, key)
+        stored = tuple(manifest["latent_shape"])
         local = [u for u in shard_urls if "://" not in u and not u.startswith("pipe:")]
         missing = [u for u in local if not os.path.isfile(u)]
         if missing:
@@ -382,6 +352,37 @@ class LatentShardsDataModule(L.LightningDataModule):
             self._train_loader.load_state_dict(state_dict)
         else:
             self._resume = dict(state_dict)
+
+
+def open_manifest(
+    root: str | None, urls: str | list[str] | None, manifest_url: str | None
+) -> tuple[dict[str, Any], list[str]]:
+    """Read a shard set's manifest and list its shards: from a folder (``root``), or from shard
+    URLs (a brace pattern or a list) + a manifest path/URL (default: beside the first shard)."""
+    if root is not None:
+        root = os.path.abspath(os.path.expanduser(root))
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data.root={root} does not exist. {_HOW_TO_MAKE}")
+        where = os.path.join(root, MANIFEST)
+        if not os.path.isfile(where):
+            raise FileNotFoundError(
+                f"{where} is missing: data.root must hold a latent shard set. {_HOW_TO_MAKE}"
+            )
+        with open(where) as f:
+            manifest = parse_manifest(f.read(), where)
+        return manifest, [os.path.join(root, shard["name"]) for shard in manifest["shards"]]
+    shard_urls = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else list(urls or [])
+    if not shard_urls:
+        raise ValueError(f"data.urls={urls!r} names no shards")
+    where = manifest_url or os.path.join(os.path.dirname(shard_urls[0]), MANIFEST)
+    try:
+        with wds.gopen(where, "rb") as f:
+            text = f.read().decode()
+    except Exception as err:
+        raise FileNotFoundError(
+            f"Cannot read the manifest {where} ({err}); set data.manifest=<path or URL>"
+        ) from err
+    return parse_manifest(text, where), shard_urls
 
 
 _HOW_TO_MAKE = (

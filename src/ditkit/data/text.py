@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditkit.offline import WeightsUnavailableError, hub_download_hint, is_network_error
+
 KINDS = ("clip", "t5")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,9 +78,10 @@ class EncoderSpec:
         )
 
 
-def _load(spec: EncoderSpec) -> tuple[nn.Module, Any, bool]:
+def _load(spec: EncoderSpec, override: str) -> tuple[nn.Module, Any, bool]:
     """(model, tokenizer, has_projection); a clear error when the weights are not there or
-    incomplete."""
+    incomplete, or cannot be fetched (`WeightsUnavailableError` naming ``override``, the setting
+    that takes a local folder)."""
     from transformers import (
         AutoTokenizer,
         CLIPTextModel,
@@ -105,6 +108,15 @@ def _load(spec: EncoderSpec) -> tuple[nn.Module, Any, bool]:
         tok_kwargs = {"subfolder": spec.tokenizer_subfolder} if spec.tokenizer_subfolder else {}
         tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.pretrained, **tok_kwargs)
     except (OSError, ValueError) as err:
+        if not os.path.isdir(spec.pretrained) and is_network_error(err):
+            raise WeightsUnavailableError(
+                f"the {spec.kind} text encoder {spec.pretrained!r} from the Hugging Face Hub",
+                override,
+                hub_download_hint(
+                    spec.pretrained, spec.subfolder, local_dir=not override.startswith("HF_HOME")
+                ),
+                err,
+            ) from err
         raise FileNotFoundError(
             f"cannot load the {spec.kind} text encoder {spec.pretrained!r} (subfolder "
             f"{spec.subfolder!r}): {err}. "
@@ -122,9 +134,17 @@ def _load(spec: EncoderSpec) -> tuple[nn.Module, Any, bool]:
 class TextEncoders(nn.Module):
     """The encoders of one data set, called on a list of captions. See the module docstring."""
 
-    def __init__(self, specs: Iterable[Mapping[str, Any] | EncoderSpec], precision: str = "fp32"):
+    def __init__(
+        self,
+        specs: Iterable[Mapping[str, Any] | EncoderSpec],
+        precision: str = "fp32",
+        override: str = "encoders.{index}.pretrained=DIR",
+    ):
+        """override: how the caller's config takes a local copy of encoder ``index`` of `specs`
+        (named when its weights cannot be fetched)."""
         super().__init__()
         self.specs = [s if isinstance(s, EncoderSpec) else EncoderSpec.parse(s) for s in specs]
+        given = list(self.specs)
         if not self.specs:
             raise ValueError("no text encoders given: list at least one (kind: clip | t5)")
         if precision not in PRECISIONS:
@@ -136,7 +156,7 @@ class TextEncoders(nn.Module):
                 "use at most one T5 encoder, and one max_length for all CLIP encoders (their tokens align)"
             )
         self.specs = self.clip + t5  # CLIP first, whatever the order given: the layout is fixed
-        loaded = [_load(s) for s in self.specs]
+        loaded = [_load(s, override.format(index=given.index(s))) for s in self.specs]
         self.models = nn.ModuleList(m.to(PRECISIONS[precision]) for m, _, _ in loaded)
         self.tokenizers = [t for _, t, _ in loaded]
         self.projections = [p for _, _, p in loaded]
@@ -226,7 +246,10 @@ def text_encoders_from_manifest(
             "data_pipelines.extract_text_embeddings"
         )
     model = TextEncoders(
-        encoders if encoders is not None else text["encoders"], precision=precision
+        encoders if encoders is not None else text["encoders"],
+        precision=precision,
+        # The shards name hub ids: a Hugging Face cache that holds them serves them offline.
+        override="HF_HOME=<that cache folder> HF_HUB_OFFLINE=1 in front of the command",
     )
     got = (model.context_len, model.context_dim, model.pooled_dim)
     want = (text["context_len"], text["context_dim"], text["pooled_dim"])

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ditkit.offline import WeightsUnavailableError, hub_download_hint, is_network_error
+
 IDENTITY = "identity"
 # A log-variance this low makes the identity "posterior" a point mass: std = exp(-15) ~ 3e-7, far
 # below the float16 step (~5e-4) of the stored pixels, and it matches the clamp diffusers applies to
@@ -88,13 +90,15 @@ def load_vae(
     subfolder: str | None = None,
     scale_factor: float | None = None,
     channels: int = 3,
+    override: str = "vae.pretrained=DIR",
 ) -> IdentityVAE | DiffusersVAE:
     """Load a VAE: a hub id or a local ``save_pretrained`` folder, or ``None`` / ``"identity"`` for
     pixel space.
 
     ``subfolder`` selects the VAE inside a whole pipeline repo (``"vae"``); ``scale_factor``
     overrides the config's ``scaling_factor``; ``channels`` is the image channel count of the
-    identity VAE.
+    identity VAE. ``override`` is how the caller's config takes a local folder: a hub id that
+    cannot be fetched (no network) raises `WeightsUnavailableError` naming it.
     """
     if pretrained is None or pretrained == IDENTITY:
         return IdentityVAE(channels)
@@ -103,16 +107,23 @@ def load_vae(
     # A hub id is "org/name"; anything that looks like a path must exist, rather than fall through
     # to the hub.
     if pretrained.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(pretrained)):
-        raise FileNotFoundError(f"VAE folder {pretrained!r} does not exist (vae.pretrained=).")
+        raise FileNotFoundError(f"VAE folder {pretrained!r} does not exist ({override}).")
     try:
         autoencoder = AutoencoderKL.from_pretrained(
             os.path.expanduser(pretrained), subfolder=subfolder
         )
     except (OSError, ValueError) as err:
+        if not os.path.isdir(os.path.expanduser(pretrained)) and is_network_error(err):
+            raise WeightsUnavailableError(
+                f"the VAE {pretrained!r} from the Hugging Face Hub",
+                override,
+                hub_download_hint(pretrained, subfolder),
+                err,
+            ) from err
         raise OSError(
             f"Could not load the VAE {pretrained!r}: {err}\nPass a hub id (e.g. "
             "stabilityai/sd-vae-ft-ema) or a "
-            "local folder written by diffusers `save_pretrained` (vae.pretrained=/path/to/vae)."
+            f"local folder written by diffusers `save_pretrained` ({override})."
         ) from err
     return DiffusersVAE(autoencoder, name=pretrained, scale_factor=scale_factor)
 
@@ -128,7 +139,9 @@ def vae_info(vae: IdentityVAE | DiffusersVAE) -> dict[str, Any]:
 
 
 def vae_from_manifest(
-    manifest: Mapping[str, Any], pretrained: str | None = None
+    manifest: Mapping[str, Any],
+    pretrained: str | None = None,
+    override: str = "vae.pretrained=DIR",
 ) -> IdentityVAE | DiffusersVAE:
     """The VAE a shard set was made with, with the scale factor its latents were trained with.
 
@@ -138,5 +151,8 @@ def vae_from_manifest(
     info = manifest["vae"]
     name = pretrained or info["name"]
     return load_vae(
-        name, scale_factor=float(info["scale_factor"]), channels=int(info["latent_channels"])
+        name,
+        scale_factor=float(info["scale_factor"]),
+        channels=int(info["latent_channels"]),
+        override=override,
     )

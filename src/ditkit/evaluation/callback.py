@@ -96,7 +96,9 @@ class FIDCallback(Callback):
                 raise FileNotFoundError(f"callbacks.fid.reference: {err}") from err
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.extractor = load_inception(self.inception_weights, pl_module.device)
+        self.extractor = load_inception(
+            self.inception_weights, pl_module.device, key="callbacks.fid.inception_weights"
+        )
         image_size = getattr(trainer.datamodule, "image_size", None)
         if image_size is not None and self.reference is not None:
             check_reference(
@@ -112,7 +114,14 @@ class FIDCallback(Callback):
                 "drop callbacks.fid and sample prompts with evaluate.py prompts=FILE"
             )
         spec, steps, options = resolve(self.sampler, pl_module.objective.name, "preview")
+        if getattr(trainer, "datamodule", None) is not None:  # a VAE it cannot fetch: fail now
+            self._decode = self._decoder(trainer, pl_module)
         self.sample_kwargs = {"sampler": spec.name, "steps": steps, **options, **self.guidance}
+
+    def _decoder(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        trainer.datamodule.setup()
+        vae = vae_from_manifest(trainer.datamodule.manifest, self.vae, "callbacks.fid.vae=DIR")
+        return make_decoder(vae, pl_module.device)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
@@ -151,10 +160,7 @@ class FIDCallback(Callback):
         cols*W, 3) uint8."""
         model = pl_module.ema
         if self._decode is None:
-            trainer.datamodule.setup()
-            self._decode = make_decoder(
-                vae_from_manifest(trainer.datamodule.manifest, self.vae), pl_module.device
-            )
+            self._decode = self._decoder(trainer, pl_module)
         plan = SamplingPlan(
             num_samples=self.num_samples,
             batch_size=self.batch_size,

@@ -33,32 +33,34 @@ def run_vae(
     pretrained: str | None = None,
     subfolder: str | None = None,
     chosen: bool = False,
+    override: str = "vae=sd_ft_ema vae.pretrained=DIR",
 ) -> torch.nn.Module:
     """The VAE of a ditkit run, from its `data` config.
 
     chosen=False (no `vae=` given): the manifest's VAE; without a readable manifest, the identity
     for the built-in digits (pixel space), else an error that says what to pass. chosen=True:
     `pretrained`
-    (None: identity), with the manifest's scale factor when the manifest is readable.
+    (None: identity), with the manifest's scale factor when the manifest is readable. override:
+    the setting that takes a local VAE folder (named when the hub cannot be reached).
     """
     manifest = read_run_manifest(data)
     if chosen:
         if pretrained is None or pretrained == "identity":
             return IdentityVAE(3)
         return (
-            vae_from_manifest(manifest, pretrained)
+            vae_from_manifest(manifest, pretrained, override)
             if manifest is not None
-            else load_vae(pretrained, subfolder)
+            else load_vae(pretrained, subfolder, override=override)
         )
     if manifest is not None:
-        return vae_from_manifest(manifest)
+        return vae_from_manifest(manifest, override=override)
     if data.get("builtin") == "digits":
         return IdentityVAE(3)
     raise FileNotFoundError(
         f"the checkpoint's data manifest ({data.get('manifest') or data.get('root')}) is not "
         "readable here, so its VAE "
-        "is unknown: pass vae=sd_ft_ema (or vae.pretrained=<hub id or folder>), or vae=identity for "
-        "pixel space"
+        "is unknown: pass vae=sd_ft_ema (with vae.pretrained=<hub id or folder> for another one), or "
+        "vae=identity for pixel space"
     )
 
 

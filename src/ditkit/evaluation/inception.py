@@ -13,7 +13,12 @@ import hashlib
 from pathlib import Path
 
 import torch
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.feature_extractor_inceptionv3 import (
+    URL_INCEPTION_V3,
+    FeatureExtractorInceptionV3,
+)
+
+from ditkit.offline import WeightsUnavailableError, is_network_error, url_download_hint
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
 # 2048-d pool features for FID / KID / precision-recall, 1008 logits without bias for IS
@@ -22,12 +27,15 @@ POOL, LOGITS = "2048", "logits_unbiased"
 
 
 def load_inception(
-    weights_path: str | None = None, device: str | torch.device = "cpu"
+    weights_path: str | None = None,
+    device: str | torch.device = "cpu",
+    key: str = "fid.inception_weights",
 ) -> FeatureExtractorInceptionV3:
     """torch-fidelity's Inception-v3 in eval mode on `device`.
 
     weights_path: a local state-dict file (clusters without internet), or None to use
-    torch-fidelity's own download (cached under $TORCH_HOME after the first use).
+    torch-fidelity's own download (cached under $TORCH_HOME after the first use); without a network
+    that raises `WeightsUnavailableError` naming `key` (the config key of weights_path) and the URL.
     Calling it: `pool, logits = extractor(images_uint8)` with pool (N, 2048) and logits (N, 1008)
     float32.
     """
@@ -35,7 +43,7 @@ def load_inception(
         path = Path(weights_path)
         if not path.is_file():
             raise FileNotFoundError(
-                f"fid.inception_weights={weights_path}: no such file. Pass the path of the Inception weights "
+                f"{key}={weights_path}: no such file. Pass the path of the Inception weights "
                 "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth) or leave it null to "
                 "download them."
             )
@@ -45,7 +53,7 @@ def load_inception(
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise ValueError(
-                f"fid.inception_weights={weights_path} is not a plain state-dict file that loads with "
+                f"{key}={weights_path} is not a plain state-dict file that loads with "
                 f"weights_only=True ({type(err).__name__}: {err})."
             ) from err
         weights_path = str(path)
@@ -54,9 +62,16 @@ def load_inception(
             FEATURE_EXTRACTOR, [POOL, LOGITS], feature_extractor_weights_path=weights_path
         )
     except RuntimeError as err:
-        raise ValueError(
-            f"fid.inception_weights={weights_path} does not hold Inception-v3 weights: {err}"
-        ) from err
+        raise ValueError(f"{key}={weights_path} does not hold Inception-v3 weights: {err}") from err
+    except Exception as err:
+        if weights_path is None and is_network_error(err):
+            raise WeightsUnavailableError(
+                "the Inception-v3 weights of torch-fidelity",
+                f"{key}=PATH",
+                url_download_hint(URL_INCEPTION_V3),
+                err,
+            ) from err
+        raise
     return extractor.to(device)
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from ditkit.checkpoints.resume import checkpoint_step
+from ditkit.data.datamodule import open_manifest
+from ditkit.data.manifest_keys import fill_from_manifest
 from ditkit.models import DIT_VARIANTS
 
 INT_KEYS = (
@@ -75,11 +77,32 @@ def check_model_fits_data(model: Mapping[str, Any], data: Mapping[str, Any]) -> 
             )
 
 
+def fill_data_keys(cfg: Any, overrides: list[str]) -> dict[str, Any]:
+    """cfg: the composed run config; overrides: Hydra's task overrides. For shards that are not
+    built in, the data keys the manifest knows and the command line left alone, as
+    ``{key: manifest value}`` (`ditkit.data.manifest_keys.fill_from_manifest`); those the command
+    line set are checked, every mismatch in one error."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    if data.get("builtin") is not None or (data.get("root") is None) == (data.get("urls") is None):
+        return {}  # built-in sets are configured exactly; a missing data.root fails in the datamodule
+    manifest, _ = open_manifest(data.get("root"), data.get("urls"), data.get("manifest"))
+    explicit = [
+        o.partition("=")[0].lstrip("+~").removeprefix("data.")
+        for o in overrides
+        if o.lstrip("+~").startswith("data.")
+    ]
+    takes_text = "context_dim" in cfg.model
+    return fill_from_manifest(data, manifest, explicit, takes_text)
+
+
 def check_resume(resume: str, ckpt_path: str | None, checkpoint_dir: str | Path) -> None:
-    """resume: "auto" | "never"; ckpt_path: an explicit checkpoint or None."""
-    if resume not in ("auto", "never"):
+    """resume: "auto" | "force" | "never"; ckpt_path: an explicit checkpoint or None."""
+    if resume not in ("auto", "force", "never"):
         raise ConfigError(
-            f"resume={resume!r}: use resume=auto (continue this run's folder) or resume=never"
+            f"resume={resume!r}: use resume=auto (continue this run's folder when it trains the "
+            "same thing), resume=force (continue it even if not) or resume=never"
         )
     if ckpt_path is not None:
         if not Path(ckpt_path).exists():

@@ -37,18 +37,26 @@ def fixed_inputs(
     return noise, y
 
 
-def to_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
-    """images: (N, C, H, W) in about [-1, 1] -> (rows*H, nrow*W, 3) uint8, row-major."""
+GUTTER = 2  # px of mid-grey between grid cells: dark-background samples (digits) stay apart
+GUTTER_VALUE = 128
+
+
+def to_grid(images: torch.Tensor, nrow: int | None = None, gutter: int = GUTTER) -> np.ndarray:
+    """images: (N, C, H, W) in about [-1, 1] -> (rows*H + (rows-1)*gutter, nrow*W +
+    (nrow-1)*gutter, 3) uint8, row-major, cells separated by `gutter` px of grey."""
     n, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
     x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     if c == 1:
         x = x.expand(-1, 3, -1, -1)
-    grid = torch.zeros((3, rows * h, nrow * w), dtype=torch.uint8)
+    step_h, step_w = h + gutter, w + gutter
+    grid = torch.full(
+        (3, rows * step_h - gutter, nrow * step_w - gutter), GUTTER_VALUE, dtype=torch.uint8
+    )
     for i in range(n):
         r, col = divmod(i, nrow)
-        grid[:, r * h : (r + 1) * h, col * w : (col + 1) * w] = x[i, :3]
+        grid[:, r * step_h : r * step_h + h, col * step_w : col * step_w + w] = x[i, :3]
     return grid.permute(1, 2, 0).numpy()
 
 
@@ -66,7 +74,7 @@ def _decoder(trainer: L.Trainer, vae: str | None):
 
     datamodule = trainer.datamodule
     datamodule.setup()
-    model = vae_from_manifest(datamodule.manifest, vae).eval()
+    model = vae_from_manifest(datamodule.manifest, vae, "callbacks.sample_grid.vae=DIR").eval()
     scale = datamodule.scale_factor
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
@@ -181,6 +189,12 @@ class SampleGrid(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         resolve(self.sampler, pl_module.objective.name, "preview")  # a bad setting fails now
+        # The VAE and text encoders load now: weights that cannot be fetched fail before training.
+        model = pl_module.model
+        _, labels = fixed_inputs(self.num_images, (1, 1, 1), self.labels, self.seed)
+        self._condition = conditions(trainer, model, labels, self.prompts)
+        if trainer.is_global_zero:
+            self._decode = _decoder(trainer, self.vae)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
