@@ -34,9 +34,12 @@ def test_one_line_per_sampler_with_counts(monkeypatch, capsys):
         forward_flops_per_call = DiT(
             input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=10
         ).forward_flops(6)
-    assert [r["sampler"] for r in lines] == ["ddpm", "ddim", "euler", "heun", "sde"]
-    assert [r["objective"] for r in lines] == ["ddpm", "ddpm", "flow", "flow", "flow"]
-    assert [r["model_evals"] for r in lines] == [4, 4, 4, 8, 4]  # Heun: two calls per step
+    assert [r["sampler"] for r in lines] == [
+        *("ddpm", "ddim", "dpmpp_2m", "unipc"),
+        *("euler", "heun", "sde", "unipc_flow"),
+    ]
+    assert [r["objective"] for r in lines] == ["ddpm"] * 4 + ["flow"] * 4
+    assert [r["model_evals"] for r in lines] == [4, 4, 4, 4, 4, 8, 4, 4]  # Heun: two per step
     for r in lines:
         assert r["steps"] == 4 and r["batch"] == 6  # guided: cond + null in one batch of 2N
         assert r["latent"] == [4, 8, 8]
