@@ -49,6 +49,10 @@ def test_one_line_per_sampler_with_counts(monkeypatch, capsys):
         flops = r["model_evals"] * forward_flops_per_call
         assert r["gflops_per_sec"] == pytest.approx(flops / r["seconds"] / 1e9, rel=1e-2, abs=0.01)
         assert r["mfu"] == pytest.approx(r["gflops_per_sec"] / r["peak_gflops"], abs=1e-3)
+        assert r["mfu_nominal"] is None  # no datasheet peak on a CPU
+        # FID-50K's sampling time at this rate: 50,000 / images/s, and an eighth of it on 8 GPUs
+        assert r["fid50k_hours_1gpu"] == pytest.approx(50_000 / r["imgs_per_sec"] / 3600, rel=1e-4)
+        assert r["fid50k_hours_8gpu"] == pytest.approx(r["fid50k_hours_1gpu"] / 8, rel=1e-4)
 
 
 def test_default_steps_come_from_the_sampler_configs(monkeypatch, capsys):
