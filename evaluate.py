@@ -281,6 +281,10 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     if reference is not None:
         check_reference(reference, cfg.fid.reference, image_size, inception_fingerprint(extractor))
     model = model.to(device)
+    if cfg.compile:
+        from ditkit.training.parallel import compile_blocks
+
+        compile_blocks(model)  # each block, as training's module.compile and benchmarks/sample.py
     plan = SamplingPlan(
         num_samples=cfg.num_samples,
         batch_size=cfg.batch_size,

@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from ditkit.training.throughput import peak_flops
+
 PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
@@ -91,6 +93,27 @@ def matmul_peak_flops(
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = min(time_calls(lambda: a @ b, reps, 2, device))
     return 2 * n**3 / best
+
+
+def nominal_peak_flops(device: torch.device, precision: str) -> float | None:
+    """The datasheet's dense peak FLOP/s of the detected GPU for a 16-bit `precision` (the table
+    of ditkit.training.throughput, which training's perf/mfu uses), None on CPU, in fp32 or for an
+    unknown GPU. FP8 training is counted against this 16-bit peak too (as torchtitan does)."""
+    if device.type != "cuda":
+        return None
+    return peak_flops(torch.cuda.get_device_name(device), precision)
+
+
+def mfu_fields(flops_per_sec: float, measured_peak: float, nominal_peak: float | None) -> dict:
+    """MFU both ways, named: `mfu` against the matmul measured in the same process
+    (`peak_gflops`), `mfu_nominal` against the datasheet peak of the detected GPU
+    (`nominal_peak_gflops`; null where there is none, e.g. on a CPU)."""
+    return dict(
+        peak_gflops=sig(measured_peak / 1e9),
+        mfu=sig(flops_per_sec / measured_peak),
+        nominal_peak_gflops=None if nominal_peak is None else sig(nominal_peak / 1e9),
+        mfu_nominal=None if nominal_peak is None else sig(flops_per_sec / nominal_peak),
+    )
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -6,13 +6,14 @@
     python benchmarks/few_step.py flow_ckpt=outputs/experiment-quickstart/checkpoints/last.ckpt \\
         ddpm_ckpt=outputs/experiment-quickstart+model.learn_sigma-true+objective-ddpm/checkpoints/last.ckpt
 
-For each `settings` entry (objective:sampler:steps), `per_class` guided samples of each digit from
-that objective's checkpoint (EMA weights), scored two ways: `accuracy`, the share an SVM trained on
-the real digits assigns to the digit asked for (as the quickstart's DigitsScore), and `fd_pixels`,
-the Frechet distance between the samples and the 1,797 real digits in grayscale pixel space (16 x 16
-= 256 features). That is FID's formula without Inception: the Inception weights cannot be downloaded
-here, and they were made for 299 px photographs, not 16 px digits. Also reported: model evaluations
-(NFE), seconds and images/s. A table, then one JSON line per setting.
+For each `settings` entry (objective:sampler:steps; by default 10, 20, 50 and 250 network calls of
+each objective, the diffusers solvers dpmpp_2m, unipc and unipc_flow included), `per_class` guided
+samples of each digit from that objective's checkpoint (EMA weights), scored two ways: `accuracy`,
+the share an SVM trained on the real digits assigns to the digit asked for (as the quickstart's
+DigitsScore), and `fd_pixels`, the Frechet distance between the samples and the 1,797 real digits
+in grayscale pixel space (16 x 16 = 256 features). That is FID's formula without Inception: the
+Inception weights cannot be downloaded here, and they were made for 299 px photographs, not 16 px
+digits. Also reported: model evaluations (NFE), seconds and images/s. A table, then one JSON line per setting.
 """
 
 import sys
@@ -87,8 +88,13 @@ def main() -> None:
         dict(
             flow_ckpt=None,
             ddpm_ckpt=None,
-            settings="ddpm:ddpm:250,ddpm:ddim:50,flow:heun:25,"
-            "flow:heun:10,flow:heun:5,flow:euler:50,flow:euler:10",
+            # Network calls 10, 20, 50 and 250 for each objective (Heun takes 2 per step).
+            settings="ddpm:ddpm:250,ddpm:ddim:10,ddpm:ddim:20,ddpm:ddim:50,"
+            "ddpm:dpmpp_2m:10,ddpm:dpmpp_2m:20,ddpm:dpmpp_2m:50,"
+            "ddpm:unipc:10,ddpm:unipc:20,ddpm:unipc:50,"
+            "flow:sde:250,flow:euler:250,flow:euler:10,flow:euler:20,flow:euler:50,"
+            "flow:heun:5,flow:heun:10,flow:heun:25,"
+            "flow:unipc_flow:10,flow:unipc_flow:20,flow:unipc_flow:50",
             per_class=100,
             cfg_scale=4.0,
             seed=0,
@@ -120,7 +126,7 @@ def main() -> None:
         print(f"sampling {objective_name} {sampler}-{steps} ...", file=sys.stderr, flush=True)
         records.append(score(model, objective, sampler, int(steps), args, classifier, real_stats))
     print("| objective | sampler | steps | NFE | digits accuracy | FD (pixels) | images/s |")
-    for r in records:
+    for r in sorted(records, key=lambda r: (r["objective"], r["nfe"])):
         print(
             f"| {r['objective']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['accuracy']:.1%} | "
             f"{r['fd_pixels']} | {r['imgs_per_sec']} |"

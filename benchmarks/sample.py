@@ -1,14 +1,21 @@
 """Time sampling N latents with each registered sampler, against the bare model forwards it needs.
 
     python benchmarks/sample.py model=dit_xl num_samples=32 cfg_scale=1.5 precision=bf16-mixed
+    python benchmarks/sample.py model=dit_xl samplers=ddpm,euler cfg_scale=1.5 precision=bf16-mixed \
+        compile=true num_samples=128      # the evaluate.py precision=bf16-mixed compile=true path
     python benchmarks/sample.py tiny=true        # a depth-2, width-32 DiT on 8x8 latents (tests)
 
 Prints one JSON line per sampler (the sampler registry gives its objective and default steps;
 steps=N overrides them): steps, model_evals (model calls, a guided call being one batch of 2N),
 seconds (the whole sampler), forward_seconds (the same sequence of model calls on prepared inputs,
 nothing else), and overhead = seconds / forward_seconds - 1, the sampler's own cost (target: < 5%),
-images/s, the model's FLOP/s and MFU against a matmul in the same precision measured here, and peak
-memory. Each time is the best of `repeats` interleaved runs; threads=N sets torch's CPU threads.
+images/s, the model's FLOP/s, MFU both ways (`mfu` against a matmul in the same precision measured
+here, `mfu_nominal` against the datasheet peak of the detected GPU, null on CPU), peak memory, and
+the sampling time of FID-50K at that rate on 1 and 8 GPUs (`fid50k_hours_1gpu`, `_8gpu`: 50,000 /
+images/s, split evenly over the GPUs; VAE decoding and Inception not included). compile=true
+compiles each block (`compile_blocks`, as evaluate.py compile=true and training do); the guided
+conditional and null halves always go through the model as one batch of 2N. Each time is the best
+of `repeats` interleaved runs; threads=N sets torch's CPU threads.
 """
 
 import time
@@ -20,6 +27,8 @@ from common import (
     device_of,
     emit,
     matmul_peak_flops,
+    mfu_fields,
+    nominal_peak_flops,
     parse_args,
     peak_memory_mb,
     progress_bar,
@@ -32,8 +41,10 @@ from hydra.utils import instantiate
 from ditkit.checkpoints import instantiate_model
 from ditkit.objectives import get_sampler
 from ditkit.objectives.samplers import all_samplers
+from ditkit.training.parallel import compile_blocks
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+FID_SAMPLES = 50_000  # FID-50K, the ImageNet protocol of DiT, SiT and REPA
 TINY = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2"]
 
 
@@ -85,6 +96,8 @@ def bench(args: dict, sampler: str, device: torch.device, tick=lambda: None) -> 
     """tick: called after the recording run and after each repeat (the progress bar)."""
     model, objective, scfg = build(args, sampler)
     model.to(device).eval()
+    if args["compile"]:
+        compile_blocks(model)
     steps = args["steps"] or scfg.default_steps
     n, c, s = args["num_samples"], model.in_channels, model.input_size
     g = torch.Generator(device=device).manual_seed(0)
@@ -152,9 +165,11 @@ def bench(args: dict, sampler: str, device: torch.device, tick=lambda: None) -> 
         overhead=sig(seconds / forward_seconds - 1),
         imgs_per_sec=sig(n / seconds),
         gflops_per_sec=sig(flops / seconds / 1e9),
-        peak_gflops=sig(peak / 1e9),
-        mfu=sig(flops / seconds / peak),
+        **mfu_fields(flops / seconds, peak, nominal_peak_flops(device, args["precision"])),
         peak_mem_mb=round(peak_memory_mb(device), 1),
+        compile=args["compile"],
+        fid50k_hours_1gpu=sig(FID_SAMPLES / (n / seconds) / 3600),
+        fid50k_hours_8gpu=sig(FID_SAMPLES / (n / seconds) / 3600 / 8),
     )
 
 
@@ -170,6 +185,7 @@ def main() -> None:
             steps=0,
             cfg_scale=1.5,
             precision="32-true",
+            compile=False,
             device="auto",
             repeats=3,
             threads=0,

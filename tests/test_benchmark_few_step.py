@@ -55,7 +55,8 @@ def test_counts_model_calls_per_sampler(tmp_path):
         f"ddpm_ckpt={tmp_path / 'ddpm.ckpt'}",
         "per_class=2",
         "threads=1",
-        "settings=ddpm:ddpm:250,flow:heun:5,flow:euler:3",
+        "settings=ddpm:ddpm:250,ddpm:dpmpp_2m:4,ddpm:unipc:3,flow:heun:5,flow:euler:3,"
+        "flow:unipc_flow:4",
     ]
     out = subprocess.run(
         [sys.executable, "benchmarks/few_step.py", *args],
@@ -67,8 +68,11 @@ def test_counts_model_calls_per_sampler(tmp_path):
     records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [(r["objective"], r["sampler"], r["steps"], r["nfe"]) for r in records] == [
         ("ddpm", "ddpm", 250, 250),
+        ("ddpm", "dpmpp_2m", 4, 4),
+        ("ddpm", "unipc", 3, 3),
         ("flow", "heun", 5, 10),
         ("flow", "euler", 3, 3),
+        ("flow", "unipc_flow", 4, 4),
     ]
     for r in records:
         assert r["num_samples"] == 20 and 0 <= r["accuracy"] <= 1 and r["fd_pixels"] > 0

@@ -30,8 +30,14 @@ def test_gpu_check_dry_run_prints_every_measurement():
     assert all(r["precision"] == "bf16-mixed" and r["imgs_per_sec"] > 0 for r in steps)
     batches = [r for r in records if "max_batch" in r]
     assert [r["max_batch"] for r in batches] == [4, 4]  # the dry run's cap: limit=4
-    ddpm_250, big_batch = [r for r in records if "sampler" in r]
-    assert (
-        ddpm_250["sampler"] == "ddpm" and ddpm_250["model_evals"] == 3 and ddpm_250["batch"] == 4
-    )  # guided: 2N
-    assert big_batch["model_evals"] == 2 and big_batch["batch"] == 8
+    sampling = [r for r in records if "sampler" in r]
+    assert [r["sampler"] for r in sampling] == ["ddpm", "euler", "dpmpp_2m", "unipc_flow"]
+    for r in sampling:  # guided: 2N per call; the dry run's steps=3 for every sampler
+        assert r["model_evals"] == 3 and r["batch"] == 4 and r["precision"] == "bf16-mixed"
+        assert r["fid50k_hours_8gpu"] == pytest.approx(r["fid50k_hours_1gpu"] / 8, rel=1e-4)
+    for r in steps + sampling:  # MFU both ways; a CPU has no datasheet peak
+        assert r["mfu"] > 0 and r["mfu_nominal"] is None
+    (fp8,) = [r for r in records if r.get("skipped") == "fp8"]
+    assert "FP8 tensor cores" in fp8["reason"] and "module.fp8=false" in fp8["reason"]
+    (profile,) = [r for r in records if "top" in r]
+    assert profile["compile"] is False and len(profile["top"]) == 5 and profile["total_ms"] > 0

@@ -34,9 +34,12 @@ def test_one_line_per_sampler_with_counts(monkeypatch, capsys):
         forward_flops_per_call = DiT(
             input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=10
         ).forward_flops(6)
-    assert [r["sampler"] for r in lines] == ["ddpm", "ddim", "euler", "heun", "sde"]
-    assert [r["objective"] for r in lines] == ["ddpm", "ddpm", "flow", "flow", "flow"]
-    assert [r["model_evals"] for r in lines] == [4, 4, 4, 8, 4]  # Heun: two calls per step
+    assert [r["sampler"] for r in lines] == [
+        *("ddpm", "ddim", "dpmpp_2m", "unipc"),
+        *("euler", "heun", "sde", "unipc_flow"),
+    ]
+    assert [r["objective"] for r in lines] == ["ddpm"] * 4 + ["flow"] * 4
+    assert [r["model_evals"] for r in lines] == [4, 4, 4, 4, 4, 8, 4, 4]  # Heun: two per step
     for r in lines:
         assert r["steps"] == 4 and r["batch"] == 6  # guided: cond + null in one batch of 2N
         assert r["latent"] == [4, 8, 8]
@@ -46,6 +49,10 @@ def test_one_line_per_sampler_with_counts(monkeypatch, capsys):
         flops = r["model_evals"] * forward_flops_per_call
         assert r["gflops_per_sec"] == pytest.approx(flops / r["seconds"] / 1e9, rel=1e-2, abs=0.01)
         assert r["mfu"] == pytest.approx(r["gflops_per_sec"] / r["peak_gflops"], abs=1e-3)
+        assert r["mfu_nominal"] is None  # no datasheet peak on a CPU
+        # FID-50K's sampling time at this rate: 50,000 / images/s, and an eighth of it on 8 GPUs
+        assert r["fid50k_hours_1gpu"] == pytest.approx(50_000 / r["imgs_per_sec"] / 3600, rel=1e-4)
+        assert r["fid50k_hours_8gpu"] == pytest.approx(r["fid50k_hours_1gpu"] / 8, rel=1e-4)
 
 
 def test_default_steps_come_from_the_sampler_configs(monkeypatch, capsys):

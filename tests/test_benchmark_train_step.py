@@ -1,6 +1,7 @@
 """benchmarks/train_step.py runs on a tiny model and its JSON is self-consistent (no timing asserted)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,21 @@ def test_train_step_benchmark_reports_consistent_numbers():
         < 0.02 * record["gflops_per_sec"] + 0.01
     )
     assert abs(record["mfu"] - record["gflops_per_sec"] / record["peak_gflops"]) < 1e-3
+    assert record["mfu_nominal"] is None and record["nominal_peak_gflops"] is None  # no datasheet
     assert record["peak_mem_mb"] > 0
+    # warm-up + timed steps; DDPM's hybrid loss on random weights starts near 1 + VLB
+    assert len(record["losses"]) == 3 and all(0 < v < 100 for v in record["losses"])
+
+
+def test_train_step_fp8_on_cpu_fails_before_work_naming_the_fix():
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/train_step.py", "fp8=true", "compile=true", "depth=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert proc.returncode != 0 and "module.fp8=false" in proc.stderr
 
 
 def test_train_step_benchmark_rejects_unknown_arguments():

@@ -9,6 +9,12 @@ from .protocol import DiffusionObjective, Objective, check_objective
 from .samplers import SAMPLERS, get_sampler, register_sampler, samplers_of
 from .terms import LinearProbe, Term, TermInputs
 
+# isort: off
+# The diffusers solvers register after the objectives' own samplers (the registry's order is the
+# order errors and `benchmarks/sample.py samplers=all` list them in).
+from . import solvers  # noqa: F401
+# isort: on
+
 __all__ = [
     "SAMPLERS",
     "DiffusionObjective",

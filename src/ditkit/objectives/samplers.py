@@ -140,7 +140,7 @@ def register_configs() -> None:
     `sampler=NAME sampler.steps=N sampler.options.eta=...`), from this table alone."""
     from hydra.core.config_store import ConfigStore
 
-    from . import flow, gaussian  # noqa: F401 - their samplers register on import
+    from . import flow, gaussian, solvers  # noqa: F401 - their samplers register on import
 
     store = ConfigStore.instance()
     for spec in SAMPLERS.values():

@@ -30,6 +30,7 @@ from ditkit.models.protocol import check_backbone
 from ditkit.objectives.protocol import check_objective
 
 from .ema import ema_decay, local, make_shadow, update_ema
+from .fp8 import check_fp8, convert_fp8
 from .parallel import checkpoint_blocks, compile_blocks, reshard, shard_blocks
 
 # DiT's optimizer (Peebles & Xie 2023, sec. 5): AdamW, lr 1e-4, no weight decay. fused: one kernel
@@ -67,6 +68,8 @@ class DiffusionModule(L.LightningModule):
         sampling needs only the backbone).
     compile: torch.compile each block. activation_checkpointing: recompute each block's
         activations in the backward (DiT, MMDiT and U-Net alike). seed: base of the per-step seeds.
+    fp8: the blocks' linear layers in FP8 (torchao float8 training, rowwise scaling; training/fp8.py):
+        GPU with FP8 tensor cores, module.compile=true and bf16-mixed only, refused elsewhere.
     max_consecutive_skips: stop with an error after this many non-finite steps in a row.
     run_config: the run's resolved config (plain dict), stored in every checkpoint under
         "ditkit_config" so evaluate.py can rebuild the model and objective from the file alone.
@@ -85,6 +88,7 @@ class DiffusionModule(L.LightningModule):
         ema_objective_modules: bool = False,
         compile: bool = False,
         activation_checkpointing: bool = False,
+        fp8: bool = False,
         seed: int = 0,
         max_consecutive_skips: int = 10,
         run_config: dict | None = None,
@@ -98,6 +102,8 @@ class DiffusionModule(L.LightningModule):
             )
         check_backbone(model)
         check_objective(objective)
+        if fp8:
+            check_fp8(compile)
         self.model = model
         self.objective = objective
         self.ema = make_shadow(model)
@@ -119,6 +125,7 @@ class DiffusionModule(L.LightningModule):
         self.ema_warmup = ema_warmup
         self.compile_blocks = compile
         self.activation_checkpointing = activation_checkpointing
+        self.fp8 = fp8
         self.seed = seed
         self.max_consecutive_skips = max_consecutive_skips
         self.run_config = run_config
@@ -153,6 +160,9 @@ class DiffusionModule(L.LightningModule):
         if self._configured:
             return
         self._configured = True
+        if self.fp8:  # before sharding and compiling, as torchao asks
+            check_fp8(self.compile_blocks, self.trainer.precision)
+            convert_fp8(self.model)
         if self.device_mesh is not None:
             from torch.distributed.fsdp import fully_shard
 
