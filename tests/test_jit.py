@@ -169,3 +169,33 @@ def test_learns_a_fixed_target():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def compose_train(experiment, *overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[f"experiment={experiment}", *overrides])
+
+
+def test_jit_b16_in256_is_the_paper_recipe():
+    cfg = compose_train("jit_b16_in256", "data.root=/data/in256-pixels")
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    objective = instantiate(cfg.objective)
+    assert isinstance(model, JiT) and (model.input_size, model.patch_size) == (256, 16)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == 131
+    assert (objective.prediction, objective.loss_space, objective.t_eps) == ("x", "v", 0.05)
+    # JiT's P_mean -0.8 (t = 1 clean) is ditkit's +0.8 (t = 1 noise): sigmoid(-z) = 1 - sigmoid(z).
+    assert (objective.logit_mean, objective.logit_std, objective.noise_scale) == (0.8, 0.8, 1.0)
+    assert cfg.optimizer.lr == 5e-5 * 1024 / 256 and list(cfg.optimizer.betas) == [0.9, 0.95]
+    assert cfg.data.batch_size * 8 == 1024 and cfg.trainer.max_steps == 600 * 1251
+    assert (cfg.module.ema_decay, dict(cfg.module.extra_ema)) == (0.9999, {"ema_9996": 0.9996})
+
+
+def test_quickstart_jit_builds_a_pixel_space_jit():
+    cfg = compose_train("quickstart_jit")
+    model = instantiate(cfg.model)
+    objective = instantiate(cfg.objective)
+    assert isinstance(model, JiT) and (model.input_size, model.in_channels) == (16, 3)
+    assert (model.in_context_len, model.in_context_start) == (4, 1)
+    assert (objective.prediction, objective.loss_space) == ("x", "v")
+    assert dict(cfg.module.extra_ema) == {"ema_99": 0.99}
