@@ -170,7 +170,7 @@ def evaluate_prompts(cfg: DictConfig, run_dir: Path) -> dict:
     from ditkit.evaluation.samples_io import image_grid
 
     prompts = read_prompts(cfg.prompts)
-    ckpt = read_checkpoint(_checkpoint_file(cfg.ckpt, run_dir), cfg.weights)
+    ckpt = read_checkpoint(_checkpoint_file(cfg.ckpt, run_dir), cfg.weights, cfg.ema)
     if ckpt.kind != "ditkit":
         raise ValueError(
             f"prompts= needs a ditkit checkpoint of a text-to-image model (MMDiT); ckpt={cfg.ckpt} is not one"
@@ -258,7 +258,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         raise ValueError(
             f"metrics kid / prc need reference features: make {cfg.fid.reference} again with features=10000"
         )
-    ckpt = read_checkpoint(_checkpoint_file(cfg.ckpt, run_dir), cfg.weights)
+    ckpt = read_checkpoint(_checkpoint_file(cfg.ckpt, run_dir), cfg.weights, cfg.ema)
     model, objective, vae, data_image_size = build(cfg, ckpt)
     sample_kwargs = sampler_settings(cfg, objective)
     image_size = model.input_size * vae.downsample
@@ -296,6 +296,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     settings = {
         "ckpt": str(Path(cfg.ckpt).resolve()),
         "weights": cfg.weights,
+        "ema": cfg.ema,
         "num_samples": cfg.num_samples,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,

@@ -26,7 +26,15 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ditkit.data.datamodule import default_num_workers
-from ditkit.data.format import MANIFEST, MOMENTS, decode_moments, moments_shape, parse_manifest
+from ditkit.data.format import (
+    MANIFEST,
+    MOMENTS,
+    decode_moments,
+    decode_pixel_moments,
+    is_pixel_set,
+    moments_shape,
+    parse_manifest,
+)
 from ditkit.data.images import BadImage, center_crop_arr
 from ditkit.data.sources import DigitsSource, ImageFolderSource
 from ditkit.data.vae import vae_from_manifest
@@ -75,9 +83,11 @@ class _ShardMeans(IterableDataset):
         for shard in shards:
             name = shard["name"] if isinstance(shard, dict) else shard
             for sample in wds.tarfile_to_samples()([{"url": os.path.join(self.root, name)}]):
-                batch.append(
-                    torch.from_numpy(decode_moments(sample, MOMENTS, shape)[:c].astype(np.float32))
-                )
+                if is_pixel_set(self.manifest):
+                    moments = decode_pixel_moments(sample, shape)
+                else:
+                    moments = decode_moments(sample, MOMENTS, shape)
+                batch.append(torch.from_numpy(moments[:c].astype(np.float32)))
                 if len(batch) == self.batch_size:
                     yield torch.stack(batch)
                     batch = []

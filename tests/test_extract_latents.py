@@ -24,15 +24,16 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def read_shards(out: Path) -> dict[str, dict]:
-    """key -> {"label", "moments", "moments_flip", "shard"} for every sample of every train-*.tar."""
+    """key -> {"label", "shard", and "moments", "moments_flip" or (pixel sets) "pixels"} for every
+    sample of every train-*.tar."""
     samples = {}
     for tar in sorted(out.glob("train-*.tar")):
         for s in wds.tariterators.tarfile_samples([{"url": str(tar)}]):
+            fields = ("pixels.npy",) if "pixels.npy" in s else ("moments.npy", "moments_flip.npy")
             samples[s["__key__"]] = {
                 "label": decode_label(s),
                 "shard": tar.name,
-                "moments": np.load(io.BytesIO(s["moments.npy"])),
-                "moments_flip": np.load(io.BytesIO(s["moments_flip.npy"])),
+                **{f[:-4]: np.load(io.BytesIO(s[f])) for f in fields},
             }
     return samples
 
@@ -262,12 +263,11 @@ def test_ranks_write_disjoint_shards_and_the_last_merges(tmp_path):
     assert (split / MANIFEST).read_text() == (single / MANIFEST).read_text()
     for i in range(4):
         assert (split / shard_name(i)).read_bytes() == (single / shard_name(i)).read_bytes()
-    # The identity VAE stores the image itself: digit 0 is sklearn's first image (pixels 0..16 -> [-1, 1]).
+    # The identity VAE stores the image itself as uint8: digit 0 is sklearn's first image (0..16).
     first = read_shards(single)["digits_0000"]
     raw = load_digits().images[0]
-    np.testing.assert_allclose(first["moments"][0], np.round(raw * 255 / 16) / 127.5 - 1, atol=1e-3)
-    np.testing.assert_array_equal(first["moments"][3:], -30.0)
-    np.testing.assert_array_equal(first["moments_flip"][:3], first["moments"][:3, :, ::-1])
+    assert first["pixels"].dtype == np.uint8 and first["pixels"].shape == (3, 8, 8)
+    np.testing.assert_array_equal(first["pixels"][0], np.round(raw * 255 / 16).astype(np.uint8))
 
 
 def test_wds_source_keeps_its_shards_and_skips_bad_members(tmp_path):

@@ -34,6 +34,7 @@ def overrides(tiny_model, data_overrides, run_overrides):
             "trainer.devices=2",
             "optimizer.lr=1e-3",
             "module.ema_decay=0.5",
+            "+module.extra_ema.fast=0.25",  # a second EMA rate, sharded and saved like the first
             # rank 1 alone gets a NaN gradient at step 2 (after the DDP all-reduce): both ranks must
             # skip it (tests/train_callbacks.py: importable in train.py, whose PYTHONPATH has tests/)
             "+callbacks.nan._target_=train_callbacks.NaNGradOnRank",
@@ -80,11 +81,15 @@ def test_ddp_and_fsdp2_agree_and_skip_the_one_rank_nan_together(runs, tiny_dit):
             )
 
     # The consolidated checkpoint loads strictly into a plain single-process module, EMA included.
-    module = DiffusionModule(tiny_dit(), GaussianDiffusion())
+    module = DiffusionModule(tiny_dit(), GaussianDiffusion(), extra_ema={"fast": 0.25})
     module.load_state_dict(fsdp["state_dict"], strict=True)
     for name, p in module.ema.named_parameters():
         assert torch.equal(p, fsdp["state_dict"][f"ema.{name}"])
         torch.testing.assert_close(p, ddp["state_dict"][f"ema.{name}"], rtol=1e-4, atol=1e-6)
+    # The second EMA (decay 0.25) is its own average, sharded and saved like the first.
+    fast = dict(module.extra_ema["fast"].named_parameters())
+    assert fast.keys() == dict(module.ema.named_parameters()).keys()
+    assert not torch.equal(fast["final_layer.linear.weight"], module.ema.final_layer.linear.weight)
 
 
 def test_sharded_checkpoint_resumes_on_another_world_size(runs, overrides, run_train):

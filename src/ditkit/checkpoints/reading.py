@@ -3,7 +3,8 @@ instead.
 
 Kinds:
   ditkit    a Lightning checkpoint written by train.py: `state_dict` holds `model.*` (raw) and `ema.*`
-            (EMA) weights, `ditkit_config` the run's resolved config (model, objective, data).
+            (EMA) weights, `extra_ema.<name>.*` for each module.extra_ema, `ditkit_config` the run's
+            resolved config (model, objective, data).
   official  a released DiT `.pt` (bare EMA state_dict) or a reference-training checkpoint
             {"model", "ema", ...}.
   weights   a `.safetensors` of a DiT state_dict (e.g. EMA weights exported from a ditkit checkpoint).
@@ -51,11 +52,16 @@ def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def read_checkpoint(path: str | os.PathLike, weights: str = "ema") -> LoadedCheckpoint:
+def read_checkpoint(
+    path: str | os.PathLike, weights: str = "ema", ema: str = "ema"
+) -> LoadedCheckpoint:
     """Classify and read `path`; weights: "ema" (default, what DiT reports) or "raw" (the trained
-    weights)."""
+    weights). ema: which EMA of a ditkit checkpoint, "ema" (module.ema_decay) or the name of one of
+    its module.extra_ema."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights}: choose ema or raw")
+    if ema != "ema" and weights != "ema":
+        raise ValueError(f"ema={ema} picks an EMA: drop weights={weights} (or ema=)")
     path = Path(path)
     if path.is_dir():
         raise ValueError(
@@ -95,11 +101,22 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "ema") -> LoadedChec
                 "ditkit's train.py, "
                 "so the model cannot be rebuilt; export its DiT weights to .safetensors and pass that"
             )
-        prefix = "ema." if weights == "ema" else "model."
+        prefix = "model." if weights == "raw" else "ema." if ema == "ema" else f"extra_ema.{ema}."
         state = _strip(obj["state_dict"], prefix)
+        if not state and ema != "ema":
+            names = sorted(
+                {k.split(".")[1] for k in obj["state_dict"] if k.startswith("extra_ema.")}
+            )
+            raise ValueError(
+                f"ema={ema}: ckpt={path} has no such EMA; choose ema=ema"
+                + "".join(f" or ema={n}" for n in names)
+                + " (module.extra_ema of the training run)"
+            )
         if not state:
             raise ValueError(f"ckpt={path} has no `{prefix}*` weights in its state_dict")
         return LoadedCheckpoint("ditkit", state, obj["ditkit_config"])
+    if ema != "ema":
+        raise ValueError(f"ema={ema}: ckpt={path} is not a ditkit checkpoint, it has one EMA")
     if weights == "raw" and "model" not in obj:
         raise ValueError(
             f"weights=raw: {path} holds only EMA weights (official release); drop weights=raw"

@@ -19,6 +19,8 @@ from ditkit.data.format import (
     MANIFEST,
     DataFormatError,
     decode_moments,
+    decode_pixel_moments,
+    is_pixel_set,
     moments_shape,
     parse_manifest,
 )
@@ -264,7 +266,10 @@ class LatentShardsDataModule(L.LightningDataModule):
             try:
                 if first is None:
                     raise DataFormatError("no samples")
-                decode_moments(first, "moments.npy", moments_shape(manifest))
+                if is_pixel_set(manifest):
+                    decode_pixel_moments(first, moments_shape(manifest))
+                else:
+                    decode_moments(first, "moments.npy", moments_shape(manifest))
             except DataFormatError as err:
                 raise DataFormatError(
                     f"{local[0]}: {err} (manifest latent_shape {list(stored)})"
@@ -328,6 +333,7 @@ class LatentShardsDataModule(L.LightningDataModule):
             text=self.text,
             shuffle_buffer=self.shuffle_buffer,
             flip=self.flip,
+            pixels=is_pixel_set(self.manifest),
         )
         self._train_loader = ResumableLoader(
             stream, self.batches_per_epoch, self.num_workers, self._trainer_consumed

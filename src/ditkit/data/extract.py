@@ -1,5 +1,6 @@
 """Images -> VAE posterior moments -> latent shards (the engine behind `python -m
-data_pipelines.extract_latents`).
+data_pipelines.extract_latents`). With the identity VAE (pixel space) the shards hold the uint8
+crops themselves (format.PIXELS, manifest "storage": "pixels").
 
 Output shard i holds source job i; rank r of n writes the shards with i % n == r, so the result does
 not depend on how many processes wrote it. A shard is written under a temporary name and renamed
@@ -27,16 +28,20 @@ from ditkit.data.format import (
     DTYPE,
     FORMAT,
     MANIFEST,
+    PIXEL_DTYPE,
+    PIXEL_STORAGE,
+    PIXELS,
     SKIPPED,
     VERSION,
     DataFormatError,
+    encode_pixel_sample,
     encode_sample,
     shard_name,
     tar_writer,
     write_json_atomic,
 )
 from ditkit.data.images import BadImage, center_crop_arr, to_tensor
-from ditkit.data.vae import vae_info
+from ditkit.data.vae import IDENTITY, vae_info
 
 PARTS = ".parts"
 JOB = "job.json"
@@ -166,6 +171,7 @@ def extract_latents(
     os.makedirs(os.path.join(out, PARTS), exist_ok=True)
     jobs = source.plan(shard_size)
     size = image_size // vae.downsample
+    pixels = vae.name == IDENTITY
     _check_job(
         out,
         {
@@ -177,6 +183,7 @@ def extract_latents(
             "vae": vae_info(vae),
             "image_size": image_size,
             "latent_shape": [vae.latent_channels, size, size],
+            "storage": PIXEL_STORAGE if pixels else "moments",
         },
     )
     pending = [(i, jobs[i]) for i in range(rank, len(jobs), world_size) if not _is_complete(out, i)]
@@ -202,7 +209,13 @@ def extract_latents(
         shard = batch["shard"]
         writer = writers.get(shard) or writers.setdefault(shard, _ShardWriter(out, shard))
         writer.skipped.extend(batch["skipped"])
-        if batch["keys"]:
+        if batch["keys"] and pixels:
+            # The crop's pixels back from [-1, 1] (to_tensor's p / 127.5 - 1: exact after
+            # rounding); the mirror is their flip, made by the loader.
+            crops = ((batch["images"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+            for j, (key, label) in enumerate(zip(batch["keys"], batch["labels"].tolist())):
+                writer.write(encode_pixel_sample(key, label, crops[j]), label)
+        elif batch["keys"]:
             images = batch["images"].to(device)
             with autocast:
                 # One forward for the image and its mirror (the random flip of DiT's training
@@ -222,6 +235,23 @@ def extract_latents(
             counts["shards"] += 1
     bar.close()
     return counts
+
+
+def _storage(storage: str | None) -> dict[str, Any]:
+    """The manifest's description of what each sample stores."""
+    if storage == PIXEL_STORAGE:
+        return {
+            "storage": PIXEL_STORAGE,
+            "dtype": PIXEL_DTYPE,
+            "fields": {PIXELS: "the crop's pixels (C, H, W); the mirror is its flip"},
+        }
+    return {
+        "dtype": DTYPE,
+        "fields": {
+            "moments.npy": "mean ‖ logvar, unscaled",
+            "moments_flip.npy": "same, mirrored image",
+        },
+    }
 
 
 def merge_manifest(out: str) -> dict[str, Any] | None:
@@ -249,11 +279,7 @@ def merge_manifest(out: str) -> dict[str, Any] | None:
         "num_skipped": len(skipped),
         "shards": shards,
         "latent_shape": job["latent_shape"],
-        "dtype": DTYPE,
-        "fields": {
-            "moments.npy": "mean ‖ logvar, unscaled",
-            "moments_flip.npy": "same, mirrored image",
-        },
+        **_storage(job.get("storage")),
         "vae": job["vae"],
         "image_size": job["image_size"],
         "crop": CROP,

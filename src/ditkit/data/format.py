@@ -4,7 +4,10 @@ training.
 A dataset is a folder: ``manifest.json`` + ``train-000000.tar``, ``train-000001.tar``, ...
 Each sample: ``__key__`` (stable image id), ``cls`` (class index, ASCII), ``moments.npy`` and
 ``moments_flip.npy`` (float16 [2C, H, W]: VAE posterior mean ‖ log-variance, unscaled, of the image
-and of its horizontal mirror). A captioned set (`ditkit.data.captions`) adds ``txt`` (the caption),
+and of its horizontal mirror). A pixel-space set (identity VAE, manifest ``"storage": "pixels"``)
+stores ``pixels.npy`` instead: uint8 [C, H, W], the crop itself, whose mirror is read by flipping it
+(exactly what moments_flip holds for the identity: the mirror of the crop). A captioned set
+(`ditkit.data.captions`) adds ``txt`` (the caption),
 ``context.npy`` (float16 [L, D]) and ``pooled.npy`` (float16 [P]): the caption's text embeddings.
 """
 
@@ -29,6 +32,11 @@ TXT = "txt"
 CONTEXT = "context.npy"
 POOLED = "pooled.npy"
 DTYPE = "float16"
+# Pixel-space sets (vae=identity): uint8 pixels, 3 bytes a pixel for image and mirror together
+# (256 px: 192 KB), a quarter of the float16 mean and log-variance of the identity "posterior".
+PIXELS = "pixels.npy"
+PIXEL_STORAGE = "pixels"
+PIXEL_DTYPE = "uint8"
 CROP = "adm_center"  # ADM / DiT center crop, see ditkit.data.images.center_crop_arr
 
 
@@ -67,6 +75,49 @@ def encode_sample(
         MOMENTS: npy_bytes(np.asarray(moments, dtype=np.float16)),
         MOMENTS_FLIP: npy_bytes(np.asarray(moments_flip, dtype=np.float16)),
     }
+
+
+def encode_pixel_sample(key: str, label: int, pixels: np.ndarray) -> dict[str, Any]:
+    """One pixel-space sample: pixels (C, H, W) uint8 (the crop; its mirror is the flip)."""
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"pixels must be uint8, got {pixels.dtype}")
+    return {"__key__": key, "cls": str(int(label)).encode("ascii"), PIXELS: npy_bytes(pixels)}
+
+
+def is_pixel_set(manifest: Mapping[str, Any]) -> bool:
+    """True for a set that stores uint8 pixels (``pixels.npy``) rather than moments."""
+    return manifest.get("storage") == PIXEL_STORAGE
+
+
+def decode_pixel_moments(
+    sample: Mapping[str, Any], shape: tuple[int, ...], mirror: bool = False
+) -> np.ndarray:
+    """``pixels.npy`` of a raw sample as identity-VAE moments (2C, H, W) float32: the pixels
+    scaled to [-1, 1] (p / 127.5 - 1, the inverse of the extraction's quantisation) and a
+    log-variance of -inf, so that the loader's posterior draw is the pixels exactly. mirror: the
+    horizontal flip. shape: (2C, H, W), as `moments_shape`."""
+    raw = sample.get(PIXELS)
+    if raw is None:
+        raise DataFormatError(f"no {PIXELS}")
+    try:
+        pixels = load_npy(raw)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataFormatError(f"{PIXELS} is not a readable .npy ({err})") from err
+    c = shape[0] // 2
+    if pixels.shape != (c, *shape[1:]):
+        raise DataFormatError(
+            f"{PIXELS} has shape {list(pixels.shape)}, expected {[c, *shape[1:]]}"
+        )
+    if pixels.dtype != np.uint8:
+        raise DataFormatError(f"{PIXELS} has dtype {pixels.dtype}, expected {PIXEL_DTYPE}")
+    out = np.empty(shape, dtype=np.float32)
+    # float32 division then subtraction: bit for bit the extraction's to_tensor (images.py).
+    np.divide(
+        pixels[..., ::-1] if mirror else pixels, np.float32(127.5), out=out[:c], dtype=np.float32
+    )
+    out[:c] -= np.float32(1.0)
+    out[c:] = -np.inf
+    return out
 
 
 def decode_label(sample: Mapping[str, Any]) -> int:

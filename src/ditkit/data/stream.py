@@ -28,6 +28,7 @@ from ditkit.data.format import (
     DataFormatError,
     decode_label,
     decode_moments,
+    decode_pixel_moments,
 )
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,10 @@ class TrainStream(IterableDataset):
     those of an uninterrupted run.
 
     urls: the shards; moments_shape: (2C, H, W) of the stored moments; scale: the VAE's scale
-    factor; batch_size: per rank. With ``text`` = (context_len, context_dim, pooled_dim) the
-    condition of a sample is its text embeddings (captioned shards) instead of its label.
+    factor; batch_size: per rank. pixels: the shards store uint8 pixels (identity VAE), read as
+    moments with a log-variance of -inf (format.decode_pixel_moments). With ``text`` =
+    (context_len, context_dim, pooled_dim) the condition of a sample is its text embeddings
+    (captioned shards) instead of its label.
     """
 
     def __init__(
@@ -102,8 +105,10 @@ class TrainStream(IterableDataset):
         text: tuple[int, int, int] | None = None,
         shuffle_buffer: int = 1000,
         flip: bool = True,
+        pixels: bool = False,
     ) -> None:
         super().__init__()
+        self.pixels = pixels
         self.urls = list(urls)
         self.moments_shape = tuple(moments_shape)
         self.scale = float(scale)
@@ -159,6 +164,9 @@ class TrainStream(IterableDataset):
                     "context": decode_moments(sample, CONTEXT, (length, dim)),
                     "pooled": decode_moments(sample, POOLED, (pooled,)),
                 }
+            if self.pixels:
+                mirror = field == MOMENTS_FLIP
+                return condition, decode_pixel_moments(sample, self.moments_shape, mirror)
             return condition, decode_moments(sample, field, self.moments_shape)
         except DataFormatError as err:
             self.counter.skip(f"{sample.get('__url__')}#{sample.get('__key__')}: {err}")

@@ -2,10 +2,22 @@
 of diffusion. The contract every backbone meets is `Backbone` (protocol.py, docs/extending.md)."""
 
 from .dit import DIT_VARIANTS, DiT, build_dit
+from .jit import JIT_VARIANTS, JiT, build_jit
 from .mmdit import MMDiT
 from .protocol import Backbone, check_backbone
 
-__all__ = ["DIT_VARIANTS", "Backbone", "DiT", "MMDiT", "UNet", "build_dit", "check_backbone"]
+__all__ = [
+    "DIT_VARIANTS",
+    "JIT_VARIANTS",
+    "Backbone",
+    "DiT",
+    "JiT",
+    "MMDiT",
+    "UNet",
+    "build_dit",
+    "build_jit",
+    "check_backbone",
+]
 
 
 def __getattr__(name: str):

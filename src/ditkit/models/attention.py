@@ -125,17 +125,20 @@ class Mlp(nn.Module):
 
 class SwiGLU(nn.Module):
     """SwiGLU MLP (Shazeer, 2020): fc2(silu(x W1) * x W3), with the hidden width scaled by 2/3 so
-    the parameter count matches the GELU MLP of the same mlp_ratio (as LLaMA / LightningDiT)."""
+    the parameter count matches the GELU MLP of the same mlp_ratio (as LLaMA / LightningDiT),
+    rounded up to a multiple of `multiple_of` (JiT: 1, i.e. int(2/3 hidden) as LTH14/JiT's
+    SwiGLUFFN). dropout: on the gated hidden units, before fc2 (JiT's proj_dropout)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, multiple_of: int = 8, dropout: float = 0.0):
         super().__init__()
-        hidden = 8 * ((2 * hidden // 3 + 7) // 8)
+        hidden = multiple_of * ((2 * hidden // 3 + multiple_of - 1) // multiple_of)
         self.fc1 = nn.Linear(dim, 2 * hidden)  # gate and value, fused
         self.fc2 = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(F.silu(gate) * value)
+        return self.fc2(self.dropout(F.silu(gate) * value))
 
 
 def make_mlp(kind: str, dim: int, hidden: int) -> nn.Module:

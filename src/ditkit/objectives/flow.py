@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .flow_spaces import check_space, convert
 from .guidance import Guidance, Model
 from .protocol import DiffusionObjective, model_inputs
 from .samplers import register_sampler
@@ -46,7 +47,13 @@ class RectifiedFlow(DiffusionObjective):
     shift_training: also shift the training t draws (SD3) rather than only the sampling grid.
     cosine_loss_weight: weight of 1 - cos(v_pred, v) over channels (LightningDiT).
     time_scale: the model sees t * time_scale.
-    A model with 2C output channels (learn_sigma) has its first C read as the velocity.
+    prediction: what the network outputs, "v" (velocity), "x" (clean data; JiT) or "eps" (noise);
+    loss_space: where the squared error is taken, any of the same three (flow_spaces.py). JiT
+    (arXiv 2511.13720, LTH14/JiT denoiser.py) is prediction=x, loss_space=v. t_eps: the divisions
+    by t (from x) and by 1 - t (from eps) use max(., t_eps), in the loss and when sampling, as
+    the reference does (JiT: 0.05). noise_scale: x_t = (1 - t) x_0 + t * noise_scale * eps, and
+    sampling starts from noise_scale * x_T (JiT: 1 at 256 px, 2 at 512 px).
+    A model with 2C output channels (learn_sigma) has its first C read as the prediction.
     terms: extra losses with their own parameters ({name: Term}, see terms.py).
     """
 
@@ -64,9 +71,23 @@ class RectifiedFlow(DiffusionObjective):
         shift_training: bool = True,
         cosine_loss_weight: float = 0.0,
         time_scale: float = 1000.0,
+        prediction: str = "v",
+        loss_space: str = "v",
+        t_eps: float = 0.05,
+        noise_scale: float = 1.0,
         terms: Mapping[str, Term] | None = None,
     ):
         super().__init__(terms)
+        check_space("prediction", prediction)
+        check_space("loss_space", loss_space)
+        if not 0.0 <= t_eps < 0.5:
+            raise ValueError(f"t_eps must lie in [0, 0.5), got {t_eps}")
+        if noise_scale <= 0:
+            raise ValueError(f"noise_scale must be > 0, got {noise_scale}")
+        if cosine_loss_weight > 0 and loss_space != "v":
+            raise ValueError(
+                "cosine_loss_weight is a velocity-direction loss: use it with loss_space=v"
+            )
         if time_sampling not in TIME_SAMPLINGS:
             raise ValueError(
                 f"unknown time_sampling {time_sampling!r}; choose one of {', '.join(TIME_SAMPLINGS)}"
@@ -96,6 +117,13 @@ class RectifiedFlow(DiffusionObjective):
         self.shift_training = bool(shift_training)
         self.cosine_loss_weight = float(cosine_loss_weight)
         self.time_scale = float(time_scale)
+        self.prediction, self.loss_space = prediction, loss_space
+        self.t_eps, self.noise_scale = float(t_eps), float(noise_scale)
+
+    def convert(self, pred, x_t, t, source: str, target: str) -> torch.Tensor:
+        """`pred` in space `source` -> `target` at (x_t, t), with this objective's noise scale and
+        clipping (flow_spaces.convert)."""
+        return convert(pred, x_t, t, source, target, self.noise_scale, self.t_eps)
 
     def effective_shift(self, height: int, width: int) -> float:
         """The shift used for an H x W latent."""
@@ -120,15 +148,16 @@ class RectifiedFlow(DiffusionObjective):
     def interpolate(
         self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     ) -> torch.Tensor:
-        """x_t = (1 - t) x_0 + t eps. x_start, noise: (N, C, H, W); t: (N,)."""
+        """x_t = (1 - t) x_0 + t * noise_scale * eps. x_start, noise (eps): (N, C, H, W); t: (N,)."""
         t = t.view(-1, *([1] * (x_start.ndim - 1)))
-        return (1 - t) * x_start + t * noise
+        return (1 - t) * x_start + t * self.noise_scale * noise
 
     def velocity(
         self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs=None
     ) -> torch.Tensor:
         """The model's velocity (N, C, H, W) at x: (N, C, H, W), t: (N,) in [0, 1]."""
-        return self._velocity_channels(model(x, t * self.time_scale, **(model_kwargs or {})), x)
+        out = self._velocity_channels(model(x, t * self.time_scale, **(model_kwargs or {})), x)
+        return self.convert(out, x, t, self.prediction, "v")
 
     @staticmethod
     def _velocity_channels(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +172,10 @@ class RectifiedFlow(DiffusionObjective):
         """Per-sample losses (N,): `loss`, `mse`, `cos` when cosine_loss_weight > 0, one per term.
 
         batch: {"x": (N, C, H, W) x_0, and the model's condition fields}; t: (N,) in [0, 1],
-        drawn when None; noise drawn when None (t first, then noise, from the global RNG)."""
+        drawn when None; noise (unit eps) drawn when None (t first, then noise, from the global
+        RNG). The error is taken in `loss_space` between the prediction and the truth in the
+        prediction's space, both converted by the same (clipped) map: for JiT, v_pred = (x_t -
+        x_pred) / max(t, t_eps) against v = (x_t - x_0) / max(t, t_eps) (LTH14/JiT denoiser.py)."""
         x_start, condition = model_inputs(model, batch)
         n, _, h, w = x_start.shape
         if t is None:
@@ -154,7 +186,9 @@ class RectifiedFlow(DiffusionObjective):
         output, hidden = self.forward_model(model, x_t, t * self.time_scale, condition)
         output = output.float()
         pred = self._velocity_channels(output, x_t)
-        target = noise - x_start
+        truth = {"v": self.noise_scale * noise - x_start, "x": x_start, "eps": noise}
+        target = self.convert(truth[self.prediction], x_t, t, self.prediction, self.loss_space)
+        pred = self.convert(pred, x_t, t, self.prediction, self.loss_space)
         terms = {"mse": mean_flat((pred - target) ** 2)}
         terms["loss"] = terms["mse"]
         if self.cosine_loss_weight > 0:
@@ -174,7 +208,13 @@ class RectifiedFlow(DiffusionObjective):
     ) -> torch.Tensor:
         """The (guided) velocity (N, C, H, W) at x: (N, C, H, W) and flow time t (a number)."""
         t_model = torch.full((x.shape[0],), t * self.time_scale, device=x.device)
-        return self._velocity_channels(guidance(model, x, t_model, model_kwargs, t, x.shape[1]), x)
+        out = self._velocity_channels(guidance(model, x, t_model, model_kwargs, t, x.shape[1]), x)
+        return self.convert(out, x, t, self.prediction, "v")
+
+    def sample(self, model: Model, x_T: torch.Tensor, model_kwargs=None, **kw) -> torch.Tensor:
+        """x_0 from unit noise x_T: (N, C, H, W), scaled by noise_scale first (see
+        DiffusionObjective.sample for the options)."""
+        return super().sample(model, self.noise_scale * x_T, model_kwargs, **kw)
 
 
 # ---------------------------------------------------------------------- registered samplers
@@ -204,9 +244,14 @@ def euler_sampler(objective, model, x_T, model_kwargs, *, steps, guidance, progr
 )
 def heun_sampler(objective, model, x_T, model_kwargs, *, steps, guidance, progress):
     x = x_T
-    for t, t_next, _ in _grid(objective, x_T, steps, progress, "heun"):
+    for t, t_next, last in _grid(objective, x_T, steps, progress, "heun"):
         dt = t_next - t  # negative: integrating from noise to data
         v = objective.guided_velocity(model, x, t, model_kwargs, guidance)
+        if last and objective.prediction == "x":
+            # x-prediction's velocity (x_t - x) / t is 0 / 0 at t = 0: the last step is Euler, as
+            # in JiT (LTH14/JiT denoiser.py, generate: "last step euler").
+            x = x + dt * v
+            break
         # Heun's method (trapezoidal predictor-corrector), 2nd order (Karras et al. 2022, alg. 1).
         v_next = objective.guided_velocity(model, x + dt * v, t_next, model_kwargs, guidance)
         x = x + dt * 0.5 * (v + v_next)
@@ -229,19 +274,20 @@ def sde_sampler(
     x = x_T
     for t, t_next, last in _grid(objective, x_T, steps, progress, "sde"):
         v = objective.guided_velocity(model, x, t, model_kwargs, guidance)
-        x = sde_step(x, v, t, t_next - t, diffusion_norm, last)
+        x = sde_step(x, v, t, t_next - t, diffusion_norm, last, objective.noise_scale)
     return x
 
 
-def sde_step(x, v, t: float, dt: float, norm: float, last: bool):
+def sde_step(x, v, t: float, dt: float, norm: float, last: bool, noise_scale: float = 1.0):
     """One reverse-time Euler-Maruyama step of dx = [v - g^2/2 * score] dt + g dW.
 
     For x_t = (1 - t) x_0 + t eps the score is -E[eps | x_t] / t and E[eps | x_t] =
     x_t + (1 - t) v, so with g^2 = norm * t (SiT's 'sigma' diffusion) the drift
     v + norm/2 * (x + (1 - t) v) stays finite as t -> 0. Every such SDE has the ODE's
-    marginals (Song et al. 2021, eq. 13). The last step takes the mean (no noise).
+    marginals (Song et al. 2021, eq. 13). The last step takes the mean (no noise). With noise
+    n = noise_scale * eps the score is -E[n | x_t] / (t noise_scale^2), hence the 1 / scale^2.
     """
-    drift = v + 0.5 * norm * (x + (1 - t) * v)
+    drift = v + 0.5 * norm / noise_scale**2 * (x + (1 - t) * v)
     x = x + dt * drift
     if not last and norm > 0:
         x = x + math.sqrt(norm * t * -dt) * torch.randn_like(x)

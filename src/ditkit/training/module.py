@@ -66,6 +66,9 @@ class DiffusionModule(L.LightningModule):
         min(decay, (1 + n) / (10 + n)) so that short runs are not dominated by the initial weights.
     ema_objective_modules: keep an EMA of the objective's modules too (default: the backbone only;
         sampling needs only the backbone).
+    extra_ema: more EMAs of the backbone, {name: decay} (JiT keeps 0.9999 and 0.9996): each is
+        updated like `ema` (same warmup rule), sharded like it under FSDP2 and saved as
+        `extra_ema.<name>.*`; `evaluate.py ema=<name>` samples with one.
     compile: torch.compile each block. activation_checkpointing: recompute each block's
         activations in the backward (DiT, MMDiT and U-Net alike). seed: base of the per-step seeds.
     fp8: the blocks' linear layers in FP8 (torchao float8 training, rowwise scaling; training/fp8.py):
@@ -86,6 +89,7 @@ class DiffusionModule(L.LightningModule):
         ema_decay: float = 0.9999,
         ema_warmup: bool = False,
         ema_objective_modules: bool = False,
+        extra_ema: dict[str, float] | None = None,
         compile: bool = False,
         activation_checkpointing: bool = False,
         fp8: bool = False,
@@ -100,6 +104,14 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(
                 f"module.max_consecutive_skips must be >= 1, got {max_consecutive_skips}"
             )
+        extra_ema = dict(extra_ema or {})
+        for name, decay in extra_ema.items():
+            if not name.isidentifier() or name in ("ema", "raw"):
+                raise ValueError(
+                    f"module.extra_ema name {name!r} must be an identifier other than ema / raw"
+                )
+            if not 0.0 <= decay < 1.0:
+                raise ValueError(f"module.extra_ema.{name} must lie in [0, 1), got {decay}")
         check_backbone(model)
         check_objective(objective)
         if fp8:
@@ -107,6 +119,8 @@ class DiffusionModule(L.LightningModule):
         self.model = model
         self.objective = objective
         self.ema = make_shadow(model)
+        self.extra_ema = nn.ModuleDict({name: make_shadow(model) for name in extra_ema})
+        self.extra_ema_decays = extra_ema
         objective.bind(model)
         # Registered here, so they are in the optimizer, the checkpoint and the FSDP2 sharding; the
         # objective keeps using the very same module objects.
@@ -168,7 +182,8 @@ class DiffusionModule(L.LightningModule):
 
             mesh = self.device_mesh["data_parallel"]
             shard_blocks(self.model, mesh)
-            shard_blocks(self.ema, mesh)
+            for shadow in (self.ema, *self.extra_ema.values()):
+                shard_blocks(shadow, mesh)
             for modules in (self.objective_modules, self.ema_objective):
                 for module in modules.values():
                     if any(True for _ in module.parameters()):
@@ -181,7 +196,7 @@ class DiffusionModule(L.LightningModule):
     def on_fit_start(self) -> None:
         # "bf16-true" / "16-true" convert the whole LightningModule; the EMA must stay an fp32
         # average.
-        for shadow in (self.ema, *self.ema_objective.values()):
+        for shadow in (self.ema, *self.extra_ema.values(), *self.ema_objective.values()):
             if any(p.dtype != torch.float32 for p in shadow.parameters()):
                 shadow.float()
 
@@ -306,6 +321,11 @@ class DiffusionModule(L.LightningModule):
             decay = ema_decay(self.ema_decay, int(self.ema_updates.item()), self.ema_warmup)
             reshard(self.ema)  # sampling callbacks run forwards on it between steps
             update_ema(*self._ema_pairs(), decay)
+            n = int(self.ema_updates.item())
+            for name, shadow in self.extra_ema.items():
+                reshard(shadow)
+                decay = ema_decay(self.extra_ema_decays[name], n, self.ema_warmup)
+                update_ema(list(shadow.parameters()), list(self.model.parameters()), decay)
             self.ema_updates += 1
 
     # ---------------------------------------------------------------- sampling and checkpoints

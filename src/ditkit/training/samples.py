@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -279,9 +280,11 @@ class DigitsScore(Callback):
         shape = (model.in_channels, size, size)
         noise, labels = fixed_inputs(10 * self.per_class, shape, list(range(10)), self.seed)
         condition = conditions(trainer, model, labels)  # text: "a handwritten seven" for 7
+        start = time.perf_counter()
         samples = sample_in_chunks(
             pl_module, noise, condition, self.sampler, self.cfg_scale, self.batch_size
         )
+        sampling_seconds = time.perf_counter() - start
         if not trainer.is_global_zero:
             return
         images, targets = real_digits(size)
@@ -294,6 +297,7 @@ class DigitsScore(Callback):
             "num_samples": len(correct),
             "cfg_scale": self.cfg_scale,
             "step": trainer.global_step,
+            "sampling_seconds": round(sampling_seconds, 2),  # all 10 x per_class samples, guided
         }
         root = Path(trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
