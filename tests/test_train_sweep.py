@@ -102,7 +102,9 @@ def test_two_job_sweep_with_offline_wandb(
         run_dir,
         _,
     ) in runs.values():  # `evaluate.py ckpt=<run>/checkpoints/last.ckpt` needs no quotes
-        assert "every_n_train_steps-2+" in run_dir.name and not {"=", ","} & set(run_dir.name)
+        # What the run is first, the long rest as a hash (ditkit.training.identity.run_name).
+        assert run_dir.name.startswith("model-dit_s+objective-") and "+rest-" in run_dir.name
+        assert not {"=", ","} & set(run_dir.name)
         ckpt = f"{run_dir}/checkpoints/last.ckpt"
         assert OverridesParser.create().parse_override(f"ckpt={ckpt}").value() == ckpt
 
