@@ -22,10 +22,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ditkit.data.format import (
     CONTEXT,
+    IMAGE,
     MOMENTS,
     MOMENTS_FLIP,
     POOLED,
     DataFormatError,
+    decode_image,
     decode_label,
     decode_moments,
 )
@@ -85,7 +87,9 @@ class TrainStream(IterableDataset):
 
     urls: the shards; moments_shape: (2C, H, W) of the stored moments; scale: the VAE's scale
     factor; batch_size: per rank. With ``text`` = (context_len, context_dim, pooled_dim) the
-    condition of a sample is its text embeddings (captioned shards) instead of its label.
+    condition of a sample is its text embeddings (captioned shards) instead of its label. With
+    ``image_size`` set, batches also carry "image": the stored crop (B, 3, S, S) uint8, mirrored
+    exactly when the mirror's moments were drawn.
     """
 
     def __init__(
@@ -102,8 +106,10 @@ class TrainStream(IterableDataset):
         text: tuple[int, int, int] | None = None,
         shuffle_buffer: int = 1000,
         flip: bool = True,
+        image_size: int | None = None,
     ) -> None:
         super().__init__()
+        self.image_size = image_size
         self.urls = list(urls)
         self.moments_shape = tuple(moments_shape)
         self.scale = float(scale)
@@ -159,6 +165,10 @@ class TrainStream(IterableDataset):
                     "context": decode_moments(sample, CONTEXT, (length, dim)),
                     "pooled": decode_moments(sample, POOLED, (pooled,)),
                 }
+            if self.image_size is not None:
+                image = decode_image(sample, self.image_size)
+                # The mirror's moments go with the mirrored image (the same flip, both fields).
+                condition[IMAGE] = image[..., ::-1] if field == MOMENTS_FLIP else image
             return condition, decode_moments(sample, field, self.moments_shape)
         except DataFormatError as err:
             self.counter.skip(f"{sample.get('__url__')}#{sample.get('__key__')}: {err}")
@@ -178,6 +188,8 @@ class TrainStream(IterableDataset):
             values = [f[name] for f in fields]
             if name == "y":
                 batch[name] = torch.tensor(values, dtype=torch.long)
+            elif name == IMAGE:
+                batch["image"] = torch.from_numpy(np.stack(values))  # (B, 3, S, S) uint8
             else:
                 batch[name] = torch.from_numpy(np.stack(values).astype(np.float32))
         if self.return_keys:
