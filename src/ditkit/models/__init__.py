@@ -2,10 +2,21 @@
 of diffusion. The contract every backbone meets is `Backbone` (protocol.py, docs/extending.md)."""
 
 from .dit import DIT_VARIANTS, DiT, build_dit
+from .encoders import ENCODERS, FrozenEncoder
 from .mmdit import MMDiT
 from .protocol import Backbone, check_backbone
 
-__all__ = ["DIT_VARIANTS", "Backbone", "DiT", "MMDiT", "UNet", "build_dit", "check_backbone"]
+__all__ = [
+    "DIT_VARIANTS",
+    "ENCODERS",
+    "Backbone",
+    "DiT",
+    "FrozenEncoder",
+    "MMDiT",
+    "UNet",
+    "build_dit",
+    "check_backbone",
+]
 
 
 def __getattr__(name: str):
