@@ -130,6 +130,7 @@ def test_evaluate_reports_fd_beside_fid(
         "wandb.enabled=false",
         "metrics=[fid,fd_digits_vit]",
         f"hydra.run.dir={out}",
+        timeout=900,  # Inception at 299 px on a shared 2-core CPU
     )
     metrics = json.loads((out / "metrics.json").read_text())
     with np.load(out / "samples.npz") as z:

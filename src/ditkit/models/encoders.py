@@ -182,7 +182,9 @@ def load_pretrained(pretrained: str, name: str) -> torch.nn.Module:
         config = AutoConfig.from_pretrained(path)
         if config.model_type == "vit_mae":
             config.mask_ratio = 0.0  # every patch (MAE's training masks 75%)
-        net = AutoModel.from_pretrained(path, config=config)
+        # A plain ViT's pooler is a classification head nobody trained here: leave it out.
+        extra = {"add_pooling_layer": False} if config.model_type == "vit" else {}
+        net = AutoModel.from_pretrained(path, config=config, **extra)
     except (OSError, ValueError) as err:
         raise OSError(
             f"Could not load the vision encoder {name} from {pretrained!r} ({err}). Offline, "
