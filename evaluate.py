@@ -240,14 +240,23 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         write_adm_npz,
     )
     from ditkit.evaluation.decoding import make_decoder
+    from ditkit.evaluation.encoder_fd import (
+        EncoderStats,
+        check_encoder_reference,
+        fd_encoder,
+        is_fd_metric,
+    )
+    from ditkit.models.encoders import FrozenEncoder
 
     metrics = list(cfg.metrics)
-    unknown = set(metrics) - set(METRICS)
+    unknown = {m for m in metrics if m not in METRICS and not is_fd_metric(m)}
     if unknown:
         raise ValueError(
-            f"metrics={metrics}: unknown {sorted(unknown)}; choose from {list(METRICS)}"
+            f"metrics={metrics}: unknown {sorted(unknown)}; choose from {list(METRICS)} or "
+            "fd_<encoder> (e.g. fd_dinov2)"
         )
-    needs_reference = bool({"fid", "kid", "prc"} & set(metrics))
+    fd_names = {m: fd_encoder(m) for m in metrics if is_fd_metric(m)}
+    needs_reference = bool({"fid", "kid", "prc"} & set(metrics)) or bool(fd_names)
     if needs_reference and cfg.fid.reference is None:
         raise ValueError(
             f"metrics={metrics} need fid.reference=FILE.npz (make one with python -m "
@@ -258,6 +267,21 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         raise ValueError(
             f"metrics kid / prc need reference features: make {cfg.fid.reference} again with features=10000"
         )
+    for name in fd_names.values():
+        check_encoder_reference(name, reference.encoders.get(name), cfg.fid.reference, None)
+    # The encoders of the fd_ metrics: the reference's weights and resolution unless
+    # fd.pretrained.<name>= points elsewhere (a local copy on an offline cluster).
+    fd_pretrained = dict(cfg.get("fd", {}).get("pretrained") or {})
+    encoders = {
+        metric: EncoderStats(
+            FrozenEncoder(
+                name,
+                pretrained=fd_pretrained.get(name) or reference.encoders[name]["pretrained"],
+                resolution=int(reference.encoders[name]["resolution"]),
+            )
+        )
+        for metric, name in fd_names.items()
+    }
     ckpt = read_checkpoint(_checkpoint_file(cfg.ckpt, run_dir), cfg.weights, cfg.ema)
     model, objective, vae, data_image_size = build(cfg, ckpt)
     sample_kwargs = sampler_settings(cfg, objective)
@@ -319,7 +343,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     wandb_run = start_wandb(cfg, run_dir) if rank == 0 else None
     fabric.barrier()  # rank 0 checked / wrote plan.json first
     store = store or PartStore(run_dir / "parts", settings)
-    scores = InceptionMetrics(metrics)
+    scores = InceptionMetrics(metrics, encoders)
     kept = sample_and_score(
         model,
         objective,
@@ -352,7 +376,11 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         shutil.rmtree(run_dir / "parts")
         print(
             json.dumps(
-                {k: result[k] for k in ("fid", "is", "kid", "precision", "recall") if k in result}
+                {
+                    k: result[k]
+                    for k in ("fid", "is", "kid", "precision", "recall", *fd_names)
+                    if k in result
+                }
             )
         )
         grid = f", grid {run_dir / 'samples.png'}" if len(kept) else ""

@@ -4,6 +4,8 @@
 # `mfu_nominal` against the datasheet's dense bf16 peak of the detected GPU. In order (eager first,
 # the slow-to-compile runs last):
 #   1. DiT-XL/2 training, bf16, eager, without and with activation checkpointing;
+#   1b. the step with REPA (DINOv2-B teacher with random weights of its size: nothing downloads)
+#      and the encoder's share of it;
 #   2. sampling with guidance (scale 1.5, halves in one batch of 2N), bf16, eager: DDPM-250, Euler-50,
 #      and the few-step solvers DPM-Solver++(2M)-20 and UniPC-20 (flow); each with FID-50K hours;
 #   3. the largest training batch that fits, without and with checkpointing;
@@ -27,12 +29,14 @@ if [[ "${1:-}" == "--dry-run" ]]; then
   PROFILE="model=dit_s depth=1 latent_size=8 batch_size=2 steps=1 warmup=1 top=5 device=cpu"
   # A small matmul for the peak: CPUs without bf16 units (AVX2) emulate bf16 at ~1 GFLOP/s.
   SAMPLE="tiny=true num_samples=2 steps=3 repeats=1 device=cpu peak_matmul=256"
+  REPA="alignment=repa alignment_depth=1 encoder=dinov2_s"
   COMPILE=false  # a CPU compile of even a tiny model takes minutes: the compiled runs are skipped
 else
   TRAIN="model=dit_xl batch_size=128 steps=10 warmup=3"
   MAXB="model=dit_xl start=64 limit=2048"
   PROFILE="model=dit_xl batch_size=128 steps=2 warmup=3 top=15"
   SAMPLE="model=dit_xl num_samples=32 repeats=1"  # guided: batches of 64
+  REPA="alignment=repa alignment_depth=8 encoder=dinov2_b"  # REPA's SiT-XL/2 setting
   COMPILE=true
 fi
 json() { grep '^{' || true; }
@@ -40,6 +44,7 @@ json() { grep '^{' || true; }
 for ckpt in false true; do
   $PY benchmarks/train_step.py $TRAIN precision=bf16-mixed compile=false grad_checkpointing=$ckpt | json
 done
+$PY benchmarks/train_step.py $TRAIN precision=bf16-mixed compile=false $REPA | json
 # Each sampler at its default steps (ddpm 250, euler 50, dpmpp_2m 20, unipc_flow 20) unless the
 # dry run's steps= shortens them all.
 $PY benchmarks/sample.py $SAMPLE samplers=ddpm,euler,dpmpp_2m,unipc_flow cfg_scale=1.5 \

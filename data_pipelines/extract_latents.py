@@ -3,9 +3,11 @@ source.root=DIR out=DIR`.
 
 Overrides (conf/extract_latents.yaml): ``source=imagefolder|wds|digits``, ``vae.pretrained=<hub id
 or folder>`` or ``vae=identity``, ``image_size=``, ``shard_size=``, ``batch_size=``, ``precision=``,
-``num_workers=``. Under torchrun each rank writes its own shards and rank 0 writes the manifest;
-with ``rank=i world_size=n`` (separate machines, one shared folder) the last rank to finish writes
-it. Complete shards are never rewritten, so rerunning the same command finishes an interrupted job.
+``num_workers=``, ``keep_images=true`` (also store the crop the VAE saw, as PNG: frozen vision
+encoders read it for representation alignment, ``encoder=`` / ``alignment=``). Under torchrun
+each rank writes its own shards and rank 0 writes the manifest; with ``rank=i world_size=n``
+(separate machines, one shared folder) the last rank to finish writes it. Complete shards are
+never rewritten, so rerunning the same command finishes an interrupted job.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def run(cfg: DictConfig) -> dict:
         world_size=world_size,
         device=device,
         progress=cfg.progress,
+        keep_images=cfg.keep_images,
     )
     if torchrun:
         torch.distributed.barrier()

@@ -9,7 +9,9 @@ Sources (conf/fid_reference/source/):
   adm          source.path=FILE   an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz):
                                   its mu/sigma as they are
 The output holds mu, sigma and what they were made from (image size, Inception weights), so
-evaluate.py refuses a reference that does not fit its samples.
+evaluate.py refuses a reference that does not fit its samples. fd_encoders=[dinov2] adds the
+statistics of that vision encoder's class-token features (evaluate.py metrics=[fid,fd_dinov2]),
+fd_pretrained.<encoder>=DIR its local weights.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from ditkit.data.images import BadImage, center_crop_arr
 from ditkit.data.sources import DigitsSource, ImageFolderSource
 from ditkit.data.vae import vae_from_manifest
 from ditkit.evaluation import load_inception, read_adm_reference, save_reference, to_uint8
+from ditkit.evaluation.encoder_fd import EncoderStats, fd_encoder
 from ditkit.evaluation.reference import compute_reference
 
 
@@ -128,6 +131,15 @@ def _shard_images(
     return decode(), int(manifest["num_samples"]), int(manifest["image_size"]), f"shards:{root}"
 
 
+def _fd_encoders(cfg: DictConfig) -> dict[str, EncoderStats]:
+    """{registry name: EncoderStats} for fd_encoders=[...] (fd_pretrained.<name>= local weights)."""
+    from ditkit.models.encoders import FrozenEncoder
+
+    local = dict(cfg.get("fd_pretrained") or {})
+    names = [fd_encoder(n) for n in cfg.get("fd_encoders") or []]
+    return {n: EncoderStats(FrozenEncoder(n, pretrained=local.get(n))) for n in names}
+
+
 def build_reference(cfg: DictConfig) -> None:
     """Compute (or, for an ADM batch, convert) the reference and write it to cfg.out."""
     kind = cfg.source.name
@@ -167,6 +179,7 @@ def build_reference(cfg: DictConfig) -> None:
             total=total,
             features=cfg.features,
             seed=cfg.seed,
+            encoders=_fd_encoders(cfg),
         )
     save_reference(cfg.out, ref)
     print(
@@ -176,6 +189,7 @@ def build_reference(cfg: DictConfig) -> None:
                 "num_images": ref.num_images,
                 "image_size": ref.image_size,
                 "source": ref.source,
+                "fd_encoders": sorted(ref.encoders),
             }
         )
     )

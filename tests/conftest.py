@@ -10,7 +10,8 @@ Most are factory fixtures: session-scoped, each returns the function of the same
 - data: `tiny_autoencoder`, `synthetic_moments`, `write_latent_shards`, `datamodule_kwargs`,
   `make_image_folder`;
 - FID: `inception_weights` (a path), `blob_images`, `write_image_folder`, `run_evaluate`
-  (evaluate.py in a fresh process), `make_reference`.
+  (evaluate.py in a fresh process), `make_reference`;
+- encoders: `save_tiny_encoder` (a tiny random transformers vision model, saved), `uint8_images`.
 
 The one test helper that is not here is tests/train_callbacks.py: a Lightning callback that train.py
 subprocesses build from a Hydra `_target_`, so it must be importable in the child (run_train puts
@@ -551,3 +552,51 @@ def make_reference():
     """make_reference(root, out, weights, size, *extra, source="imagefolder") -> out: an FID
     reference made through data_pipelines.fid_reference's Hydra config, in process."""
     return _make_reference
+
+
+# --- encoders: tiny random transformers vision models (nothing downloads) ---------------------------
+
+TINY_ENCODER = dict(
+    hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+)
+
+
+def _save_tiny_encoder(
+    kind: str, path: str | Path, image_size: int = 8, patch_size: int = 2
+) -> str:
+    """A tiny random vision model of `kind` (dinov2 | dinov3 | siglip | mae | vit), 16 wide, seeded,
+    saved with save_pretrained at `path`; returns the folder (encoder.pretrained=)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    sizes = dict(**TINY_ENCODER, patch_size=patch_size, image_size=image_size)
+    if kind == "dinov2":
+        net = tf.Dinov2Model(tf.Dinov2Config(**sizes))
+    elif kind == "dinov3":
+        net = tf.DINOv3ViTModel(tf.DINOv3ViTConfig(**sizes, num_register_tokens=2))
+    elif kind == "siglip":
+        net = tf.SiglipVisionModel(tf.SiglipVisionConfig(**sizes))
+    elif kind == "mae":
+        net = tf.ViTMAEModel(tf.ViTMAEConfig(**sizes))
+    else:
+        net = tf.ViTModel(tf.ViTConfig(**sizes), add_pooling_layer=False)
+    net.save_pretrained(path)
+    return str(path)
+
+
+def _uint8_images(n: int = 3, size: int = 8, seed: int = 0) -> torch.Tensor:
+    """(n, 3, size, size) uint8 uniform noise from generator `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+
+
+@pytest.fixture(scope="session")
+def save_tiny_encoder():
+    """save_tiny_encoder(kind, path, image_size=8, patch_size=2) -> the saved folder."""
+    return _save_tiny_encoder
+
+
+@pytest.fixture(scope="session")
+def uint8_images():
+    """uint8_images(n=3, size=8, seed=0) -> (n, 3, size, size) uint8."""
+    return _uint8_images

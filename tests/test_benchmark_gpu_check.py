@@ -22,11 +22,13 @@ def test_gpu_check_dry_run_prints_every_measurement():
         env={**os.environ, "PY": sys.executable},
     ).stdout
     records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    steps = [r for r in records if "step_s" in r]
+    steps = [r for r in records if "step_s" in r and r["alignment"] == "none"]
     assert [(r["compile"], r["grad_checkpointing"]) for r in steps] == [
         (False, False),
         (False, True),
     ]
+    (repa,) = [r for r in records if "step_s" in r and r["alignment"] == "repa"]
+    assert repa["encoder"] == "dinov2_s" and 0 < repa["encoder_share"] < 1
     assert all(r["precision"] == "bf16-mixed" and r["imgs_per_sec"] > 0 for r in steps)
     batches = [r for r in records if "max_batch" in r]
     assert [r["max_batch"] for r in batches] == [4, 4]  # the dry run's cap: limit=4

@@ -18,9 +18,11 @@ from ditkit.data.digits import build_digits
 from ditkit.data.format import (
     MANIFEST,
     DataFormatError,
+    decode_image,
     decode_moments,
     decode_pixel_moments,
     is_pixel_set,
+    has_images,
     moments_shape,
     parse_manifest,
 )
@@ -158,6 +160,9 @@ class LatentShardsDataModule(L.LightningDataModule):
             says) to train on captioned shards: batches then carry ``{"context": (B, L, D),
             "pooled": (B, P)}`` float32 text embeddings in place of the labels (see
             docs/text_to_image.md).
+        images: batches also carry "image", the crop the VAE saw ((B, 3, S, S) uint8, flipped with
+            the latent), for frozen vision encoders (``encoder=`` sets it); the shards must have
+            been extracted with ``keep_images=true``, which is checked before training.
     """
 
     def __init__(
@@ -180,8 +185,10 @@ class LatentShardsDataModule(L.LightningDataModule):
         context_len: int | None = None,
         context_dim: int | None = None,
         pooled_dim: int | None = None,
+        images: bool = False,
     ) -> None:
         super().__init__()
+        self.images = bool(images)
         text = (context_len, context_dim, pooled_dim)
         if any(v is not None for v in text) and not all(v is not None for v in text):
             raise ValueError(
@@ -254,6 +261,13 @@ class LatentShardsDataModule(L.LightningDataModule):
             config.update(zip(TEXT_KEYS, self.text, strict=True))
         check_against_manifest(config, manifest, key)
         stored = tuple(manifest["latent_shape"])
+        if self.images and not has_images(manifest):
+            raise DataFormatError(
+                f"A frozen vision encoder (encoder=...) reads the images, but the shards at "
+                f"{self.root or shard_urls[0]} hold latents only (manifest without 'images'): "
+                "re-extract them with python -m data_pipelines.extract_latents ... keep_images=true "
+                "(the built-in digits: delete the folder to rebuild it), or set encoder=none."
+            )
         local = [u for u in shard_urls if "://" not in u and not u.startswith("pipe:")]
         missing = [u for u in local if not os.path.isfile(u)]
         if missing:
@@ -270,6 +284,8 @@ class LatentShardsDataModule(L.LightningDataModule):
                     decode_pixel_moments(first, moments_shape(manifest))
                 else:
                     decode_moments(first, "moments.npy", moments_shape(manifest))
+                if self.images:
+                    decode_image(first, self.image_size)
             except DataFormatError as err:
                 raise DataFormatError(
                     f"{local[0]}: {err} (manifest latent_shape {list(stored)})"
@@ -334,6 +350,7 @@ class LatentShardsDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             flip=self.flip,
             pixels=is_pixel_set(self.manifest),
+            image_size=self.image_size if self.images else None,
         )
         self._train_loader = ResumableLoader(
             stream, self.batches_per_epoch, self.num_workers, self._trainer_consumed

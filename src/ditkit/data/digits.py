@@ -18,8 +18,9 @@ DIGITS_SHARD_SIZE = 256
 
 def build_digits(root: str, image_size: int = 16, progress: bool = True) -> str:
     """Write the digits (upscaled to ``image_size``, RGB, identity VAE) as a shard set at ``root``,
-    unless one is there already. Built in a temporary folder and renamed, so a crash or a second
-    process never leaves a half-built set behind. Returns ``root``."""
+    unless one is there already, with the images beside the pixels (``keep_images``: what frozen
+    encoders read, e.g. the digits demo's teacher). Built in a temporary folder and renamed, so a
+    crash or a second process never leaves a half-built set behind. Returns ``root``."""
     root = os.path.abspath(os.path.expanduser(root))
     if os.path.isfile(os.path.join(root, MANIFEST)):
         return root
@@ -39,6 +40,7 @@ def build_digits(root: str, image_size: int = 16, progress: bool = True) -> str:
         batch_size=256,
         num_workers=0,
         progress=progress,
+        keep_images=True,
     )
     merge_manifest(tmp)
     return publish(tmp, root)

@@ -27,6 +27,7 @@ from ditkit.data.format import (
     CROP,
     DTYPE,
     FORMAT,
+    IMAGE,
     MANIFEST,
     PIXEL_DTYPE,
     PIXEL_STORAGE,
@@ -52,10 +53,15 @@ class _ShardImages(IterableDataset):
     """Reads the given jobs (each worker a disjoint subset) and yields batches of center-cropped
     images: dicts with ``shard``, ``keys``, ``labels`` (n,), ``images`` (n, 3, S, S) in [-1, 1],
     ``skipped`` [(key, reason)], and ``last`` (True on the final batch of a shard, which may hold no
-    images)."""
+    images); with keep_images also ``pixels``: the same crops as (S, S, 3) uint8 arrays."""
 
     def __init__(
-        self, source: Any, jobs: list[tuple[int, Any]], image_size: int, batch_size: int
+        self,
+        source: Any,
+        jobs: list[tuple[int, Any]],
+        image_size: int,
+        batch_size: int,
+        keep_images: bool = False,
     ) -> None:
         self.source, self.jobs, self.image_size, self.batch_size = (
             source,
@@ -63,6 +69,7 @@ class _ShardImages(IterableDataset):
             image_size,
             batch_size,
         )
+        self.keep_images = keep_images
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -73,9 +80,12 @@ class _ShardImages(IterableDataset):
                 if isinstance(image, BadImage):
                     batch["skipped"].append((key, str(image)))
                     continue
+                crop = center_crop_arr(image, self.image_size)
                 batch["keys"].append(key)
                 batch["labels"].append(label)
-                batch["images"].append(to_tensor(center_crop_arr(image, self.image_size)))
+                batch["images"].append(to_tensor(crop))
+                if self.keep_images:
+                    batch["pixels"].append(crop.copy())  # writable: the loader makes it a tensor
                 if len(batch["keys"]) == self.batch_size:
                     yield self._collate(batch, last=False)
                     batch = self._empty(shard)
@@ -83,7 +93,7 @@ class _ShardImages(IterableDataset):
 
     @staticmethod
     def _empty(shard: int) -> dict[str, Any]:
-        return {"shard": shard, "keys": [], "labels": [], "images": [], "skipped": []}
+        return {"shard": shard, "keys": [], "labels": [], "images": [], "pixels": [], "skipped": []}
 
     def _collate(self, batch: dict[str, Any], last: bool) -> dict[str, Any]:
         size = self.image_size
@@ -157,9 +167,11 @@ def extract_latents(
     world_size: int = 1,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    keep_images: bool = False,
 ) -> dict[str, int]:
     """Write this rank's missing shards. Returns counts: ``shards`` written, ``samples``,
-    ``skipped``."""
+    ``skipped``. keep_images: also store each crop the VAE encoded as ``image.png`` (what frozen
+    vision encoders read for representation alignment)."""
     if image_size % vae.downsample:
         raise ValueError(
             f"image_size={image_size} is not a multiple of the VAE downsampling {vae.downsample}"
@@ -168,6 +180,11 @@ def extract_latents(
         raise ValueError(f"precision={precision!r}; choose one of {sorted(PRECISIONS)}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+    if vae.name == IDENTITY and keep_images:
+        raise ValueError(
+            "keep_images=true with vae=identity: pixel-space shards already store the crop itself; "
+            "drop keep_images=true"
+        )
     os.makedirs(os.path.join(out, PARTS), exist_ok=True)
     jobs = source.plan(shard_size)
     size = image_size // vae.downsample
@@ -183,7 +200,9 @@ def extract_latents(
             "vae": vae_info(vae),
             "image_size": image_size,
             "latent_shape": [vae.latent_channels, size, size],
-            "storage": PIXEL_STORAGE if pixels else "moments",
+            # Only when set: folders extracted before these options existed keep their job record.
+            **({"storage": PIXEL_STORAGE} if pixels else {}),
+            **({"keep_images": True} if keep_images else {}),
         },
     )
     pending = [(i, jobs[i]) for i in range(rank, len(jobs), world_size) if not _is_complete(out, i)]
@@ -196,7 +215,7 @@ def extract_latents(
 
     sizes = [source.size(job) for _, job in pending]
     total = None if None in sizes else sum(sizes)
-    dataset = _ShardImages(source, pending, image_size, batch_size)
+    dataset = _ShardImages(source, pending, image_size, batch_size, keep_images)
     loader = DataLoader(dataset, batch_size=None, num_workers=min(num_workers, len(pending)))
     vae = vae.to(device)
     dtype = PRECISIONS[precision]
@@ -224,8 +243,10 @@ def extract_latents(
                     vae.encode_moments(torch.cat([images, images.flip(-1)])).float().cpu().numpy()
                 )
             n = len(batch["keys"])
+            kept = batch["pixels"] or [None] * n  # keep_images: the (S, S, 3) uint8 crops
             for j, (key, label) in enumerate(zip(batch["keys"], batch["labels"].tolist())):
-                writer.write(encode_sample(key, label, moments[j], moments[n + j]), label)
+                sample = encode_sample(key, label, moments[j], moments[n + j], kept[j])
+                writer.write(sample, label)
         counts["samples"] += len(batch["keys"])
         counts["skipped"] += len(batch["skipped"])
         bar.update(len(batch["keys"]) + len(batch["skipped"]))
@@ -271,6 +292,11 @@ def merge_manifest(out: str) -> dict[str, Any] | None:
         shards.append({"name": shard_name(i), "num_samples": record["num_samples"]})
         skipped.extend(record["skipped"])
         max_label = max(max_label, record["max_label"])
+    storage = _storage(job.get("storage"))
+    images = None
+    if job.get("keep_images"):
+        storage["fields"][IMAGE] = "the crop the VAE encoded, RGB uint8 PNG"
+        images = {"field": IMAGE, "size": job["image_size"], "dtype": "uint8", "crop": CROP}
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -279,7 +305,8 @@ def merge_manifest(out: str) -> dict[str, Any] | None:
         "num_skipped": len(skipped),
         "shards": shards,
         "latent_shape": job["latent_shape"],
-        **_storage(job.get("storage")),
+        **storage,
+        "images": images,
         "vae": job["vae"],
         "image_size": job["image_size"],
         "crop": CROP,

@@ -22,10 +22,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ditkit.data.format import (
     CONTEXT,
+    IMAGE,
     MOMENTS,
     MOMENTS_FLIP,
     POOLED,
     DataFormatError,
+    decode_image,
     decode_label,
     decode_moments,
     decode_pixel_moments,
@@ -88,7 +90,8 @@ class TrainStream(IterableDataset):
     factor; batch_size: per rank. pixels: the shards store uint8 pixels (identity VAE), read as
     moments with a log-variance of -inf (format.decode_pixel_moments). With ``text`` =
     (context_len, context_dim, pooled_dim) the condition of a sample is its text embeddings
-    (captioned shards) instead of its label.
+    (captioned shards) instead of its label. With ``image_size`` set, batches also carry "image":
+    the stored crop (B, 3, S, S) uint8, mirrored exactly when the mirror's moments were drawn.
     """
 
     def __init__(
@@ -106,9 +109,11 @@ class TrainStream(IterableDataset):
         shuffle_buffer: int = 1000,
         flip: bool = True,
         pixels: bool = False,
+        image_size: int | None = None,
     ) -> None:
         super().__init__()
         self.pixels = pixels
+        self.image_size = image_size
         self.urls = list(urls)
         self.moments_shape = tuple(moments_shape)
         self.scale = float(scale)
@@ -164,6 +169,10 @@ class TrainStream(IterableDataset):
                     "context": decode_moments(sample, CONTEXT, (length, dim)),
                     "pooled": decode_moments(sample, POOLED, (pooled,)),
                 }
+            if self.image_size is not None:
+                image = decode_image(sample, self.image_size)
+                # The mirror's moments go with the mirrored image (the same flip, both fields).
+                condition[IMAGE] = image[..., ::-1] if field == MOMENTS_FLIP else image
             if self.pixels:
                 mirror = field == MOMENTS_FLIP
                 return condition, decode_pixel_moments(sample, self.moments_shape, mirror)
@@ -186,6 +195,8 @@ class TrainStream(IterableDataset):
             values = [f[name] for f in fields]
             if name == "y":
                 batch[name] = torch.tensor(values, dtype=torch.long)
+            elif name == IMAGE:
+                batch["image"] = torch.from_numpy(np.stack(values))  # (B, 3, S, S) uint8
             else:
                 batch[name] = torch.from_numpy(np.stack(values).astype(np.float32))
         if self.return_keys:

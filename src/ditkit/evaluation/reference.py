@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from .inception import FEATURE_EXTRACTOR, inception_features, inception_fingerpr
 from .stats import FeatureStats, frechet_distance, sqrtm_psd
 
 FORMAT_VERSION = 1
+ENCODER_KEY = "fd__"  # fd__<encoder>__<mu|sigma|sigma_sqrt|pretrained|resolution>
 MAKE_ONE = (
     "make one with `python -m data_pipelines.fid_reference source=... image_size=... out=FILE.npz`"
 )
@@ -48,6 +49,9 @@ class Reference:
     source: str
     features: np.ndarray | None = None
     sigma_sqrt: np.ndarray | None = None
+    # Frechet-distance statistics in vision-encoder spaces (ditkit.evaluation.encoder_fd):
+    # {encoder name: {"mu", "sigma", "sigma_sqrt", "pretrained", "resolution"}}.
+    encoders: dict[str, dict] = field(default_factory=dict)
 
     def fid(self, mu: np.ndarray, sigma: np.ndarray) -> float:
         """FID of statistics mu (D,), sigma (D, D) against this reference (its square root made
@@ -64,6 +68,8 @@ def save_reference(path: str | Path, ref: Reference) -> None:
     extra = {} if ref.features is None else {"features": np.asarray(ref.features, np.float32)}
     if ref.sigma_sqrt is not None:
         extra["sigma_sqrt"] = np.asarray(ref.sigma_sqrt, np.float64)
+    for name, stats in ref.encoders.items():
+        extra.update({f"{ENCODER_KEY}{name}__{k}": np.asarray(v) for k, v in stats.items()})
     # An open file keeps np.savez from appending ".npz" to other suffixes.
     with atomic_write(path) as f:
         np.savez(
@@ -159,7 +165,18 @@ def load_reference(path: str | Path) -> Reference:
             source=str(z["source"]),
             features=z["features"] if "features" in z.files else None,
             sigma_sqrt=z["sigma_sqrt"] if "sigma_sqrt" in z.files else None,
+            encoders=_encoder_stats(z),
         )
+
+
+def _encoder_stats(z) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for key in z.files:
+        if key.startswith(ENCODER_KEY):
+            name, part = key[len(ENCODER_KEY) :].split("__")
+            value = z[key]
+            out.setdefault(name, {})[part] = value.item() if value.ndim == 0 else value
+    return out
 
 
 def check_reference(
@@ -191,13 +208,17 @@ def compute_reference(
     features: int = 0,
     seed: int = 0,
     progress: bool = True,
+    encoders: dict | None = None,
 ) -> Reference:
     """Statistics of every image in `batches` ((n, 3, S, S) uint8 each, S = image_size; `total`
     images in all).
 
     features: keep the pool features of this many images, a seeded random subset, for KID and
-        precision/recall.
+        precision/recall. encoders: {name: ditkit.evaluation.encoder_fd.EncoderStats}, fed the same
+        images on the extractor's device, for Frechet distances in those feature spaces.
     """
+    encoders = dict(encoders or {})
+    device = next(extractor.parameters()).device
     keep = np.zeros(total, dtype=bool)
     keep[np.random.default_rng(seed).choice(total, min(features, total), replace=False)] = True
     stats, kept, seen = FeatureStats(), [], 0
@@ -211,6 +232,8 @@ def compute_reference(
                 )
             pool, _ = inception_features(extractor, images)
             pool = pool.cpu()
+            for encoder_stats in encoders.values():
+                encoder_stats.update(images.to(device))
             stats.update(pool)
             n = pool.shape[0]
             mask = torch.from_numpy(keep[seen : seen + n]) if seen + n <= total else None
@@ -229,4 +252,5 @@ def compute_reference(
         source,
         features=torch.cat(kept).numpy() if features else None,
         sigma_sqrt=sqrtm_psd(sigma),
+        encoders={name: encoder_stats.summary() for name, encoder_stats in encoders.items()},
     )

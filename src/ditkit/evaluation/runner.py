@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .encoder_fd import is_fd_metric
 from .inception import inception_features
 from .reference import Reference
 from .samples_io import PartStore
@@ -56,12 +57,19 @@ def _rows(chunks: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 class InceptionMetrics:
     """Streaming metric state of one rank: FID statistics always, logits for IS, pool features for
-    KID / PR."""
+    KID / PR, and for each `fd_<encoder>` metric that encoder's statistics (`encoders`: {metric:
+    EncoderStats}, fed the images by `add_images`)."""
 
-    def __init__(self, metrics: Sequence[str] = ("fid", "is")):
-        unknown = set(metrics) - set(METRICS)
+    def __init__(self, metrics: Sequence[str] = ("fid", "is"), encoders: dict | None = None):
+        unknown = {m for m in metrics if m not in METRICS and not is_fd_metric(m)}
         if unknown:
-            raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {list(METRICS)}")
+            raise ValueError(
+                f"unknown metrics {sorted(unknown)}; choose from {list(METRICS)} or fd_<encoder>"
+            )
+        self.encoders = dict(encoders or {})
+        missing = [m for m in metrics if is_fd_metric(m) and m not in self.encoders]
+        if missing:
+            raise ValueError(f"metrics {missing} need their encoders (EncoderStats)")
         self.metrics = tuple(metrics)
         self.stats = FeatureStats()
         self.logits: list[torch.Tensor] = []
@@ -76,6 +84,11 @@ class InceptionMetrics:
             self.logits.append(logits.detach().float().cpu())
         if "kid" in self.metrics or "prc" in self.metrics:
             self.pool.append(pool.detach().float().cpu())
+
+    def add_images(self, images: torch.Tensor, device: torch.device | str) -> None:
+        """images: (n, 3, H, W) uint8, for the encoder-space metrics (run on `device`)."""
+        for stats in self.encoders.values():
+            stats.update(images.to(device))
 
     def _gather(
         self, chunks: list[torch.Tensor], dim: int, device: torch.device | str
@@ -92,7 +105,7 @@ class InceptionMetrics:
         self, reference: Reference | None, device: torch.device | str = "cpu"
     ) -> dict[str, float]:
         """Merge the ranks (collective: call on every rank) and score against `reference`."""
-        needs_reference = {"fid", "kid", "prc"} & set(self.metrics)
+        needs_reference = {"fid", "kid", "prc", *self.encoders} & set(self.metrics)
         if reference is None and needs_reference:
             raise ValueError(
                 f"{sorted(needs_reference)} need reference statistics: set fid.reference=FILE.npz"
@@ -102,6 +115,9 @@ class InceptionMetrics:
         if "fid" in self.metrics:
             mu, sigma = self.stats.mean_cov()
             out["fid"] = reference.fid(mu, sigma)
+        for metric, stats in self.encoders.items():
+            stats.stats.all_reduce(device)
+            out[metric] = stats.distance(reference.encoders[stats.encoder.name])
         if "is" in self.metrics:
             logits = self._gather(self.logits, 1008, device)
             out["is"], out["is_std"] = inception_score(logits)
@@ -183,6 +199,7 @@ def sample_and_score(
                 )
             fresh += stop - start
         metrics.add(pool, logits, start)
+        metrics.add_images(images, device)
         if sum(k.shape[0] for k in kept) < keep:
             kept.append(images)
         bar.update(stop - start)

@@ -2,15 +2,18 @@
 of diffusion. The contract every backbone meets is `Backbone` (protocol.py, docs/extending.md)."""
 
 from .dit import DIT_VARIANTS, DiT, build_dit
+from .encoders import ENCODERS, FrozenEncoder
 from .jit import JIT_VARIANTS, JiT, build_jit
 from .mmdit import MMDiT
 from .protocol import Backbone, check_backbone
 
 __all__ = [
     "DIT_VARIANTS",
+    "ENCODERS",
     "JIT_VARIANTS",
     "Backbone",
     "DiT",
+    "FrozenEncoder",
     "JiT",
     "MMDiT",
     "UNet",

@@ -2,6 +2,7 @@
 flow (SD3 / SiT style), with classifier-free guidance for every sampler. The contract an objective
 meets is `Objective` (protocol.py); samplers live in one registry (samplers.py)."""
 
+from .alignment import IREPA, REPA
 from .flow import RectifiedFlow
 from .gaussian import GaussianDiffusion
 from .guidance import Guidance
@@ -19,6 +20,8 @@ __all__ = [
     "SAMPLERS",
     "DiffusionObjective",
     "GaussianDiffusion",
+    "IREPA",
+    "REPA",
     "LinearProbe",
     "Guidance",
     "Objective",
