@@ -21,8 +21,8 @@ from ditkit.data.format import (
     decode_image,
     decode_moments,
     decode_pixel_moments,
-    is_pixel_set,
     has_images,
+    is_pixel_set,
     moments_shape,
     parse_manifest,
 )
