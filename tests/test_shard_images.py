@@ -4,6 +4,7 @@ asking for images from them fails before training, naming keep_images=true."""
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 
@@ -61,9 +62,9 @@ def test_images_are_the_exact_crop_the_vae_saw(image_shards):
         stored = decode_image(sample, 8)  # (3, 8, 8) uint8
         crop = center_crop_arr(open_rgb(str(next(p for k, p in sources.items() if k in key))), 8)
         np.testing.assert_array_equal(stored, crop.transpose(2, 0, 1))  # PNG: lossless
-        # The identity VAE's moments are the same crop in [-1, 1] (float16: 2^-11 relative).
-        moments = np.load(__import__("io").BytesIO(sample["moments.npy"]))
-        np.testing.assert_allclose(moments[:3], stored / 127.5 - 1, atol=1e-3)
+        # The identity VAE stores the same crop as its pixel-space sample (uint8, exact).
+        pixels = np.load(io.BytesIO(sample["pixels.npy"]))
+        np.testing.assert_array_equal(pixels, stored)
         seen += 1
     assert seen == 12
 
@@ -80,9 +81,9 @@ def test_batches_carry_the_image_flipped_with_the_latent(image_shards, datamodul
     for _, batch in zip(range(6), dm.train_dataloader()):
         image = batch["image"]
         assert image.dtype == torch.uint8 and image.shape == (4, 3, 8, 8)
-        # x is the latent drawn from the image's or the mirror's moments: the same picture as the
-        # image field (identity VAE, float16 moments: 1e-3).
-        np.testing.assert_allclose(batch["x"], image.float() / 127.5 - 1, atol=1e-3)
+        # x is the image's or the mirror's pixels in [-1, 1] (identity VAE: pixel-space storage,
+        # p / 127.5 - 1 in float32 on both sides, so exact): the same picture as the image field.
+        np.testing.assert_array_equal(batch["x"], image.float() / 127.5 - 1)
         for key, img in zip(batch["key"], image):
             crop = stored[key]
             assert torch.equal(img, crop) or torch.equal(img, crop.flip(-1))

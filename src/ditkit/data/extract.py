@@ -180,11 +180,6 @@ def extract_latents(
         raise ValueError(f"precision={precision!r}; choose one of {sorted(PRECISIONS)}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
-    if vae.name == IDENTITY and keep_images:
-        raise ValueError(
-            "keep_images=true with vae=identity: pixel-space shards already store the crop itself; "
-            "drop keep_images=true"
-        )
     os.makedirs(os.path.join(out, PARTS), exist_ok=True)
     jobs = source.plan(shard_size)
     size = image_size // vae.downsample
@@ -232,8 +227,9 @@ def extract_latents(
             # The crop's pixels back from [-1, 1] (to_tensor's p / 127.5 - 1: exact after
             # rounding); the mirror is their flip, made by the loader.
             crops = ((batch["images"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+            kept = batch["pixels"] or [None] * len(batch["keys"])  # keep_images: (S, S, 3) uint8
             for j, (key, label) in enumerate(zip(batch["keys"], batch["labels"].tolist())):
-                writer.write(encode_pixel_sample(key, label, crops[j]), label)
+                writer.write(encode_pixel_sample(key, label, crops[j], kept[j]), label)
         elif batch["keys"]:
             images = batch["images"].to(device)
             with autocast:

@@ -127,11 +127,17 @@ def has_images(manifest: Mapping[str, Any]) -> bool:
     return bool(manifest.get("images"))
 
 
-def encode_pixel_sample(key: str, label: int, pixels: np.ndarray) -> dict[str, Any]:
-    """One pixel-space sample: pixels (C, H, W) uint8 (the crop; its mirror is the flip)."""
+def encode_pixel_sample(
+    key: str, label: int, pixels: np.ndarray, image: np.ndarray | None = None
+) -> dict[str, Any]:
+    """One pixel-space sample: pixels (C, H, W) uint8 (the crop; its mirror is the flip); image:
+    (S, S, 3) uint8 for keep_images=true, stored as PNG like a latent set's."""
     if pixels.dtype != np.uint8:
         raise ValueError(f"pixels must be uint8, got {pixels.dtype}")
-    return {"__key__": key, "cls": str(int(label)).encode("ascii"), PIXELS: npy_bytes(pixels)}
+    sample = {"__key__": key, "cls": str(int(label)).encode("ascii"), PIXELS: npy_bytes(pixels)}
+    if image is not None:
+        sample[IMAGE] = png_bytes(image)
+    return sample
 
 
 def is_pixel_set(manifest: Mapping[str, Any]) -> bool:
