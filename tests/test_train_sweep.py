@@ -125,6 +125,7 @@ def test_two_job_sweep_with_offline_wandb(
         assert all(0 < loss < 10 for loss in wb["losses"].values())
         # The sample grid of the EMA model: 4 images of 8x8 in a 2x2 grid, as a PNG and as a W&B image.
         (png,) = (run_dir / "samples").glob("*.png")
-        assert png.name == f"step_{STEPS:07d}.png" and Image.open(png).size == (16, 16)
+        # 2 x 2 cells of 8 px and a 2 px gutter (training.samples.GUTTER)
+        assert png.name == f"step_{STEPS:07d}.png" and Image.open(png).size == (18, 18)
         assert len(list(run_dir.glob("wandb/offline-run-*/files/media/images/samples_*.png"))) == 1
     assert len(ids) == 2
