@@ -231,6 +231,8 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     )
     from ditkit.evaluation.decoding import make_decoder
 
+    # The checkpoint first: a missing or unreadable one is what to fix first, whatever else is wrong.
+    ckpt = read_checkpoint(_checkpoint_file(cfg.ckpt, run_dir), cfg.weights)
     metrics = list(cfg.metrics)
     unknown = set(metrics) - set(METRICS)
     if unknown:
@@ -248,7 +250,6 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         raise ValueError(
             f"metrics kid / prc need reference features: make {cfg.fid.reference} again with features=10000"
         )
-    ckpt = read_checkpoint(_checkpoint_file(cfg.ckpt, run_dir), cfg.weights)
     model, objective, vae, data_image_size = build(cfg, ckpt)
     sample_kwargs = sampler_settings(cfg, objective)
     image_size = model.input_size * vae.downsample
