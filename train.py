@@ -120,7 +120,12 @@ def train(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    from ditkit.checkpoints.lock import run_lock
+
+    # One run per folder: a second process on this folder (a duplicate submission, a requeue while
+    # the old job still runs) is refused here, naming the holder; a killed holder releases it.
+    with run_lock(cfg.paths.run_dir):
+        train(cfg)
 
 
 if __name__ == "__main__":
