@@ -145,6 +145,8 @@ class LatentShardsDataModule(L.LightningDataModule):
             says) to train on captioned shards: batches then carry ``{"context": (B, L, D),
             "pooled": (B, P)}`` float32 text embeddings in place of the labels (see
             docs/text_to_image.md).
+        max_skipped_fraction: the damaged share of the stream (skipped samples and shards over
+            those read) above which training stops (`ditkit.training.DataHealth`); 1 never stops.
     """
 
     def __init__(
@@ -167,8 +169,15 @@ class LatentShardsDataModule(L.LightningDataModule):
         context_len: int | None = None,
         context_dim: int | None = None,
         pooled_dim: int | None = None,
+        max_skipped_fraction: float = 0.01,
     ) -> None:
         super().__init__()
+        if not 0.0 <= max_skipped_fraction <= 1.0:
+            raise ValueError(
+                f"data.max_skipped_fraction={max_skipped_fraction} must lie in [0, 1] (1 never "
+                "stops the run)"
+            )
+        self.max_skipped_fraction = max_skipped_fraction
         text = (context_len, context_dim, pooled_dim)
         if any(v is not None for v in text) and not all(v is not None for v in text):
             raise ValueError(
@@ -325,8 +334,14 @@ class LatentShardsDataModule(L.LightningDataModule):
 
     @property
     def skipped(self) -> int:
-        """Damaged samples and shards skipped so far by all workers (log it as ``data/skipped``)."""
+        """Damaged samples and shards skipped so far by this rank's workers (`DataHealth` logs the
+        sum over ranks as ``data/skipped``)."""
         return self._counter.count if self._counter is not None else 0
+
+    @property
+    def samples_read(self) -> int:
+        """Samples read intact so far by all workers (the denominator of the damaged share)."""
+        return self._counter.read if self._counter is not None else 0
 
     @property
     def batches_per_epoch(self) -> int:
