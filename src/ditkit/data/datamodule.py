@@ -22,6 +22,7 @@ from ditkit.data.format import (
     moments_shape,
     parse_manifest,
 )
+from ditkit.data.remote import check_reachable, open_shard
 from ditkit.data.stream import SkipCounter, TrainStream
 
 BUILTINS = {"digits": build_digits, "digits_t2i": build_captioned_digits}
@@ -248,13 +249,15 @@ class LatentShardsDataModule(L.LightningDataModule):
         if not shard_urls:
             raise ValueError(f"data.urls={urls!r} names no shards")
         where = manifest_url or os.path.join(os.path.dirname(shard_urls[0]), MANIFEST)
+        check_reachable(where, "data.manifest")  # a server down at start: an error naming it
         try:
-            with wds.gopen(where, "rb") as f:
+            with open_shard(where) as f:
                 text = f.read().decode()
         except Exception as err:
             raise FileNotFoundError(
                 f"Cannot read the manifest {where} ({err}); set data.manifest=<path or URL>"
             ) from err
+        check_reachable(shard_urls[0])
         return parse_manifest(text, where), shard_urls
 
     def _check(self, manifest: dict[str, Any], shard_urls: list[str], key: str) -> None:

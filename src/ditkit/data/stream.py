@@ -29,6 +29,7 @@ from ditkit.data.format import (
     decode_label,
     decode_moments,
 )
+from ditkit.data.remote import open_shard
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class TrainStream(IterableDataset):
         for shard in shards:
             url, stream = shard["url"], None
             try:
-                stream = wds.gopen(url, "rb")
+                stream = open_shard(url)  # HTTP(S): reconnects mid-shard (data/remote.py)
                 for member in wds.tariterators.tar_file_iterator(stream):
                     yield {**member, "__url__": url}
             except Exception as exn:  # noqa: BLE001 - any failure of one shard must not stop training
