@@ -7,11 +7,13 @@ heap bytes in use, `mallinfo2`; on a GPU, the allocator's), with and without `gr
 Training state: the bytes one rank holds for weights, gradients, AdamW's two moments and the fp32
 EMA after one optimizer step, unsharded against `world_size` gloo processes under FSDP2
 (`shard_blocks`, as DiffusionModule does). Checkpoint save: a `save_mb` MB state written by ditkit's
-save (`write_checkpoint_file`: torch.save streamed into a temporary file beside the target) and by
-Lightning's `_atomic_save` (what a stock ModelCheckpoint does), each in a forked process: the peak
-extra host memory during the save (peak RSS over the RSS with the state built), the seconds it took
-and the most bytes seen in the system temp folder (pointed at an empty folder for the purpose), both
-against the file's size. `measure=` picks some of activations,training_state,checkpoint_save.
+save (`write_checkpoint_file`: torch.save streamed into a temporary file beside the target), by its
+asynchronous save (async_save=true: a host copy, then the same write in a thread) and by Lightning's
+`_atomic_save` (what a stock ModelCheckpoint does), each in a forked process: the peak extra host
+memory during the save (peak RSS over the RSS with the state built), the seconds it took and those
+training waits for, and the most bytes seen in the system temp folder (pointed at an empty folder
+for the purpose), against the file's size. `measure=` picks some of
+activations,training_state,checkpoint_save.
 Prints a table and one JSON line per measurement.
 """
 
@@ -177,12 +179,28 @@ def _save_in_fresh_process(variant: str, size_mb: int, run_dir: str, temp_dir: s
     chunk = 4 * 2**20 // 4  # 4 MB float32 tensors, like the parameters and moments of a model
     state = {"state_dict": {f"w{i}": torch.randn(chunk) for i in range(size_mb // 4)}}
     target = Path(run_dir) / "checkpoints" / "last.ckpt"
+    finish = None
     if variant == "lightning":
         from lightning.fabric.utilities.cloud_io import _atomic_save as save
+    elif variant == "ditkit_async":  # callbacks.checkpoint.async_save=true
+        from ditkit.checkpoints.background import BackgroundWriter
+
+        writer = BackgroundWriter()
+
+        def save(state, path):
+            writer.submit(state, path, 0)
+
+        def finish():
+            _, error = writer.wait()
+            if error is not None:
+                raise error
+
     else:
         from ditkit.checkpoints.saving import write_checkpoint_file as save
     warmup = Path(run_dir) / "warmup.ckpt"  # faults in the save's code and buffers first
     save({"w": torch.zeros(16)}, warmup)
+    if finish is not None:
+        finish()
     warmup.unlink()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     outside, done = [0], threading.Event()
@@ -198,6 +216,9 @@ def _save_in_fresh_process(variant: str, size_mb: int, run_dir: str, temp_dir: s
     start = time.perf_counter()
     try:
         save(state, target)
+        stall = time.perf_counter() - start  # what training waits for
+        if finish is not None:
+            finish()
     except BaseException as err:
         out.put(dict(error=f"{type(err).__name__}: {err}"))
         raise
@@ -211,6 +232,7 @@ def _save_in_fresh_process(variant: str, size_mb: int, run_dir: str, temp_dir: s
         dict(
             extra_rss=peak - base,
             seconds=seconds,
+            stall=stall,
             outside=outside[0],
             size=target.stat().st_size,
             left=left,
@@ -248,6 +270,7 @@ def checkpoint_save(size_mb: int, variant: str, where: str) -> dict:
         extra_host_mb=mb(result["extra_rss"]),
         extra_fraction=round(result["extra_rss"] / size, 4),
         seconds=round(result["seconds"], 3),
+        training_stall_seconds=round(result["stall"], 3),
         outside_run_folder_mb=mb(result["outside"]),
         left_in_folder=result["left"],
     )
@@ -281,12 +304,13 @@ def main() -> None:
             "activations,training_state,checkpoint_save"
         )
     if "checkpoint_save" in measures:
-        for variant in ("ditkit", "lightning"):
+        for variant in ("ditkit", "ditkit_async", "lightning"):
             r = checkpoint_save(args["save_mb"], variant, args["save_dir"])
             print(
                 f"| checkpoint save, {variant} | {r['checkpoint_mb']} MB file | "
                 f"{r['extra_host_mb']} MB extra host memory ({r['extra_fraction']:.1%}) | "
-                f"{r['seconds']} s | {r['outside_run_folder_mb']} MB in the system temp folder |"
+                f"{r['seconds']} s, training waits {r['training_stall_seconds']} s | "
+                f"{r['outside_run_folder_mb']} MB in the system temp folder |"
             )
             emit(r)
     if measures & {"activations", "training_state"}:
