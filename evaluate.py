@@ -248,6 +248,8 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     )
     from ditkit.models.encoders import FrozenEncoder
 
+    # The checkpoint first: a missing or unreadable one is what to fix first, whatever else is wrong.
+    ckpt = read_checkpoint(_checkpoint_file(cfg.ckpt, run_dir), cfg.weights, cfg.ema)
     metrics = list(cfg.metrics)
     unknown = {m for m in metrics if m not in METRICS and not is_fd_metric(m)}
     if unknown:
@@ -282,7 +284,6 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         )
         for metric, name in fd_names.items()
     }
-    ckpt = read_checkpoint(_checkpoint_file(cfg.ckpt, run_dir), cfg.weights, cfg.ema)
     model, objective, vae, data_image_size = build(cfg, ckpt)
     sample_kwargs = sampler_settings(cfg, objective)
     image_size = model.input_size * vae.downsample

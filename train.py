@@ -141,9 +141,16 @@ def train(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from ditkit.checkpoints.lock import run_lock
     from ditkit.training.identity import removed_on_failure
 
-    with removed_on_failure(cfg.paths.run_dir, cfg.paths.checkpoint_dir):
+    # One run per folder: a second process on this folder (a duplicate submission, a requeue while
+    # the old job still runs) is refused here, naming the holder; a killed holder releases it. Inside
+    # the lock, a command that fails before its first checkpoint removes the folder it made.
+    with (
+        run_lock(cfg.paths.run_dir),
+        removed_on_failure(cfg.paths.run_dir, cfg.paths.checkpoint_dir),
+    ):
         train(cfg)
 
 

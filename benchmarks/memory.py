@@ -6,24 +6,32 @@ Activations: the bytes one training forward leaves held for its backward (on CPU
 heap bytes in use, `mallinfo2`; on a GPU, the allocator's), with and without `grad_checkpointing`.
 Training state: the bytes one rank holds for weights, gradients, AdamW's two moments and the fp32
 EMA after one optimizer step, unsharded against `world_size` gloo processes under FSDP2
-(`shard_blocks`, as DiffusionModule does). Prints a table and one JSON line per measurement.
+(`shard_blocks`, as DiffusionModule does). Checkpoint save: a `save_mb` MB state written by ditkit's
+save (`write_checkpoint_file`: torch.save streamed into a temporary file beside the target), by its
+asynchronous save (async_save=true: a host copy, then the same write in a thread) and by Lightning's
+`_atomic_save` (what a stock ModelCheckpoint does), each in a forked process: the peak extra host
+memory during the save (peak RSS over the RSS with the state built), the seconds it took and those
+training waits for, and the most bytes seen in the system temp folder (pointed at an empty folder
+for the purpose), against the file's size. `measure=` picks some of
+activations,training_state,checkpoint_save.
+Prints a table and one JSON line per measurement.
 """
 
 import ctypes
+import multiprocessing
 import os
+import resource
 import socket
 import tempfile
+import threading
+import time
+from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from common import PRECISIONS, device_of, emit, parse_args
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
-from train_step import build_from_args
 
-from ditkit.training.ema import make_shadow
-from ditkit.training.parallel import shard_blocks
+# The model and FSDP2 imports live in the functions that use them (`measure=checkpoint_save` alone
+# starts quickly).
 
 
 class _MallInfo2(ctypes.Structure):
@@ -61,6 +69,8 @@ def bytes_in_use(device: torch.device) -> int:
 
 def activation_bytes(args: dict, grad_checkpointing: bool, device: torch.device) -> int:
     """Bytes held between the end of a training forward and its backward."""
+    from train_step import build_from_args
+
     torch.manual_seed(0)
     model, objective = build_from_args({**args, "grad_checkpointing": grad_checkpointing})
     model.to(device).train()
@@ -78,6 +88,7 @@ def activation_bytes(args: dict, grad_checkpointing: bool, device: torch.device)
 
 def state_bytes(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
     """This rank's bytes of weights, gradients, AdamW moments and EMA (local shards of DTensors)."""
+    from torch.distributed.tensor import DTensor
 
     def nbytes(tensors) -> int:
         local = (t.to_local() if isinstance(t, DTensor) else t for t in tensors)
@@ -96,6 +107,11 @@ def state_bytes(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.O
 def training_state(args: dict, mesh=None) -> dict:
     """Build, optionally shard (model and EMA alike), take one AdamW step, count this rank's
     state."""
+    from train_step import build_from_args
+
+    from ditkit.training.ema import make_shadow
+    from ditkit.training.parallel import shard_blocks
+
     torch.manual_seed(0)
     model, objective = build_from_args({**args, "grad_checkpointing": False})
     model.train()
@@ -114,6 +130,9 @@ def training_state(args: dict, mesh=None) -> dict:
 
 
 def _sharded_rank(rank: int, world_size: int, port: int, args: dict, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -126,6 +145,8 @@ def _sharded_rank(rank: int, world_size: int, port: int, args: dict, out_dir: st
 
 def sharded_state(args: dict) -> list[dict]:
     """training_state on each of `world_size` CPU processes (gloo) under FSDP2."""
+    import torch.multiprocessing as mp
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -137,6 +158,122 @@ def sharded_state(args: dict) -> list[dict]:
             torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True)
             for r in range(args["world_size"])
         ]
+
+
+def _folder_bytes(folder: str) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except FileNotFoundError:  # renamed away between the listing and the stat
+                pass
+    return total
+
+
+def _save_in_fresh_process(variant: str, size_mb: int, run_dir: str, temp_dir: str, out) -> None:
+    """One save of a `size_mb` MB state into run_dir/checkpoints/last.ckpt; reports through `out`."""
+    torch.set_num_threads(1)
+    tempfile.tempdir = temp_dir  # the "system temp folder" of this process, watched below
+    os.environ["TMPDIR"] = temp_dir
+    chunk = 4 * 2**20 // 4  # 4 MB float32 tensors, like the parameters and moments of a model
+    state = {"state_dict": {f"w{i}": torch.randn(chunk) for i in range(size_mb // 4)}}
+    target = Path(run_dir) / "checkpoints" / "last.ckpt"
+    finish = None
+    if variant == "lightning":
+        from lightning.fabric.utilities.cloud_io import _atomic_save as save
+    elif variant == "ditkit_async":  # callbacks.checkpoint.async_save=true
+        from ditkit.checkpoints.background import BackgroundWriter
+
+        writer = BackgroundWriter()
+
+        def save(state, path):
+            writer.submit(state, path, 0)
+
+        def finish():
+            _, error = writer.wait()
+            if error is not None:
+                raise error
+
+    else:
+        from ditkit.checkpoints.saving import write_checkpoint_file as save
+    warmup = Path(run_dir) / "warmup.ckpt"  # faults in the save's code and buffers first
+    save({"w": torch.zeros(16)}, warmup)
+    if finish is not None:
+        finish()
+    warmup.unlink()
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    outside, done = [0], threading.Event()
+
+    def watch() -> None:  # the temp folder's bytes, every millisecond of the save
+        while not done.is_set():
+            outside[0] = max(outside[0], _folder_bytes(temp_dir))
+            time.sleep(0.001)
+
+    target.parent.mkdir(parents=True)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    start = time.perf_counter()
+    try:
+        save(state, target)
+        stall = time.perf_counter() - start  # what training waits for
+        if finish is not None:
+            finish()
+    except BaseException as err:
+        out.put(dict(error=f"{type(err).__name__}: {err}"))
+        raise
+    finally:
+        done.set()
+    seconds = time.perf_counter() - start
+    watcher.join()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    left = sorted(p.name for p in target.parent.iterdir() if p != target)
+    out.put(
+        dict(
+            extra_rss=peak - base,
+            seconds=seconds,
+            stall=stall,
+            outside=outside[0],
+            size=target.stat().st_size,
+            left=left,
+        )
+    )
+
+
+def checkpoint_save(size_mb: int, variant: str, where: str) -> dict:
+    """Peak extra RSS, seconds and bytes outside the run folder of one save (fresh process)."""
+    # Forked after the imports: the child only builds the state and saves it (its peak RSS is its
+    # own, measured against its RSS with the state built).
+    import lightning.fabric.utilities.cloud_io  # noqa: F401
+
+    import ditkit.checkpoints.saving  # noqa: F401
+
+    ctx = multiprocessing.get_context("fork")
+    with (
+        tempfile.TemporaryDirectory(dir=where) as run_dir,
+        tempfile.TemporaryDirectory(dir=where) as temp_dir,
+    ):
+        out = ctx.Queue()
+        proc = ctx.Process(
+            target=_save_in_fresh_process, args=(variant, size_mb, run_dir, temp_dir, out)
+        )
+        proc.start()
+        result = out.get()
+        proc.join()
+    if "error" in result:
+        raise SystemExit(f"the {variant} save failed: {result['error']}")
+    size = result["size"]
+    return dict(
+        measure="checkpoint_save",
+        variant=variant,
+        checkpoint_mb=mb(size),
+        extra_host_mb=mb(result["extra_rss"]),
+        extra_fraction=round(result["extra_rss"] / size, 4),
+        seconds=round(result["seconds"], 3),
+        training_stall_seconds=round(result["stall"], 3),
+        outside_run_folder_mb=mb(result["outside"]),
+        left_in_folder=result["left"],
+    )
 
 
 def mb(n: float) -> float:
@@ -154,8 +291,33 @@ def main() -> None:
             depth=None,
             world_size=2,
             device="auto",
+            measure="activations,training_state,checkpoint_save",
+            save_mb=512,
+            save_dir=".",
         )
     )
+    measures = set(args["measure"].split(","))
+    unknown = measures - {"activations", "training_state", "checkpoint_save"}
+    if unknown:
+        raise SystemExit(
+            f"measure={args['measure']}: unknown {sorted(unknown)}; choose from "
+            "activations,training_state,checkpoint_save"
+        )
+    if "checkpoint_save" in measures:
+        for variant in ("ditkit", "ditkit_async", "lightning"):
+            r = checkpoint_save(args["save_mb"], variant, args["save_dir"])
+            print(
+                f"| checkpoint save, {variant} | {r['checkpoint_mb']} MB file | "
+                f"{r['extra_host_mb']} MB extra host memory ({r['extra_fraction']:.1%}) | "
+                f"{r['seconds']} s, training waits {r['training_stall_seconds']} s | "
+                f"{r['outside_run_folder_mb']} MB in the system temp folder |"
+            )
+            emit(r)
+    if measures & {"activations", "training_state"}:
+        activations_and_state(args)
+
+
+def activations_and_state(args: dict) -> None:
     device = device_of(args["device"])
     plain = activation_bytes(args, False, device)
     ckpt = activation_bytes(args, True, device)

@@ -22,6 +22,7 @@ def records():
         f"latent_size={LATENT}",
         f"batch_size={BATCH}",
         "world_size=2",
+        "measure=activations,training_state",  # checkpoint_save: test_benchmark_checkpoint_save.py
     ]
     out = subprocess.run(
         [sys.executable, "benchmarks/memory.py", *args],

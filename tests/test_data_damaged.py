@@ -199,3 +199,102 @@ def test_npy_fast_path_still_refuses_a_cut_array_with_a_known_header():
         np.testing.assert_array_equal(
             decode_moments({"f": npy_bytes(fortran)}, "f", (2, 3)), fortran
         )
+
+
+class _Recorder:
+    """Stand-ins for the trainer and module DataHealth reads: one process, a data module whose
+    counts the test sets."""
+
+    def __init__(self, skipped, read, limit=0.01, log_step=True):
+        from types import SimpleNamespace
+
+        self.logged = {}
+        dm = SimpleNamespace(skipped=skipped, samples_read=read, max_skipped_fraction=limit)
+        self.trainer = SimpleNamespace(
+            datamodule=dm,
+            _logger_connector=SimpleNamespace(should_update_logs=log_step),
+            strategy=SimpleNamespace(reduce=lambda t, reduce_op: t),
+        )
+        self.device = "cpu"
+
+    def log(self, name, value, **kwargs):
+        self.logged[name] = value
+
+
+def test_data_health_logs_the_count_and_stops_above_the_fraction():
+    from ditkit.training import DamagedDataError, DataHealth
+    from ditkit.training.data_health import MIN_SKIPPED
+
+    health = DataHealth()
+    ok = _Recorder(skipped=10, read=990)  # exactly 1%: not above the limit
+    health.on_train_batch_end(ok.trainer, ok, None, None, 0)
+    assert ok.logged == {"data/skipped": 10.0}
+    quiet = _Recorder(skipped=7, read=0, log_step=False)  # not a logging step: nothing read
+    health.on_train_batch_end(quiet.trainer, quiet, None, None, 0)
+    assert quiet.logged == {}
+    few = _Recorder(skipped=MIN_SKIPPED - 1, read=0)  # 100% damaged, but too few to judge
+    health.on_train_batch_end(few.trainer, few, None, None, 0)
+    assert few.logged == {"data/skipped": float(MIN_SKIPPED - 1)}
+    bad = _Recorder(skipped=11, read=989)  # 1.1% of 1000
+    with pytest.raises(DamagedDataError, match=r"11 damaged .* 989 read intact \(1.1% .*=0.01\)"):
+        health.on_train_batch_end(bad.trainer, bad, None, None, 0)
+    loose = _Recorder(skipped=11, read=989, limit=0.2)
+    health.on_train_batch_end(loose.trainer, loose, None, None, 0)
+
+
+def test_max_skipped_fraction_is_checked_at_construction(shards, make):
+    with pytest.raises(ValueError, match=r"data.max_skipped_fraction=1.5 must lie in \[0, 1\]"):
+        make(shards, max_skipped_fraction=1.5)
+
+
+def _fit_on_damaged(root, make, tiny_dit, tmp_path, limit, steps):
+    import csv
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from ditkit.objectives import RectifiedFlow
+    from ditkit.training import DataHealth, DiffusionModule
+
+    dm = make(root, num_workers=0, flip=False, max_skipped_fraction=limit)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        log_every_n_steps=1,
+        logger=CSVLogger(tmp_path, name="csv"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[DataHealth()],
+    )
+    error = None
+    try:
+        trainer.fit(DiffusionModule(tiny_dit(), RectifiedFlow()), datamodule=dm)
+    except Exception as e:  # noqa: BLE001 - returned for the test to check
+        error = e
+    trainer.logger.finalize("success")
+    rows = []
+    for path in tmp_path.glob("csv/version_*/metrics.csv"):
+        with open(path) as f:
+            rows += [r for r in csv.DictReader(f) if r.get("data/skipped")]
+    return dm, [float(r["data/skipped"]) for r in rows], error
+
+
+def test_damaged_stream_is_logged_and_a_run_over_the_limit_stops(
+    tmp_path, make, write_damaged, tiny_dit, caplog
+):
+    """The damaged shards of write_damaged (4 of 20 samples bad, one shard cut) are about 20% of
+    the stream: with the limit at 100% the run trains to the end and logs data/skipped every step,
+    rising to at least MIN_SKIPPED; with 5% it stops with DamagedDataError."""
+    from ditkit.training import DamagedDataError
+
+    write_damaged(tmp_path / "damaged")
+    root = tmp_path / "damaged"
+    with caplog.at_level(logging.INFO):
+        dm, logged, error = _fit_on_damaged(root, make, tiny_dit, tmp_path / "a", 1.0, steps=30)
+    assert error is None
+    assert len(logged) == 30 and logged == sorted(logged) and 10 <= logged[-1] <= dm.skipped
+    assert f"ditkit: {dm.skipped} damaged samples or shards skipped" in caplog.text
+    _, logged, error = _fit_on_damaged(root, make, tiny_dit, tmp_path / "b", 0.05, steps=30)
+    assert isinstance(error, DamagedDataError), error
+    assert "data.max_skipped_fraction=0.05" in str(error)

@@ -177,3 +177,16 @@ def test_safetensors_weights_build_the_model_and_settings_follow_the_config(tmp_
     assert (objective.name, settings["sampler"], settings["steps"]) == ("flow", "sde", 250)
     with pytest.raises(ValueError, match="drop weights=raw"):
         read_checkpoint(cfg.ckpt, "raw")
+
+
+def test_a_bad_checkpoint_is_named_before_a_missing_reference(files, tmp_path):
+    """Issue 14 item 8: the checkpoint is checked first, even when fid.reference is wrong too."""
+    missing = tmp_path / "missing.ckpt"
+    with pytest.raises(FileNotFoundError, match=f"ckpt=.*{missing.name}: no such file"):
+        run(files, f"ckpt={missing}", f"fid.reference={tmp_path / 'nope.npz'}")
+    with pytest.raises(FileNotFoundError, match=f"ckpt=.*{missing.name}: no such file"):
+        run(files, f"ckpt={missing}", "fid.reference=null")
+    unreadable = tmp_path / "notes.pt"
+    unreadable.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=f"{unreadable.name}.*weights_only=True"):
+        run(files, f"ckpt={unreadable}", "fid.reference=null")

@@ -2,6 +2,7 @@
 sharded folders, reading for evaluation, and released weights in and out.
 
     atomic       atomic_write / atomic_path / AtomicFile: the one write helper every writer uses
+    lock         RunLock, run_lock, RunLockedError: one run per folder (flock on <run>/run.lock)
     saving       AtomicModelCheckpoint (Lightning callback), CheckpointSaveError
     resume       find_resume_checkpoint, checkpoint_step
     consolidate  consolidate_checkpoint; `python -m ditkit.checkpoints.consolidate FOLDER`
@@ -20,6 +21,9 @@ _NAMES = {
     "AtomicFile": "atomic",
     "atomic_path": "atomic",
     "atomic_write": "atomic",
+    "RunLock": "lock",
+    "RunLockedError": "lock",
+    "run_lock": "lock",
     "AtomicModelCheckpoint": "saving",
     "CheckpointSaveError": "saving",
     "checkpoint_step": "resume",

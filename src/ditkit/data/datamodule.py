@@ -27,6 +27,7 @@ from ditkit.data.format import (
     parse_manifest,
 )
 from ditkit.data.manifest_keys import TEXT_KEYS, check_against_manifest
+from ditkit.data.remote import check_reachable, open_shard
 from ditkit.data.stream import SkipCounter, TrainStream
 
 BUILTINS = {"digits": build_digits, "digits_t2i": build_captioned_digits}
@@ -163,6 +164,8 @@ class LatentShardsDataModule(L.LightningDataModule):
         images: batches also carry "image", the crop the VAE saw ((B, 3, S, S) uint8, flipped with
             the latent), for frozen vision encoders (``encoder=`` sets it); the shards must have
             been extracted with ``keep_images=true``, which is checked before training.
+        max_skipped_fraction: the damaged share of the stream (skipped samples and shards over
+            those read) above which training stops (`ditkit.training.DataHealth`); 1 never stops.
     """
 
     def __init__(
@@ -186,9 +189,16 @@ class LatentShardsDataModule(L.LightningDataModule):
         context_dim: int | None = None,
         pooled_dim: int | None = None,
         images: bool = False,
+        max_skipped_fraction: float = 0.01,
     ) -> None:
         super().__init__()
         self.images = bool(images)
+        if not 0.0 <= max_skipped_fraction <= 1.0:
+            raise ValueError(
+                f"data.max_skipped_fraction={max_skipped_fraction} must lie in [0, 1] (1 never "
+                "stops the run)"
+            )
+        self.max_skipped_fraction = max_skipped_fraction
         text = (context_len, context_dim, pooled_dim)
         if any(v is not None for v in text) and not all(v is not None for v in text):
             raise ValueError(
@@ -316,8 +326,14 @@ class LatentShardsDataModule(L.LightningDataModule):
 
     @property
     def skipped(self) -> int:
-        """Damaged samples and shards skipped so far by all workers (log it as ``data/skipped``)."""
+        """Damaged samples and shards skipped so far by this rank's workers (`DataHealth` logs the
+        sum over ranks as ``data/skipped``)."""
         return self._counter.count if self._counter is not None else 0
+
+    @property
+    def samples_read(self) -> int:
+        """Samples read intact so far by all workers (the denominator of the damaged share)."""
+        return self._counter.read if self._counter is not None else 0
 
     @property
     def batches_per_epoch(self) -> int:
@@ -398,13 +414,15 @@ def open_manifest(
     if not shard_urls:
         raise ValueError(f"data.urls={urls!r} names no shards")
     where = manifest_url or os.path.join(os.path.dirname(shard_urls[0]), MANIFEST)
+    check_reachable(where, "data.manifest")  # a server down at start: an error naming it
     try:
-        with wds.gopen(where, "rb") as f:
+        with open_shard(where) as f:
             text = f.read().decode()
     except Exception as err:
         raise FileNotFoundError(
             f"Cannot read the manifest {where} ({err}); set data.manifest=<path or URL>"
         ) from err
+    check_reachable(shard_urls[0])
     return parse_manifest(text, where), shard_urls
 
 

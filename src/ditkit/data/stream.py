@@ -32,24 +32,35 @@ from ditkit.data.format import (
     decode_moments,
     decode_pixel_moments,
 )
+from ditkit.data.remote import open_shard
 
 log = logging.getLogger(__name__)
 
 
 class SkipCounter:
-    """Counts damaged samples / shards across DataLoader worker processes (a shared integer)."""
+    """Counts damaged samples / shards, and the samples read intact, across DataLoader worker
+    processes (shared integers): ``count / (count + read)`` is the damaged share of the stream."""
 
     def __init__(self) -> None:
         self._value = multiprocessing.Value("q", 0)
+        self._read = multiprocessing.Value("q", 0)
 
     def skip(self, what: str) -> None:
         with self._value.get_lock():
             self._value.value += 1
         log.warning("skipped damaged data: %s", what)
 
+    def add_read(self, n: int) -> None:
+        with self._read.get_lock():
+            self._read.value += n
+
     @property
     def count(self) -> int:
         return int(self._value.value)
+
+    @property
+    def read(self) -> int:
+        return int(self._read.value)
 
 
 def draw_latents(moments: np.ndarray, scale: float, eps: np.ndarray) -> np.ndarray:
@@ -144,7 +155,7 @@ class TrainStream(IterableDataset):
         for shard in shards:
             url, stream = shard["url"], None
             try:
-                stream = wds.gopen(url, "rb")
+                stream = open_shard(url)  # HTTP(S): reconnects mid-shard (data/remote.py)
                 for member in wds.tariterators.tar_file_iterator(stream):
                     yield {**member, "__url__": url}
             except Exception as exn:  # noqa: BLE001 - any failure of one shard must not stop training
@@ -187,6 +198,7 @@ class TrainStream(IterableDataset):
         (B, P) float32, and "key" (B sample keys) with return_keys. Drawing per batch rather than
         per sample: one vectorised op."""
         keys, moments, fields = zip(*samples)
+        self.counter.add_read(len(keys))  # once per batch, not per sample: one lock
         moments = np.stack(moments)
         c, h, w = moments.shape[1] // 2, moments.shape[2], moments.shape[3]
         noise = torch.randn((len(keys), c, h, w), generator=eps).numpy()

@@ -1,6 +1,7 @@
 """Training: the LightningModule, EMA, preemption, FSDP2 and callbacks (checkpoints:
 ditkit.checkpoints)."""
 
+from .data_health import DamagedDataError, DataHealth
 from .ema import ema_decay, update_ema
 from .module import DiffusionModule, NonFiniteLossError
 from .preemption import Preemption
@@ -8,6 +9,8 @@ from .samples import DigitsScore, SampleGrid
 from .throughput import Throughput, peak_flops
 
 __all__ = [
+    "DamagedDataError",
+    "DataHealth",
     "DiffusionModule",
     "DigitsScore",
     "NonFiniteLossError",

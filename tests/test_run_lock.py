@@ -1,0 +1,126 @@
+"""One run per folder (issue 14 item 1): the run lock refuses a second process naming the holder,
+and dies with its holder (SIGKILL), even when the holder's forked DataLoader workers outlive it."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from ditkit.checkpoints.lock import (
+    LOCK_NAME,
+    RunLock,
+    RunLockedError,
+    is_first_process,
+    read_holder,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+HOLDER = textwrap.dedent(
+    """
+    import multiprocessing, sys, time
+    from ditkit.checkpoints.lock import RunLock
+    lock = RunLock(sys.argv[1]).acquire()
+    # a forked child (as a DataLoader worker is) that outlives the holder
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,))
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def _wait_line(proc: subprocess.Popen) -> str:
+    line = proc.stdout.readline()
+    assert line, proc.stderr.read()
+    return line.strip()
+
+
+def test_a_second_process_is_refused_and_a_killed_holder_releases_the_lock(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    child = int(_wait_line(proc))
+    try:
+        holder = read_holder(tmp_path / LOCK_NAME)
+        assert holder["pid"] == proc.pid
+        with pytest.raises(RunLockedError) as refused:
+            RunLock(tmp_path).acquire()
+        message = str(refused.value)
+        assert f"pid {proc.pid}," in message and holder["host"] in message
+        assert holder["started"] in message and "run_name=" in message
+
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        os.kill(child, 0)  # the forked child is still alive ...
+        with RunLock(tmp_path) as lock:  # ... and yet the lock went with its holder
+            assert read_holder(lock.path)["pid"] == os.getpid()
+    finally:
+        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    RunLock(tmp_path).acquire().release()  # released on exit of the with block
+
+
+def test_only_the_first_process_of_a_job_takes_the_lock(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    assert is_first_process()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert is_first_process()
+    monkeypatch.setenv("NODE_RANK", "1")  # rank 0 of the second node
+    assert not is_first_process()
+    monkeypatch.delenv("NODE_RANK")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not is_first_process()
+
+
+@pytest.mark.slow
+def test_train_py_refuses_a_second_run_in_the_same_folder(
+    tmp_path,
+    write_synthetic_shards,
+    tiny_model,
+    data_overrides,
+    run_overrides,
+    train_cmd,
+    run_train,
+):
+    shards = write_synthetic_shards(tmp_path / "shards")
+    args = [
+        *tiny_model,
+        *data_overrides(shards),
+        *run_overrides(tmp_path, 2000, 1),
+        "run_name=twice",
+        "objective=flow",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        train_cmd(*args), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        ckpt = tmp_path / "twice/checkpoints/last.ckpt"
+        deadline = time.time() + 180
+        while not ckpt.exists():  # the first run is training
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        second = run_train(*args, check=False)
+        assert second.returncode != 0
+        assert "is in use by another run" in second.stderr
+        assert f"pid {first.pid}," in second.stderr
+        assert first.poll() is None  # the first run trains on, unharmed
+    finally:
+        first.kill()
+        first.communicate()
