@@ -105,11 +105,18 @@ def test_commands_are_collected():
 def test_brace_urls_reach_the_config_whole():
     """docs/data.md's brace pattern, as the shell passes it, is one string value (it was a grammar
     error: `mismatched input '{'`)."""
-    (line,) = [c for w, c in COMMANDS if w == "docs/data.md" and "data.urls=" in c]
+    (line,) = [c for w, c in COMMANDS if w == "docs/data.md" and "data.urls=" in c and "pipe:" in c]
     script, args = entry_point(shlex.split(line, comments=True))
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=hydra_overrides(args))
     assert cfg.data.urls == "pipe:aws s3 cp s3://bucket/in256/train-{000000..001281}.tar -"
+    (line,) = [
+        c for w, c in COMMANDS if w == "docs/data.md" and "data.urls=" in c and "https:" in c
+    ]
+    script, args = entry_point(shlex.split(line, comments=True))
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=hydra_overrides(args))
+    assert cfg.data.urls == "https://cdn.example.com/in256/train-{000000..001281}.tar"
 
 
 @pytest.mark.parametrize(("where", "line"), COMMANDS, ids=[f"{w}:{c[:60]}" for w, c in COMMANDS])

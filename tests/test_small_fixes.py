@@ -44,5 +44,6 @@ def test_benchmark_help_prints_the_whole_docstring_and_every_argument(monkeypatc
         runpy.run_path(str(bench / "sample.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert exit_.value.code == 0
-    assert "Each time is the best of `repeats` interleaved runs" in out  # the docstring's end
+    words = " ".join(out.split())  # the docstring's end, however it is wrapped
+    assert "Each time is the best of `repeats` interleaved runs" in words
     assert "tiny=False" in out and "repeats=3" in out
