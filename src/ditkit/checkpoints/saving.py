@@ -69,7 +69,7 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             raise ValueError(
                 "callbacks.checkpoint.async_save=true writes single-file checkpoints in the "
                 "background; sharded FSDP2 checkpoints (strategy=fsdp) are written synchronously. "
-                "Set async_save=false, or strategy.save_distributed_checkpoint=false for one file."
+                "Set async_save=false, or trainer.strategy.save_distributed_checkpoint=false for one file."
             )
         super().setup(trainer, pl_module, stage)
 
