@@ -113,6 +113,7 @@ def main() -> None:
                     overrides=" ".join(extra),
                 )
             )
+            print(records[-1], file=sys.stderr, flush=True)  # kept if a later variant fails
     print(
         "| variant | steps | digits accuracy | FD (pixels) | train s (cumulative, incl. start-up) |"
     )

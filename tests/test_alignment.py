@@ -375,3 +375,22 @@ def test_fsdp2_repa_resumes_exactly(
             assert torch.equal(a[i][moment], b[i][moment]), (i, moment)
     header, *_ = (out / "straight/csv/version_0/metrics.csv").read_text().splitlines()
     assert "train/repa" in header.split(",")
+
+
+def test_the_papers_recipes():
+    """REPA (Yu et al. 2025, sec. 4 / Table 2) and iREPA (Singh et al. 2025) on SiT-XL/2."""
+    repa = compose_train("experiment=repa_sit_xl2_in256")
+    assert (repa.model.variant, repa.model.patch_size, repa.model.learn_sigma) == ("XL", 2, False)
+    assert repa.objective._target_.endswith("RectifiedFlow")
+    assert repa.objective.time_sampling == "uniform"
+    assert (repa.encoder.name, repa.encoder.resolution, repa.data.images) == ("dinov2_b", 224, True)
+    term = repa.objective.terms.repa
+    assert term._target_ == "ditkit.objectives.REPA" and term.encoder.name == "dinov2_b"
+    assert (term.depth, term.weight, term.projector_dim) == (8, 0.5, 2048)
+    assert (repa.optimizer.lr, repa.optimizer.weight_decay, repa.data.batch_size) == (1e-4, 0, 32)
+    assert repa.trainer.max_steps == 4_000_000
+    irepa = compose_train("experiment=irepa_sit_xl2_in256")
+    assert list(irepa.objective.terms) == ["irepa"]
+    term = irepa.objective.terms.irepa
+    assert (term.depth, term.weight, term.kernel_size, term.gamma) == (8, 0.5, 3, 0.6)
+    assert irepa.encoder.name == "dinov2_b" and irepa.trainer.max_steps == 400_000

@@ -14,7 +14,14 @@ from omegaconf import OmegaConf
 from ditkit.training.checks import ConfigError, check_experiment_sizes, check_model_fits_data
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ["quickstart", "dit_xl2_in256", "sit_xl2_in256", "lightningdit_xl1_in256"]
+EXPERIMENTS = [
+    "quickstart",
+    "dit_xl2_in256",
+    "sit_xl2_in256",
+    "lightningdit_xl1_in256",
+    "repa_sit_xl2_in256",
+    "irepa_sit_xl2_in256",
+]
 
 
 def composed(*overrides: str):
