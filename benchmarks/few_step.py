@@ -16,12 +16,11 @@ Inception weights cannot be downloaded here, and they were made for 299 px photo
 digits. Also reported: model evaluations (NFE), seconds and images/s. A table, then one JSON line per setting.
 """
 
-import sys
 import time
 
 import numpy as np
 import torch
-from common import emit, parse_args, sig
+from common import emit, parse_args, progress_bar, sig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from sample import CountingModel
@@ -117,14 +116,17 @@ def main() -> None:
     classifier = SVC().fit(digits_features(real), targets)
     real_stats = pixel_stats(real)
     records = []
+    bar = progress_bar(len(settings), "settings")  # rate and ETA between the results
     for objective_name, sampler, steps in settings:
         model, objective = loaded[objective_name]
         if objective.name != objective_name:
             raise SystemExit(
                 f"{paths[objective_name]} was trained with {objective.name}, not {objective_name}"
             )
-        print(f"sampling {objective_name} {sampler}-{steps} ...", file=sys.stderr, flush=True)
+        bar.set_postfix_str(f"{objective_name} {sampler}-{steps}")
         records.append(score(model, objective, sampler, int(steps), args, classifier, real_stats))
+        bar.update()
+    bar.close()
     print("| objective | sampler | steps | NFE | digits accuracy | FD (pixels) | images/s |")
     for r in sorted(records, key=lambda r: (r["objective"], r["nfe"])):
         print(
