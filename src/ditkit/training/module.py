@@ -31,7 +31,7 @@ from ditkit.objectives.protocol import check_objective
 
 from .ema import ema_decay, local, make_shadow, update_ema
 from .fp8 import check_fp8, convert_fp8
-from .parallel import checkpoint_blocks, compile_blocks, reshard, shard_blocks
+from .parallel import checkpoint_blocks, compile_blocks, fsdp_mesh, replicas, reshard, shard_blocks
 
 # DiT's optimizer (Peebles & Xie 2023, sec. 5): AdamW, lr 1e-4, no weight decay. fused: one kernel
 # for the whole update, 3x faster than the default foreach AdamW on CPU (DiT-S/2: 30 vs 103 ms).
@@ -180,7 +180,7 @@ class DiffusionModule(L.LightningModule):
         if self.device_mesh is not None:
             from torch.distributed.fsdp import fully_shard
 
-            mesh = self.device_mesh["data_parallel"]
+            mesh = fsdp_mesh(self.device_mesh)  # 1-D (FSDP2) or 2-D (HSDP)
             shard_blocks(self.model, mesh)
             for shadow in (self.ema, *self.extra_ema.values()):
                 shard_blocks(shadow, mesh)
@@ -251,9 +251,9 @@ class DiffusionModule(L.LightningModule):
             dist.all_reduce(vec, op=dist.ReduceOp.SUM)
         vec = vec.cpu()
         # DDP grads are replicas (each rank holds the full averaged gradient); FSDP2 grads are
-        # disjoint shards.
+        # disjoint shards; HSDP's shards are held once per replica group.
         sharded = any(isinstance(p.grad, DTensor) for p in params)
-        grad_norm = math.sqrt(vec[-1].item() / (1 if sharded else world))
+        grad_norm = math.sqrt(vec[-1].item() / (replicas(self.device_mesh) if sharded else world))
         ok = vec[-2].item() == 0 and math.isfinite(grad_norm)
         self._grad_norm = grad_norm
         self._step_taken = ok

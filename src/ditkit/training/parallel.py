@@ -2,7 +2,8 @@
 model is plain PyTorch; each of these works on its `blocks`, so DiT, MMDiT and the U-Net alike).
 
 FSDP2 runs through Lightning's `ModelParallelStrategy` (`FSDP2Strategy`, conf/strategy/fsdp.yaml),
-which hands `DiffusionModule.configure_model` a device mesh; `shard_blocks` applies `fully_shard`
+which hands `DiffusionModule.configure_model` a device mesh (`HSDPStrategy`, conf/strategy/hsdp.yaml:
+a 2-D one, sharded inside a node and replicated across nodes); `shard_blocks` applies `fully_shard`
 per block and then to the root (the torchtitan recipe: each block's parameters are all-gathered just
 before it runs and freed after). Sharded checkpoints are folders written with
 torch.distributed.checkpoint; they reload on any world size, and
@@ -36,6 +37,59 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+
+class HSDPStrategy(ModelParallelStrategy):
+    """Hybrid sharding (HSDP): FSDP2 sharding inside a group of `shard_size` ranks (a node), plain
+    replication across the `replicate_size` groups, on a 2-D device mesh ("replicate", "shard").
+    Parameter all-gathers and gradient reduce-scatters stay on the fast links inside a node; only
+    one gradient all-reduce per shard crosses nodes (the PyTorch FSDP2 HSDP recipe:
+    `fully_shard(module, mesh=<2-D mesh>)`).
+
+    replicate_size: the number of replica groups; default the node count (trainer.num_nodes).
+    Checkpoints are DCP folders like FSDP2's, and reload on any mesh (strategy=fsdp on one node).
+    """
+
+    def __init__(self, replicate_size: int | None = None, **kwargs):
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=True,
+            **kwargs,
+        )
+        self.replicate_size = replicate_size
+
+    def setup_environment(self) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # ModelParallelStrategy's own mesh is (data_parallel, tensor_parallel); skip it, keep the
+        # process-group set-up.
+        super(ModelParallelStrategy, self).setup_environment()
+        self._setup_distributed()
+        replicas = self.replicate_size or self.num_nodes
+        if replicas < 1 or self.world_size % replicas:
+            raise ValueError(
+                f"trainer.strategy.replicate_size={replicas} must divide the world size "
+                f"({self.world_size} = trainer.num_nodes x trainer.devices)"
+            )
+        self._device_mesh = init_device_mesh(
+            self.root_device.type,
+            (replicas, self.world_size // replicas),
+            mesh_dim_names=("replicate", "shard"),
+        )
+        self.lightning_module._device_mesh = self._device_mesh
+
+
+def fsdp_mesh(device_mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh fully_shard takes: FSDP2's 1-D data-parallel mesh, or HSDP's 2-D one."""
+    names = device_mesh.mesh_dim_names or ()
+    return device_mesh if "replicate" in names else device_mesh["data_parallel"]
+
+
+def replicas(device_mesh: DeviceMesh | None) -> int:
+    """How many copies of each shard the ranks hold: HSDP's replica groups, else 1."""
+    names = (device_mesh.mesh_dim_names or ()) if device_mesh is not None else ()
+    return device_mesh["replicate"].size() if "replicate" in names else 1
 
 
 def shard_blocks(model: nn.Module, mesh: DeviceMesh) -> None:
