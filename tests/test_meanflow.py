@@ -234,3 +234,71 @@ def test_meanflow_refuses_a_backbone_without_the_second_time():
         MeanFlow(guidance_input=[1.0, 4.0]).bind(DiT(**kwargs, second_time=True))
     with pytest.raises(ValueError, match="equal_fraction"):
         MeanFlow(equal_fraction=1.5)
+
+
+MEANFLOW = ("objective=meanflow", "model.second_time=true", "model.learn_sigma=false")
+
+
+@pytest.mark.slow
+def test_fsdp2_meanflow_run_resumes_exactly(
+    tmp_path,
+    tiny_model,
+    data_overrides,
+    run_overrides,
+    write_synthetic_shards,
+    run_train,
+    torchrun_cmd,
+):
+    """2 processes, FSDP2, guided MeanFlow (the JVP through all-gathered blocks): 4 steps straight
+    == 2 steps, new processes, 2 more, bit for bit (weights, EMA, optimizer moments)."""
+    from ditkit.checkpoints import consolidate_checkpoint
+
+    shards = write_synthetic_shards(tmp_path / "shards")
+    out = tmp_path / "runs"
+
+    def args(name: str, steps: int) -> list[str]:
+        return [
+            *tiny_model,
+            *MEANFLOW,
+            "objective.omega=2.0",
+            *data_overrides(shards),
+            *run_overrides(out, steps, 2),
+            f"run_name={name}",
+            "strategy=fsdp",
+            "trainer.devices=2",
+        ]
+
+    run_train(cmd=torchrun_cmd(2, *args("straight", 4)), timeout=300)
+    run_train(cmd=torchrun_cmd(2, *args("resumed", 2)), timeout=300)
+    run_train(cmd=torchrun_cmd(2, *args("resumed", 4)), timeout=300)
+    straight = torch.load(
+        consolidate_checkpoint(out / "straight/checkpoints/last.ckpt"), weights_only=True
+    )
+    resumed = torch.load(
+        consolidate_checkpoint(out / "resumed/checkpoints/last.ckpt"), weights_only=True
+    )
+    assert straight["global_step"] == resumed["global_step"] == 4
+    keys = straight["state_dict"].keys()
+    assert "model.t2_embedder.mlp.0.weight" in keys and "ema.t2_embedder.mlp.0.weight" in keys
+    for key in keys:
+        assert torch.equal(straight["state_dict"][key], resumed["state_dict"][key]), key
+    # The weights moved (so equality is not that of two untouched models): the model left its EMA.
+    weight = "t2_embedder.mlp.0.weight"
+    assert not torch.equal(
+        straight["state_dict"][f"model.{weight}"], straight["state_dict"][f"ema.{weight}"]
+    )
+    moments_a = straight["optimizer_states"][0]["state"]
+    moments_b = resumed["optimizer_states"][0]["state"]
+    for i in moments_a:
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(moments_a[i][moment], moments_b[i][moment]), (i, moment)
+
+
+def test_activation_checkpointing_with_the_jvp_is_refused_by_name():
+    """torch.utils.checkpoint fails inside a JVP; the run says which combination, before any work."""
+    from ditkit.training import DiffusionModule
+
+    kwargs = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2)
+    model = DiT(**kwargs, learn_sigma=False, second_time=True)
+    with pytest.raises(ValueError, match="objective=meanflow.*activation_checkpointing=true"):
+        DiffusionModule(model, MeanFlow(), activation_checkpointing=True)

@@ -91,6 +91,9 @@ class MeanFlow(DiffusionObjective):
 
     name = "meanflow"
     default_sampler = "meanflow1"
+    # The training forward is a JVP: DiffusionModule refuses activation checkpointing with it
+    # (torch.utils.checkpoint fails under forward-mode AD); compile and FSDP2 work.
+    forward_mode_ad = True
 
     def __init__(
         self,
