@@ -302,3 +302,24 @@ def test_activation_checkpointing_with_the_jvp_is_refused_by_name():
     model = DiT(**kwargs, learn_sigma=False, second_time=True)
     with pytest.raises(ValueError, match="objective=meanflow.*activation_checkpointing=true"):
         DiffusionModule(model, MeanFlow(), activation_checkpointing=True)
+
+
+@pytest.mark.slow
+def test_quickstart_meanflow_one_step_samples_are_the_digits_asked_for(tmp_path, run_train):
+    """experiment=quickstart_meanflow end to end: 200 guided one-step samples (meanflow1, 1 NFE,
+    guidance trained in, cfg_scale 1), at least 80% classified as the digit asked for by the SVM
+    trained on the real digits."""
+    import json
+
+    run_train(
+        "experiment=quickstart_meanflow",
+        f"paths.output_dir={tmp_path / 'outputs'}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "logger=csv",
+        timeout=1800,
+    )
+    (score_file,) = (tmp_path / "outputs").glob("*/digits_score.json")
+    score = json.loads(score_file.read_text())
+    print(f"quickstart_meanflow: digits accuracy {score['accuracy']:.1%}, {score['per_class']}")
+    assert score["num_samples"] == 200 and score["cfg_scale"] == 1.0
+    assert score["accuracy"] >= 0.8
