@@ -59,6 +59,8 @@ def build(args: dict, sampler: str):
         "+data.latent_channels=4",
         f"+data.num_classes={args['num_classes']}",
     ]
+    if spec.objective == "meanflow":  # MeanFlow's backbone takes a second time (r or t - r)
+        overrides.append("model.second_time=true")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(overrides=overrides + (TINY if args["tiny"] else []))
     return instantiate_model(cfg.model), instantiate(cfg.objective), spec
@@ -133,11 +135,16 @@ def bench(args: dict, sampler: str, device: torch.device, tick=lambda: None) -> 
         for b in set(batches)
     }
 
+    # A MeanFlow backbone also takes its second time (t - r).
+    second = {
+        b: {"t2": inputs[b][1]} if getattr(model, "second_time", False) else {} for b in inputs
+    }
+
     @torch.no_grad()
     def run_forwards(calls: list[int]):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             for b in calls:
-                model(*inputs[b])
+                model(*inputs[b], **second[b])
 
     run_forwards(sorted(set(batches)))  # warm-up: one call per batch size
     # Interleaved, best of `repeats`: a machine busy with other work slows both alike.

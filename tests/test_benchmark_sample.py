@@ -31,16 +31,20 @@ def test_one_line_per_sampler_with_counts(monkeypatch, capsys):
         monkeypatch, capsys, "num_samples=3", "steps=4", "cfg_scale=4.0", "peak_matmul=256"
     )
     with torch.device("meta"):  # the tiny model of sample.py: depth 2, width 32, 8x8 latents
-        forward_flops_per_call = DiT(
-            input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=10
-        ).forward_flops(6)
+        tiny = dict(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+        flops_of = {
+            "plain": DiT(**tiny).forward_flops(6),
+            "meanflow": DiT(**tiny, second_time=True).forward_flops(6),  # + the t2 embedder
+        }
     assert [r["sampler"] for r in lines] == [
         *("ddpm", "ddim", "dpmpp_2m", "unipc"),
         *("euler", "heun", "sde", "unipc_flow"),
+        *("meanflow1", "meanflow2"),
     ]
-    assert [r["objective"] for r in lines] == ["ddpm"] * 4 + ["flow"] * 4
-    assert [r["model_evals"] for r in lines] == [4, 4, 4, 4, 4, 8, 4, 4]  # Heun: two per step
+    assert [r["objective"] for r in lines] == ["ddpm"] * 4 + ["flow"] * 4 + ["meanflow"] * 2
+    assert [r["model_evals"] for r in lines] == [4, 4, 4, 4, 4, 8, 4, 4, 4, 4]  # Heun: two a step
     for r in lines:
+        forward_flops_per_call = flops_of["meanflow" if r["objective"] == "meanflow" else "plain"]
         assert r["steps"] == 4 and r["batch"] == 6  # guided: cond + null in one batch of 2N
         assert r["latent"] == [4, 8, 8]
         assert r["seconds"] > 0 and r["forward_seconds"] > 0

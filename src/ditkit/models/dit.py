@@ -151,6 +151,12 @@ class DiT(nn.Module):
     reference DiT's), `mlp_norm_eps` (eps of each block's pre-MLP norm: diffusers' `norm_eps`).
     Activation checkpointing,
     compile and FSDP2 are applied to `blocks` from outside (ditkit.training.parallel).
+
+    `second_time`: a second timestep embedder (`t2_embedder`, the official MeanFlow DiT's
+    `h_embedder`, Gsunshine/meanflow models/models_dit.py) for a second scalar time `t2` (MeanFlow:
+    r or t - r), added to t's embedding. `guidance_input`: one more (`w_embedder`) for a guidance
+    scale `w` given as an input (improved MeanFlow, arXiv 2512.02012). Without them the state_dict
+    is exactly the reference's.
     """
 
     condition_keys = ("y",)
@@ -174,6 +180,8 @@ class DiT(nn.Module):
         rope: bool = False,
         timestep_freq_shift: int = 0,
         mlp_norm_eps: float = 1e-6,
+        second_time: bool = False,
+        guidance_input: bool = False,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -198,6 +206,12 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
+        self.second_time = second_time
+        self.guidance_input = guidance_input
+        if second_time:
+            self.t2_embedder = TimestepEmbedder(hidden_size)
+        if guidance_input:
+            self.w_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.register_buffer(
             "pos_embed", sincos_2d(hidden_size, grid).unsqueeze(0)
@@ -227,8 +241,9 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear map of flattened patches
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for embedder in (self.t_embedder, *self.extra_time_embedders().values()):
+            nn.init.normal_(embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(embedder.mlp[2].weight, std=0.02)
         if self.block == "adaln_zero":
             for blk in self.blocks:
                 nn.init.zeros_(blk.adaLN_modulation[-1].weight)
@@ -238,16 +253,42 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def extra_time_embedders(self) -> dict[str, TimestepEmbedder]:
+        """{forward keyword: embedder} of the optional scalar inputs beyond t (t2, w)."""
+        names = {"t2": "t2_embedder", "w": "w_embedder"}
+        return {key: getattr(self, name) for key, name in names.items() if hasattr(self, name)}
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C) -> (N, C, H, W), tokens in row-major order."""
         p, c, g = self.patch_size, self.out_channels, self.input_size // self.patch_size
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels (num_classes = null)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        t2: torch.Tensor | None = None,
+        w: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels (num_classes = null);
+        t2: (N,) the second time and w: (N,) the guidance scale, with second_time / guidance_input
+        (required then, refused otherwise)."""
         tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         t_emb = self.t_embedder(t)  # (N, D)
+        # The official MeanFlow DiT sums the embeddings: c = t + h + y (models_dit.py, DiT.__call__).
+        embedders = self.extra_time_embedders()
+        for key, value in (("t2", t2), ("w", w)):
+            if (value is None) != (key not in embedders):
+                option = "second_time" if key == "t2" else "guidance_input"
+                raise ValueError(
+                    f"DiT.forward got {key}={'None' if value is None else 'a tensor'} but the model "
+                    f"was built with {option}={key in embedders}: build it with "
+                    f"model.{option}={value is not None}"
+                )
+            if value is not None:
+                t_emb = t_emb + embedders[key](value)
         y_emb = self.y_embedder(y, self.training)  # (N, D)
         c = t_emb + y_emb
         if self.block == "cross_attn":
@@ -286,7 +327,8 @@ class DiT(nn.Module):
             macs_per_block += 2 * tokens * d * d + 2 * 2 * d * d + 2 * tokens * 2 * d
         macs = self.depth * macs_per_block
         macs += tokens * self.in_channels * self.patch_size**2 * d  # patch embedding
-        macs += self.t_embedder.frequency_embedding_size * d + d * d  # timestep MLP
+        embedders = 1 + len(self.extra_time_embedders())
+        macs += embedders * (self.t_embedder.frequency_embedding_size * d + d * d)  # timestep MLPs
         macs += d * 2 * d + tokens * d * self.final_layer.linear.out_features  # final layer
         return 2 * macs * batch_size
 

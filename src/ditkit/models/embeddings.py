@@ -46,7 +46,9 @@ class TimestepEmbedder(nn.Module):
             * torch.arange(half, dtype=torch.float32, device=t.device)
             / (half - freq_shift)
         )
-        args = t[:, None].float() * freqs[None]
+        # float32 at least (bf16 times would round t); float64 stays float64 (exact JVP tests).
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        args = t[:, None].to(dtype) * freqs[None].to(dtype)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
             emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)

@@ -1,11 +1,13 @@
-"""Training objectives and their samplers: Gaussian diffusion (DDPM/DDIM, as DiT) and rectified
-flow (SD3 / SiT style), with classifier-free guidance for every sampler. The contract an objective
-meets is `Objective` (protocol.py); samplers live in one registry (samplers.py)."""
+"""Training objectives and their samplers: Gaussian diffusion (DDPM/DDIM, as DiT), rectified flow
+(SD3 / SiT style) and MeanFlow (one step), with classifier-free guidance for every sampler. The
+contract an objective meets is `Objective` (protocol.py); samplers live in one registry
+(samplers.py)."""
 
 from .alignment import IREPA, REPA
 from .flow import RectifiedFlow
 from .gaussian import GaussianDiffusion
 from .guidance import Guidance
+from .meanflow import MeanFlow
 from .protocol import DiffusionObjective, Objective, check_objective
 from .samplers import SAMPLERS, get_sampler, register_sampler, samplers_of
 from .terms import LinearProbe, Term, TermInputs
@@ -24,6 +26,7 @@ __all__ = [
     "REPA",
     "LinearProbe",
     "Guidance",
+    "MeanFlow",
     "Objective",
     "RectifiedFlow",
     "Term",

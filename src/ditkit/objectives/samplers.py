@@ -39,6 +39,7 @@ SAMPLERS: dict[str, SamplerSpec] = {}
 DEFAULTS: dict[str, dict[str, str]] = {
     "ddpm": {"evaluate": "ddpm", "preview": "ddim"},
     "flow": {"evaluate": "sde", "preview": "euler"},
+    "meanflow": {"evaluate": "meanflow1", "preview": "meanflow1"},
 }
 PURPOSES = ("evaluate", "preview")
 
@@ -140,7 +141,7 @@ def register_configs() -> None:
     `sampler=NAME sampler.steps=N sampler.options.eta=...`), from this table alone."""
     from hydra.core.config_store import ConfigStore
 
-    from . import flow, gaussian, solvers  # noqa: F401 - their samplers register on import
+    from . import flow, gaussian, meanflow, solvers  # noqa: F401 - their samplers register on import
 
     store = ConfigStore.instance()
     for spec in SAMPLERS.values():

@@ -116,6 +116,13 @@ class DiffusionModule(L.LightningModule):
         check_objective(objective)
         if fp8:
             check_fp8(compile)
+        if activation_checkpointing and getattr(objective, "forward_mode_ad", False):
+            # torch.utils.checkpoint's recomputation saves other tensors than a forward-mode (JVP)
+            # forward did ("A different number of tensors was saved"), so it cannot wrap one yet.
+            raise ValueError(
+                f"objective={objective.name} differentiates the model in forward mode (a JVP), "
+                "which module.activation_checkpointing=true does not support yet: set it to false"
+            )
         self.model = model
         self.objective = objective
         self.ema = make_shadow(model)
