@@ -122,7 +122,9 @@ def sd3_inputs(dtype):
     x = torch.randn(3, 4, 8, 8, generator=gen, dtype=dtype)
     context = torch.randn(3, 5, 12, generator=gen, dtype=dtype)
     pooled = torch.randn(3, 6, generator=gen, dtype=dtype)
-    return x, torch.tensor([0.0, 381.5, 1000.0], dtype=dtype), context, pooled
+    # The timesteps stay float32 in both precisions: diffusers computes its sinusoidal features in
+    # float32 whatever the model's dtype, ditkit in the timesteps' dtype (float64 for exact JVPs).
+    return x, torch.tensor([0.0, 381.5, 1000.0]), context, pooled
 
 
 # --- DiT -------------------------------------------------------------------------------------
