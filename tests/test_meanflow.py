@@ -323,3 +323,45 @@ def test_quickstart_meanflow_one_step_samples_are_the_digits_asked_for(tmp_path,
     print(f"quickstart_meanflow: digits accuracy {score['accuracy']:.1%}, {score['per_class']}")
     assert score["num_samples"] == 200 and score["cfg_scale"] == 1.0
     assert score["accuracy"] >= 0.8
+
+
+class LinearUW(LinearU):
+    """LinearU plus d * w: a guidance-scale input (improved MeanFlow's guidance as a condition)."""
+
+    guidance_input = True
+
+    def forward(self, z, t, y, t2, w):
+        return super().forward(z, t, y, t2) + 0.01 * w.view(-1, 1, 1, 1)
+
+
+def test_guidance_input_target_by_hand_and_the_sampler_passes_the_scale():
+    """guidance_input=[2, 2] (omega fixed at 2 to compute by hand): v_g = v_u + 2 (v - v_u), v_u =
+    u(z, t, t | null, w=2); the model gets w = 2 in the JVP too; meanflow1 needs the scale."""
+    model = LinearUW().double()
+    obj = MeanFlow(guidance_input=[2.0, 2.0], norm_eps=0.01)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 2, 2, generator=g, dtype=torch.float64)
+    eps = torch.randn(2, 1, 2, 2, generator=g, dtype=torch.float64)
+    y, t, r = (
+        torch.tensor([0, 2]),
+        torch.tensor([0.8, 0.3]).double(),
+        torch.tensor([0.2, 0.3]).double(),
+    )
+    drop = torch.tensor([False, False])
+    losses = obj.training_losses(model, {"x": x, "y": y}, t=t, r=r, noise=eps, drop=drop)
+    a, b, c, e = 0.5, 2e-4, -3e-4, model.e.double()
+    tb, rb = t.view(-1, 1, 1, 1), r.view(-1, 1, 1, 1)
+    z, v = (1 - tb) * x + tb * eps, eps - x
+    v_u = a * z + b * tb + e[3] + 0.02
+    v_g = v_u + 2 * (v - v_u)
+    u = a * z + b * tb + c * (tb - rb) + e[y].view(-1, 1, 1, 1) + 0.02
+    target = v_g - (tb - rb) * (a * v_g + (b + c))
+    sq = ((u - target) ** 2).sum((1, 2, 3))
+    torch.testing.assert_close(losses["loss"], sq / (sq + 0.01), rtol=1e-12, atol=0)
+    noise = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        obj.sample(model, noise, {"y": y}, sampler="meanflow1")
+    out = obj.sample(model, noise, {"y": y}, sampler="meanflow1", guidance_scale=3.0)
+    # z_0 = 0 - u(0, 0, 1) with w = 3: u = b + c + e[y] + 0.03
+    expected = -(b + c + e[y] + 0.03).view(-1, 1, 1, 1).expand(2, 1, 2, 2)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
