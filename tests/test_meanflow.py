@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from ditkit.models import DiT
+from ditkit.models import DiT, JiT
 from ditkit.models.flops import count_flops
 from ditkit.objectives import MeanFlow
 from ditkit.objectives.samplers import get_sampler, resolve
@@ -49,24 +49,31 @@ class GaussianOracle(nn.Module):
         return {"y": torch.full_like(y, self.num_classes)}
 
 
-def random_dit(**options) -> DiT:
-    """A tiny DiT with a second time, in float64, every weight random (DiT's zero init would make
-    u identically 0 and every derivative trivial)."""
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2)
+TINY_JIT = dict(TINY, bottleneck_dim=8, in_context_len=2, in_context_start=1)
+
+
+def random_dit(backbone: str = "dit", **options) -> nn.Module:
+    """A tiny DiT (or JiT) with a second time, in float64, every weight random (the zero init of
+    adaLN and the output would make u identically 0 and every derivative trivial)."""
     torch.manual_seed(0)
-    kwargs = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2)
-    model = DiT(**kwargs, num_classes=10, learn_sigma=False, second_time=True, **options)
+    if backbone == "jit":
+        model = JiT(**TINY_JIT, num_classes=10, second_time=True, **options)
+    else:
+        model = DiT(**TINY, num_classes=10, learn_sigma=False, second_time=True, **options)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(0.1 * torch.randn_like(p))
     return model.double()
 
 
-def test_jvp_target_equals_central_finite_difference_float64():
+@pytest.mark.parametrize("backbone", ["dit", "jit"])
+def test_jvp_target_equals_central_finite_difference_float64(backbone):
     """du/dt from torch.func.jvp with the tangent (v, 0, 1) against the central difference
     (u(z + h v, r, t + h) - u(z - h v, r, t - h)) / 2h. In float64 with h = 1e-5 the difference's
     own error is O(h^2 |u'''|) + O(1e-16 |u| / h): measured 6e-11 against max |du/dt| = 1.3, so
     1e-8 of max |du/dt| leaves a margin of 100 and would catch a wrong tangent (errors of order 1)."""
-    model = random_dit().eval()  # eval: no random label dropout between the evaluations
+    model = random_dit(backbone).eval()  # eval: no random label dropout between the evaluations
     obj = MeanFlow()
     g = torch.Generator().manual_seed(1)
     z = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
@@ -80,7 +87,8 @@ def test_jvp_target_equals_central_finite_difference_float64():
         plus = obj.average_velocity(model, z + h * v, t + h, r, y)
         minus = obj.average_velocity(model, z - h * v, t - h, r, y)
     fd = (plus - minus) / (2 * h)
-    assert du_dt.abs().max() > 0.5  # a non-trivial derivative
+    # A non-trivial derivative (DiT: 1.3, JiT: 0.05; a wrong tangent or a detached t gives 0).
+    assert du_dt.abs().max() > 0.01
     torch.testing.assert_close(du_dt, fd, rtol=0, atol=1e-8 * fd.abs().max().item())
     torch.testing.assert_close(u.detach(), obj.average_velocity(model, z, t, r, y))
     assert u.requires_grad and not du_dt.requires_grad  # u trains; the target is stop-gradient
@@ -224,6 +232,24 @@ def test_dit_second_time_adds_only_its_embedder_and_is_required_then():
     with pytest.raises(ValueError, match="second_time"):
         DiT(**kwargs, second_time=True)(x, t, y)
     assert both.forward_flops(2) == count_flops(both, x, t, y, t2=t, w=t)
+
+
+def test_jit_second_time_adds_only_its_embedder_and_is_required_then():
+    """JiT takes MeanFlow's second time as DiT does: off, the state_dict is today's; on, only
+    t2_embedder.* / w_embedder.* are added, forward needs t2 and forward_flops counts the MLPs."""
+    torch.manual_seed(0)
+    plain = JiT(**TINY_JIT)
+    both = JiT(**TINY_JIT, second_time=True, guidance_input=True)
+    extra = set(both.state_dict()) - set(plain.state_dict())
+    assert {k.split(".")[0] for k in extra} == {"t2_embedder", "w_embedder"}
+    assert set(plain.state_dict()) <= set(both.state_dict())
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2) * 1000, torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="second_time"):
+        plain(x, t, y, t2=t)
+    with pytest.raises(ValueError, match="second_time"):
+        JiT(**TINY_JIT, second_time=True)(x, t, y)
+    assert both.forward_flops(2) == count_flops(both, x, t, y, t2=t, w=t)
+    MeanFlow().bind(JiT(**TINY_JIT, second_time=True))  # the objective accepts it
 
 
 def test_meanflow_refuses_a_backbone_without_the_second_time():

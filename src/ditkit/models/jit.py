@@ -64,6 +64,9 @@ class JiT(nn.Module):
     bottleneck_dim: width of the patch embedding's bottleneck. in_context_len class tokens join
     the sequence before block in_context_start (0 tokens: none). proj_dropout: dropout in the
     middle half of the blocks (depth/4 <= i < 3 depth/4, as the reference; JiT-H: 0.2).
+    second_time / guidance_input: a second time `t2` (MeanFlow's r or t - r) and a guidance scale
+    `w` (improved MeanFlow) as inputs, each through its own timestep embedder added to t's, as
+    DiT's (Gsunshine/meanflow models_dit.py sums them); off, the state_dict is the reference's.
     """
 
     condition_keys = ("y",)
@@ -84,6 +87,8 @@ class JiT(nn.Module):
         num_classes: int = 1000,
         class_dropout_prob: float = 0.1,
         proj_dropout: float = 0.0,
+        second_time: bool = False,
+        guidance_input: bool = False,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -104,6 +109,12 @@ class JiT(nn.Module):
 
         self.x_embedder = BottleneckPatchEmbed(patch_size, in_channels, bottleneck_dim, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
+        self.second_time = second_time
+        self.guidance_input = guidance_input
+        if second_time:
+            self.t2_embedder = TimestepEmbedder(hidden_size)
+        if guidance_input:
+            self.w_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.register_buffer("pos_embed", sincos_2d(hidden_size, grid).unsqueeze(0))  # (1, T, D)
         if in_context_len:
@@ -134,8 +145,9 @@ class JiT(nn.Module):
             nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj2.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for embedder in (self.t_embedder, *self.extra_time_embedders().values()):
+            nn.init.normal_(embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(embedder.mlp[2].weight, std=0.02)
         if self.in_context_len:
             nn.init.normal_(self.in_context_posemb, std=0.02)
         for blk in self.blocks:
@@ -145,11 +157,34 @@ class JiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def embed_condition(self, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(c, y_emb), each (N, D): c = t_emb + y_emb modulates every block; y_emb also makes the
-        class tokens. (A second time input, e.g. MeanFlow's r, adds its embedding to c here.)"""
+    def extra_time_embedders(self) -> dict[str, TimestepEmbedder]:
+        """{forward keyword: embedder} of the optional scalar inputs beyond t (t2, w)."""
+        names = {"t2": "t2_embedder", "w": "w_embedder"}
+        return {key: getattr(self, name) for key, name in names.items() if hasattr(self, name)}
+
+    def embed_condition(
+        self,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        t2: torch.Tensor | None = None,
+        w: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """(c, y_emb), each (N, D): c = t_emb (+ t2's and w's embeddings) + y_emb modulates every
+        block; y_emb also makes the class tokens."""
+        t_emb = self.t_embedder(t)
+        embedders = self.extra_time_embedders()
+        for key, value in (("t2", t2), ("w", w)):
+            if (value is None) != (key not in embedders):
+                option = "second_time" if key == "t2" else "guidance_input"
+                raise ValueError(
+                    f"JiT.forward got {key}={'None' if value is None else 'a tensor'} but the model "
+                    f"was built with {option}={key in embedders}: build it with "
+                    f"model.{option}={value is not None}"
+                )
+            if value is not None:
+                t_emb = t_emb + embedders[key](value)
         y_emb = self.y_embedder(y, self.training)
-        return self.t_embedder(t) + y_emb, y_emb
+        return t_emb + y_emb, y_emb
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C) -> (N, C, H, W), tokens in row-major order."""
@@ -157,10 +192,17 @@ class JiT(nn.Module):
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        t2: torch.Tensor | None = None,
+        w: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x: (N, C, H, W) pixels in [-1, 1] (noised), t: (N,), y: (N,) labels (num_classes =
-        null)."""
-        c, y_emb = self.embed_condition(t, y)
+        null); t2, w: (N,) with second_time / guidance_input (required then, refused otherwise)."""
+        c, y_emb = self.embed_condition(t, y, t2, w)
         tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         n_ctx = self.in_context_len
         for i, blk in enumerate(self.blocks):
@@ -188,7 +230,8 @@ class JiT(nn.Module):
             macs += d * 6 * d  # adaLN, once per sample
         bottleneck = self.x_embedder.proj1.out_channels
         macs += tokens * (self.in_channels * self.patch_size**2 * bottleneck + bottleneck * d)
-        macs += self.t_embedder.frequency_embedding_size * d + d * d  # timestep MLP
+        embedders = 1 + len(self.extra_time_embedders())
+        macs += embedders * (self.t_embedder.frequency_embedding_size * d + d * d)  # timestep MLPs
         macs += d * 2 * d + tokens * d * self.final_layer.linear.out_features  # final layer
         return 2 * macs * batch_size
 

@@ -167,7 +167,7 @@ class MeanFlow(DiffusionObjective):
         if not getattr(model, "second_time", False):
             raise ValueError(
                 f"objective=meanflow needs a backbone with a second time input (r or t - r); "
-                f"{type(model).__name__} has none: set model.second_time=true (DiT)"
+                f"{type(model).__name__} has none: set model.second_time=true (DiT, JiT)"
             )
         wants_w = self.guidance_input is not None
         if bool(getattr(model, "guidance_input", False)) != wants_w:
