@@ -14,6 +14,8 @@ from .embeddings import (
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
+    add_extra_times,
+    extra_time_embedders,
     null_labels,
     rope_2d,
     sincos_2d,
@@ -241,7 +243,7 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear map of flattened patches
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        for embedder in (self.t_embedder, *self.extra_time_embedders().values()):
+        for embedder in (self.t_embedder, *extra_time_embedders(self).values()):
             nn.init.normal_(embedder.mlp[0].weight, std=0.02)
             nn.init.normal_(embedder.mlp[2].weight, std=0.02)
         if self.block == "adaln_zero":
@@ -252,11 +254,6 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
-
-    def extra_time_embedders(self) -> dict[str, TimestepEmbedder]:
-        """{forward keyword: embedder} of the optional scalar inputs beyond t (t2, w)."""
-        names = {"t2": "t2_embedder", "w": "w_embedder"}
-        return {key: getattr(self, name) for key, name in names.items() if hasattr(self, name)}
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C) -> (N, C, H, W), tokens in row-major order."""
@@ -276,19 +273,7 @@ class DiT(nn.Module):
         t2: (N,) the second time and w: (N,) the guidance scale, with second_time / guidance_input
         (required then, refused otherwise)."""
         tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        t_emb = self.t_embedder(t)  # (N, D)
-        # The official MeanFlow DiT sums the embeddings: c = t + h + y (models_dit.py, DiT.__call__).
-        embedders = self.extra_time_embedders()
-        for key, value in (("t2", t2), ("w", w)):
-            if (value is None) != (key not in embedders):
-                option = "second_time" if key == "t2" else "guidance_input"
-                raise ValueError(
-                    f"DiT.forward got {key}={'None' if value is None else 'a tensor'} but the model "
-                    f"was built with {option}={key in embedders}: build it with "
-                    f"model.{option}={value is not None}"
-                )
-            if value is not None:
-                t_emb = t_emb + embedders[key](value)
+        t_emb = add_extra_times(self, self.t_embedder(t), t2=t2, w=w)  # (N, D)
         y_emb = self.y_embedder(y, self.training)  # (N, D)
         c = t_emb + y_emb
         if self.block == "cross_attn":
@@ -327,7 +312,7 @@ class DiT(nn.Module):
             macs_per_block += 2 * tokens * d * d + 2 * 2 * d * d + 2 * tokens * 2 * d
         macs = self.depth * macs_per_block
         macs += tokens * self.in_channels * self.patch_size**2 * d  # patch embedding
-        embedders = 1 + len(self.extra_time_embedders())
+        embedders = 1 + len(extra_time_embedders(self))
         macs += embedders * (self.t_embedder.frequency_embedding_size * d + d * d)  # timestep MLPs
         macs += d * 2 * d + tokens * d * self.final_layer.linear.out_features  # final layer
         return 2 * macs * batch_size

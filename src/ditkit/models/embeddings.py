@@ -59,6 +59,36 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
+# The optional scalar inputs beyond t: forward keyword -> (embedder attribute, build option).
+# MeanFlow's second time (r or t - r) and improved MeanFlow's guidance scale.
+EXTRA_TIMES = {"t2": ("t2_embedder", "second_time"), "w": ("w_embedder", "guidance_input")}
+
+
+def extra_time_embedders(model: nn.Module) -> dict[str, TimestepEmbedder]:
+    """{forward keyword: embedder} of the extra scalar inputs a backbone was built with."""
+    return {
+        key: getattr(model, name) for key, (name, _) in EXTRA_TIMES.items() if hasattr(model, name)
+    }
+
+
+def add_extra_times(model: nn.Module, t_emb: torch.Tensor, **values) -> torch.Tensor:
+    """t_emb: (N, D) plus the embedding of each extra input given (t2=, w=: (N,) or None); the
+    official MeanFlow DiT sums them (Gsunshine/meanflow models_dit.py, DiT.__call__: t + h + y).
+    An input is required when the model was built with its option and refused otherwise."""
+    embedders = extra_time_embedders(model)
+    for key, value in values.items():
+        if (value is None) != (key not in embedders):
+            option = EXTRA_TIMES[key][1]
+            raise ValueError(
+                f"{type(model).__name__}.forward got {key}="
+                f"{'None' if value is None else 'a tensor'} but the model was built with "
+                f"{option}={key in embedders}: build it with model.{option}={value is not None}"
+            )
+        if value is not None:
+            t_emb = t_emb + embedders[key](value)
+    return t_emb
+
+
 class LabelEmbedder(nn.Module):
     """Class labels -> (N, D). Row `num_classes` is the null class used for classifier-free
     guidance (Ho & Salimans, 2022); in training, labels are replaced by it with prob.

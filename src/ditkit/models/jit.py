@@ -17,7 +17,15 @@ from torch import nn
 
 from .attention import Attention, SwiGLU, make_norm
 from .dit import FinalLayer, modulate
-from .embeddings import LabelEmbedder, TimestepEmbedder, null_labels, rope_2d, sincos_2d
+from .embeddings import (
+    LabelEmbedder,
+    TimestepEmbedder,
+    add_extra_times,
+    extra_time_embedders,
+    null_labels,
+    rope_2d,
+    sincos_2d,
+)
 
 
 class BottleneckPatchEmbed(nn.Module):
@@ -145,7 +153,7 @@ class JiT(nn.Module):
             nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj2.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        for embedder in (self.t_embedder, *self.extra_time_embedders().values()):
+        for embedder in (self.t_embedder, *extra_time_embedders(self).values()):
             nn.init.normal_(embedder.mlp[0].weight, std=0.02)
             nn.init.normal_(embedder.mlp[2].weight, std=0.02)
         if self.in_context_len:
@@ -157,11 +165,6 @@ class JiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def extra_time_embedders(self) -> dict[str, TimestepEmbedder]:
-        """{forward keyword: embedder} of the optional scalar inputs beyond t (t2, w)."""
-        names = {"t2": "t2_embedder", "w": "w_embedder"}
-        return {key: getattr(self, name) for key, name in names.items() if hasattr(self, name)}
-
     def embed_condition(
         self,
         t: torch.Tensor,
@@ -171,18 +174,7 @@ class JiT(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         """(c, y_emb), each (N, D): c = t_emb (+ t2's and w's embeddings) + y_emb modulates every
         block; y_emb also makes the class tokens."""
-        t_emb = self.t_embedder(t)
-        embedders = self.extra_time_embedders()
-        for key, value in (("t2", t2), ("w", w)):
-            if (value is None) != (key not in embedders):
-                option = "second_time" if key == "t2" else "guidance_input"
-                raise ValueError(
-                    f"JiT.forward got {key}={'None' if value is None else 'a tensor'} but the model "
-                    f"was built with {option}={key in embedders}: build it with "
-                    f"model.{option}={value is not None}"
-                )
-            if value is not None:
-                t_emb = t_emb + embedders[key](value)
+        t_emb = add_extra_times(self, self.t_embedder(t), t2=t2, w=w)
         y_emb = self.y_embedder(y, self.training)
         return t_emb + y_emb, y_emb
 
@@ -230,7 +222,7 @@ class JiT(nn.Module):
             macs += d * 6 * d  # adaLN, once per sample
         bottleneck = self.x_embedder.proj1.out_channels
         macs += tokens * (self.in_channels * self.patch_size**2 * bottleneck + bottleneck * d)
-        embedders = 1 + len(self.extra_time_embedders())
+        embedders = 1 + len(extra_time_embedders(self))
         macs += embedders * (self.t_embedder.frequency_embedding_size * d + d * d)  # timestep MLPs
         macs += d * 2 * d + tokens * d * self.final_layer.linear.out_features  # final layer
         return 2 * macs * batch_size
