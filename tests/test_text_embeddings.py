@@ -250,7 +250,8 @@ def test_datamodule_text_mismatches_are_named(captioned):
     root, _ = captioned
     # Only the key that differs is named, with the override that fixes it.
     with pytest.raises(
-        DataFormatError, match="data.context_dim=64, but the shards have 32: pass data.context_dim=32"
+        DataFormatError,
+        match="data.context_dim=64, but the shards have 32: pass data.context_dim=32",
     ):
         datamodule(root / "t2i", context_len=16, context_dim=64, pooled_dim=32).setup()
     with pytest.raises(DataFormatError, match="carry no text embeddings"):

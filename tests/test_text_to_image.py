@@ -90,7 +90,9 @@ def test_prompted_digits_are_recognised(tmp_path):
         "progress=false",
         cwd=tmp_path,
     )
-    grid = Path(json.loads(out.strip().splitlines()[-1])["grid"])
+    # The result is the last JSON line (evaluate.py then says where it wrote the samples).
+    record = [line for line in out.strip().splitlines() if line.startswith("{")][-1]
+    grid = Path(json.loads(record)["grid"])
     assert grid.is_file()
     samples = np.load(grid.with_suffix(".npz"))
     assert samples["arr_0"].shape == (200, 16, 16, 3) and samples["prompts"].tolist() == prompts
