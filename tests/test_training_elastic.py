@@ -28,9 +28,9 @@ def torchrun(*overrides: str, restarts: int = 0) -> list[str]:
 
 
 @pytest.mark.skip(
-    reason="passes on the issue-14 branch alone; after the merge with the run identity and "
-    "failed-run cleanup (issue 15) the restarted group hangs after resuming (rank 0 stalls at start "
-    "while rank 1 resumes); not yet diagnosed, so elastic restart is unverified on main"
+    reason="passes on the issue-14 branch alone; on the merged code (run identity, manifest fill, "
+    "run lock) the ranks fall out of step: rank 1 reaches the kill at step 5 while rank 0 is still "
+    "in DDP's first broadcast, and the restarted group stalls after initializing; not yet diagnosed"
 )
 def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(
     tmp_path, write_synthetic_shards, tiny_model, data_overrides, run_overrides, run_train
