@@ -6,6 +6,8 @@ the keys and shapes of the official checkpoints. The model knows nothing of diff
 (x_t, t, y) to an output with the latent's layout (twice the channels when learn_sigma).
 """
 
+import math
+
 import torch
 from torch import nn
 
@@ -20,6 +22,15 @@ from .embeddings import (
     rope_2d,
     sincos_2d,
 )
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """(N, T, p*p*C) -> (N, C, H, W) for a square grid of T tokens in row-major order."""
+    p, c = patch_size, channels
+    g = math.isqrt(x.shape[1])
+    x = x.reshape(x.shape[0], g, g, p, p, c)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+
 
 BLOCK_DESIGNS = ("adaln_zero", "adaln", "cross_attn", "in_context")
 
@@ -257,9 +268,7 @@ class DiT(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C) -> (N, C, H, W), tokens in row-major order."""
-        p, c, g = self.patch_size, self.out_channels, self.input_size // self.patch_size
-        x = x.reshape(x.shape[0], g, g, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+        return unpatchify(x, self.patch_size, self.out_channels)
 
     def forward(
         self,

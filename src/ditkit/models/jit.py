@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .attention import Attention, SwiGLU, make_norm
-from .dit import FinalLayer, modulate
+from .dit import FinalLayer, modulate, unpatchify
 from .embeddings import (
     LabelEmbedder,
     TimestepEmbedder,
@@ -180,9 +180,7 @@ class JiT(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C) -> (N, C, H, W), tokens in row-major order."""
-        p, c, g = self.patch_size, self.out_channels, self.input_size // self.patch_size
-        x = x.reshape(x.shape[0], g, g, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+        return unpatchify(x, self.patch_size, self.out_channels)
 
     def forward(
         self,
