@@ -26,10 +26,21 @@ HOLDER = textwrap.dedent(
     """
     import multiprocessing, sys, time
     from ditkit.checkpoints.lock import RunLock
+
+    def worker(started):
+        started.set()
+        time.sleep(120)
+
     lock = RunLock(sys.argv[1]).acquire()
-    # a forked child (as a DataLoader worker is) that outlives the holder
-    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,))
+    # A forked child (as a DataLoader worker is) that outlives the holder. The holder reports it
+    # only once it runs: its after-fork hook (which closes its copy of the lock) has run by then,
+    # as it has in any worker that reads data. Before that, for the microseconds between fork()
+    # and the hook, the child still shares the lock.
+    fork = multiprocessing.get_context("fork")
+    started = fork.Event()
+    child = fork.Process(target=worker, args=(started,))
     child.start()
+    assert started.wait(60)
     print(child.pid, flush=True)
     time.sleep(120)
     """
