@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline, FlowMatchEulerDiscreteScheduler
+from tiny_diffusers import MMDIT, randomize
 
 from ditkit.export import main, scheduler_config
 from ditkit.models import DiT
@@ -177,20 +178,8 @@ def test_mmdit_flow_run_exports_transformer_and_shifted_scheduler(tmp_path, writ
 
     from ditkit.models import MMDiT
 
-    model_cfg = dict(
-        _target_="ditkit.models.MMDiT",
-        input_size=8,
-        patch_size=2,
-        in_channels=4,
-        depth=2,
-        num_heads=2,
-        head_dim=8,
-        context_dim=12,
-        pooled_dim=6,
-        context_len=5,
-        qk_norm=True,
-        pretrained=None,
-    )
+    sizes = {k: v for k, v in MMDIT.items() if k != "pos_embed_max_size"}
+    model_cfg = {"_target_": "ditkit.models.MMDiT", **sizes, "qk_norm": True, "pretrained": None}
     shards = write_synthetic_shards(tmp_path / "shards", num_samples=4, num_shards=1)
     manifest = json.loads((shards / "manifest.json").read_text())
     manifest["vae"] = {
@@ -200,10 +189,7 @@ def test_mmdit_flow_run_exports_transformer_and_shifted_scheduler(tmp_path, writ
     }
     (shards / "manifest.json").write_text(json.dumps(manifest))
     model = MMDiT(**{k: v for k, v in model_cfg.items() if k not in ("_target_", "pretrained")})
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    randomize(model, seed=3)
     objective = {"_target_": "ditkit.objectives.RectifiedFlow", "shift": 3.0}
     config = {"model": model_cfg, "objective": objective, "data": {"root": str(shards)}}
     state = {f"{w}.{k}": v for w in ("ema", "model") for k, v in model.state_dict().items()}

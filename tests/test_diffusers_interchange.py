@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel, SD3Transformer2DModel
+from tiny_diffusers import DIFFUSERS_DIT, DIFFUSERS_SD3, MMDIT, randomize, share_first_embedder
 
 from ditkit.checkpoints import from_diffusers, to_diffusers
 from ditkit.checkpoints.diffusers import diffusers_model, read_folder
@@ -20,14 +21,6 @@ from ditkit.models import DiT, MMDiT, UNet
 ATOL64, ATOL32 = 1e-10, 1e-5
 
 
-def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
-    """Every parameter N(0, 0.1): diffusers' and ditkit's zero inits would hide mapping errors."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-
-
 def _same_state(a: dict, b: dict) -> None:
     assert sorted(a) == sorted(b)
     for k in a:
@@ -36,64 +29,20 @@ def _same_state(a: dict, b: dict) -> None:
 
 def tiny_diffusers_dit(**overrides) -> DiTTransformer2DModel:
     """Learned sigma (8 = 2 x 4 output channels), 1000 classes + the null row, width 32."""
-    config = dict(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=1000,
-        norm_eps=1e-6,
-    )
-    model = DiTTransformer2DModel(**{**config, **overrides})
-    _randomize(model)
-    # ditkit's DiT has one embedder: make every block's copy block 0's (as DiT checkpoints are).
-    first = model.transformer_blocks[0].norm1.emb.state_dict()
-    for blk in model.transformer_blocks[1:]:
-        blk.norm1.emb.load_state_dict(first)
+    model = randomize(DiTTransformer2DModel(**{**DIFFUSERS_DIT, **overrides}))
+    share_first_embedder(model)
     return model.eval()
 
 
 def tiny_diffusers_sd3(qk_norm: str | None = None, **overrides) -> SD3Transformer2DModel:
     """8x8 latents, patch 2 (a 4x4 grid) and a 6x6 position table: the crop is exercised, and so
     is diffusers' scaled table (base = sample_size / patch = 4 positions over 6 rows)."""
-    config = dict(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=12,
-        caption_projection_dim=16,
-        pooled_projection_dim=6,
-        out_channels=4,
-        pos_embed_max_size=6,
-        qk_norm=qk_norm,
-    )
-    model = SD3Transformer2DModel(**{**config, **overrides})
-    _randomize(model)
-    return model.eval()
+    config = {**DIFFUSERS_SD3, "qk_norm": qk_norm, **overrides}
+    return randomize(SD3Transformer2DModel(**config)).eval()
 
 
 def tiny_mmdit(qk_norm: bool) -> MMDiT:
-    model = MMDiT(
-        input_size=8,
-        patch_size=2,
-        in_channels=4,
-        depth=2,
-        num_heads=2,
-        head_dim=8,
-        context_dim=12,
-        pooled_dim=6,
-        context_len=5,
-        pos_embed_max_size=6,
-        qk_norm=qk_norm,
-    )
-    _randomize(model)
-    return model.eval()
+    return randomize(MMDiT(**MMDIT, qk_norm=qk_norm)).eval()
 
 
 def tiny_dit() -> DiT:
@@ -107,7 +56,7 @@ def tiny_dit() -> DiT:
         num_classes=1000,
         timestep_freq_shift=1,
     )
-    _randomize(model)
+    randomize(model)
     return model.eval()
 
 
@@ -339,7 +288,7 @@ def test_unet_round_trips(tmp_path):
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    _randomize(model)
+    randomize(model)
     to_diffusers(model, tmp_path / "a")
     back = from_diffusers(tmp_path / "a")
     _same_state(model.state_dict(), back.state_dict())

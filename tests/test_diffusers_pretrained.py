@@ -4,24 +4,14 @@ names every size of the folder that does not fit the chosen model or the data.""
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel, SD3Transformer2DModel
+from tiny_diffusers import DIFFUSERS_DIT, DIFFUSERS_SD3, randomize, share_first_embedder
+from tiny_diffusers import MMDIT as TINY_MMDIT
 
 from ditkit.checkpoints import from_diffusers, instantiate_model
 
-SD3 = dict(
-    sample_size=8,
-    patch_size=2,
-    in_channels=4,
-    num_layers=2,
-    attention_head_dim=8,
-    num_attention_heads=2,
-    joint_attention_dim=12,
-    caption_projection_dim=16,
-    pooled_projection_dim=6,
-    out_channels=4,
-    pos_embed_max_size=6,
-    qk_norm="rms_norm",
-)
-MMDIT = dict(
+SD3 = {**DIFFUSERS_SD3, "qk_norm": "rms_norm"}
+MMDIT = {"_target_": "ditkit.models.MMDiT", **TINY_MMDIT, "pos_embed_base_size": 4, "qk_norm": True}
+DIT = dict(
     _target_="ditkit.models.MMDiT",
     input_size=8,
     patch_size=2,
@@ -52,14 +42,9 @@ DIT = dict(
 
 
 def _save(model, path):
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    if isinstance(model, DiTTransformer2DModel):  # one shared embedder, as ditkit's DiT has
-        first = model.transformer_blocks[0].norm1.emb.state_dict()
-        for blk in model.transformer_blocks[1:]:
-            blk.norm1.emb.load_state_dict(first)
+    randomize(model)
+    if isinstance(model, DiTTransformer2DModel):
+        share_first_embedder(model)
     model.save_pretrained(path)
     return path
 
@@ -98,17 +83,7 @@ def test_mmdit_misfits_are_named(tmp_path):
 
 
 def test_dit_starts_from_a_dit_folder_and_names_misfits(tmp_path):
-    config = dict(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=8,
-        num_embeds_ada_norm=1000,
-        norm_eps=1e-6,
-    )
-    folder = _save(DiTTransformer2DModel(**config), tmp_path / "dit")
+    folder = _save(DiTTransformer2DModel(**DIFFUSERS_DIT), tmp_path / "dit")
     assert _equal(instantiate_model({**DIT, "pretrained": str(folder)}), from_diffusers(folder))
     with pytest.raises(ValueError) as err:
         instantiate_model(
@@ -126,16 +101,7 @@ def test_train_py_starts_from_the_folder(
 ):
     """End to end: train.py model=dit_s model.pretrained=FOLDER with lr 0, so the saved weights
     are exactly the folder's."""
-    config = dict(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=8,
-        num_embeds_ada_norm=10,
-        norm_eps=1e-6,
-    )
+    config = {**DIFFUSERS_DIT, "num_embeds_ada_norm": 10}
     folder = _save(DiTTransformer2DModel(**config), tmp_path / "dit")
     shards = write_synthetic_shards(tmp_path / "shards")
     run_train(
