@@ -150,15 +150,15 @@ def test_sharded_async_saves_commit_at_the_next_save_and_only_if_written(tmp_pat
     writer.then(lambda: removed.append("step=2.ckpt"))  # top_k=1: the older folder goes
     writer.submit({"state_dict": 2}, tmps[1], str(tmp_path / "last.ckpt"), 4)
     # two saves in flight at once, each on its own gloo group, into the temporary folders
-    assert groups == ["gloo", "gloo"] and len(writer) == 2 and not removed
+    assert groups == ["gloo", "gloo"] and writer.in_flight() == 2 and not removed
     assert [c[1] for c in calls] == tmps and calls[0][2] is not calls[1][2]
     # the same step's second save commits nothing; the next step's waits for both
-    assert writer.commit(strategy, before_step=4) == (None, None) and len(writer) == 2
+    assert writer.commit(strategy, before_step=4) == (None, None) and writer.in_flight() == 2
     error = OSError(28, "No space left on device")
     futures[0].set_exception(error)  # rank 1's disk was full
     futures[1].set_result(None)
     assert writer.commit(strategy, before_step=6) == (str(tmp_path / "step=4.ckpt"), error)
-    assert strategy.votes == [False, True] and len(writer) == 0
+    assert strategy.votes == [False, True] and writer.in_flight() == 0
     # the failed folder is dropped, the older one kept (retention skipped), last.ckpt replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step=2.ckpt"]
     assert removed == []

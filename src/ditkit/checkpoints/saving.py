@@ -5,7 +5,9 @@ and renamed into place when complete (`atomic.atomic_write`): no in-memory copy 
 no staging in the system temp folder, no second rename. A sharded (FSDP2) checkpoint is a folder
 written by every rank under one temporary name (rank 0's, broadcast), then swapped in through
 `<name>.old` (`atomic.replace_folder`). A kill or a full disk mid-write therefore never leaves a
-torn `last.ckpt`: the previous checkpoint stays byte-identical.
+torn `last.ckpt`: the previous checkpoint stays byte-identical. With async_save the write happens in
+the background (`background.py` for files, `sharded_async.py` for folders) and is committed the same
+way once complete.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.async_save and _writes_folders(trainer.strategy):
             self._writer = None
-            self._sharded = self._sharded or ShardedAsyncWriter()
+            if self._sharded is None:
+                self._sharded = ShardedAsyncWriter()
         super().setup(trainer, pl_module, stage)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:

@@ -75,7 +75,7 @@ class ShardedAsyncWriter:
         `filepath`. Call on every rank, in the same order."""
         # Saves of earlier steps were committed before this one (`commit(before_step=step)`): only
         # this step's (Lightning's top-k folder, then last.ckpt) can still run, each on its group.
-        slot = sum(e.future is not None for e in self._pending)
+        slot = self.in_flight()
         future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._group(slot))
         self._pending.append(_Entry(step, str(filepath), tmp, future))
 
@@ -117,8 +117,9 @@ class ShardedAsyncWriter:
         return failure
 
     def commit_local(self, is_global_zero: bool) -> None:
-        """After an exception (no collectives): wait for this rank's saves; rank 0 moves the
-        successful ones into place. A DCP save succeeds on a rank only once every rank's shards and
+        """After an exception (no collectives): wait for this rank's saves (a write whose peer rank
+        died fails at the process group's timeout), and rank 0 moves the successful ones into
+        place. A DCP save succeeds on a rank only once every rank's shards and
         the coordinator's .metadata are written (the "write" all-reduce of `_save_state_dict`), so
         a successful future on rank 0 means the folder is complete."""
         done, self._pending = self._pending, []
@@ -129,7 +130,8 @@ class ShardedAsyncWriter:
             if is_global_zero:
                 replace_folder(entry.tmp, entry.path) if ok else remove(entry.tmp)
 
-    def __len__(self) -> int:
+    def in_flight(self) -> int:
+        """How many saves wait for their commit."""
         return sum(e.future is not None for e in self._pending)
 
 
