@@ -159,6 +159,7 @@ def test_sharded_async_saves_commit_at_the_next_save_and_only_if_written(tmp_pat
     futures[1].set_result(None)
     assert writer.commit(strategy, before_step=6) == (str(tmp_path / "step=4.ckpt"), error)
     assert strategy.votes == [False, True] and writer.in_flight() == 0
+    writer.close()  # the replaced last.ckpt is deleted in the background
     # the failed folder is dropped, the older one kept (retention skipped), last.ckpt replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step=2.ckpt"]
     assert removed == []

@@ -155,8 +155,10 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         remove_now = super()._remove_checkpoint
         if self._sharded is not None:
-            # At commit time, and only if the newer folder was committed: never the last good one.
-            self._sharded.then(lambda: remove_now(trainer, filepath))
+            # At commit time, and only if the newer folder was committed: never the last good one
+            # (rank 0, as strategy.remove_checkpoint; the deletion itself in the background).
+            sharded = self._sharded
+            self._sharded.then(lambda: trainer.is_global_zero and sharded.discard(filepath))
         elif self._writer is not None and trainer.is_global_zero:
             # After the pending write is committed, and only if it was: never the last good one.
             self._writer.then(lambda: remove_now(trainer, filepath))
@@ -183,6 +185,8 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save_last_now(trainer)
         self._finish_background(trainer)
+        if self._sharded is not None:
+            self._sharded.close()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Let the last complete checkpoint reach the disk before exiting (no collectives here: the

@@ -17,15 +17,17 @@ gloo group (as torchtitan's checkpointer does: `dist.new_group(backend="gloo")`)
 that the group has a CPU backend ("A CPU backend must be enabled for async save").
 
 A save goes to the temporary name `<name>.tmp-...` (rank 0's, broadcast); it is moved into place
-(`replace_folder`) only at the next save or at the end of training, after every rank's background
-write has finished and the ranks agreed that all of them succeeded. Until then the previous
+(as `atomic.replace_folder` does) only at the next save or at the end of training, after every
+rank's background write has finished and the ranks agreed that all of them succeeded. Until then the previous
 checkpoint is the resume point (auto-resume skips `*.tmp-*`).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from .atomic import remove, replace_folder
+from .atomic import OLD_SUFFIX, fsync_path, remove, temporary_name
 
 METADATA = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME
 
@@ -62,6 +64,38 @@ class ShardedAsyncWriter:
     def __init__(self) -> None:
         self._pending: list[_Entry] = []
         self._groups: list[dist.ProcessGroup] = []  # one per save that may be in flight at once
+        # Removing a replaced or retired folder takes about 1 s per GB here (benchmarks/README.md,
+        # Memory); a thread does it, after a rename to a temporary name that nothing reads.
+        self._trash = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ditkit-trash")
+
+    def discard(self, path: str | os.PathLike) -> None:
+        """Remove a checkpoint folder (or file) in the background: renamed at once to a temporary
+        name, which auto-resume skips, then deleted by a thread (rank 0's retention)."""
+        path = Path(path)
+        if path.is_dir():
+            trash = temporary_name(path)
+            os.replace(path, trash)
+            self._trash.submit(shutil.rmtree, trash, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+
+    def _swap_in(self, tmp: Path, final: str) -> None:
+        """`atomic.replace_folder`, with the previous version deleted in the background: fsync the
+        files, move `final` to `<final>.old` (which auto-resume accepts), the new folder into
+        place, then the `.old` one away to `discard`."""
+        final = Path(final)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fsync_path(f)
+        old = final.with_name(final.name + OLD_SUFFIX)
+        if old.exists():
+            self.discard(old)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_path(final.parent)
+        if old.exists():
+            self.discard(old)
 
     def _group(self, slot: int) -> dist.ProcessGroup:
         # Every rank makes the same saves in the same order, so the new_group calls match.
@@ -105,7 +139,7 @@ class ShardedAsyncWriter:
             ok = strategy.reduce_boolean_decision(error is None, all=True)
             if ok and strategy.is_global_zero:
                 try:
-                    replace_folder(entry.tmp, entry.path)
+                    self._swap_in(entry.tmp, entry.path)
                 except Exception as e:  # noqa: BLE001 - agreed on by the caller
                     ok, error = False, e
             elif not ok and strategy.is_global_zero:
@@ -128,7 +162,12 @@ class ShardedAsyncWriter:
                 continue
             ok = entry.future.exception() is None
             if is_global_zero:
-                replace_folder(entry.tmp, entry.path) if ok else remove(entry.tmp)
+                self._swap_in(entry.tmp, entry.path) if ok else remove(entry.tmp)
+
+    def close(self) -> None:
+        """Wait for the background deletions (end of training)."""
+        self._trash.shutdown(wait=True)
+        self._trash = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ditkit-trash")
 
     def in_flight(self) -> int:
         """How many saves wait for their commit."""
