@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -88,7 +89,7 @@ class ShardedAsyncWriter:
             if f.is_file():
                 fsync_path(f)
         old = final.with_name(final.name + OLD_SUFFIX)
-        if old.exists():
+        if old.exists() and final.exists():  # a stale .old; without `final` it is the good copy
             self.discard(old)
         if final.exists():
             os.replace(final, old)
@@ -133,7 +134,10 @@ class ShardedAsyncWriter:
         for entry in done:
             if entry.future is None:
                 if all_committed and entry.action is not None:
-                    entry.action()
+                    try:  # an older checkpoint left behind is no reason to stop the run
+                        entry.action()
+                    except OSError as e:
+                        warnings.warn(f"could not remove an older checkpoint: {e}", stacklevel=2)
                 continue
             error = entry.future.exception()
             ok = strategy.reduce_boolean_decision(error is None, all=True)
@@ -162,7 +166,10 @@ class ShardedAsyncWriter:
                 continue
             ok = entry.future.exception() is None
             if is_global_zero:
-                self._swap_in(entry.tmp, entry.path) if ok else remove(entry.tmp)
+                try:
+                    self._swap_in(entry.tmp, entry.path) if ok else remove(entry.tmp)
+                except OSError as e:  # do not hide the exception that stopped the run
+                    warnings.warn(f"could not commit checkpoint {entry.path}: {e}", stacklevel=2)
 
     def close(self) -> None:
         """Wait for the background deletions (end of training)."""
