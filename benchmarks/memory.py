@@ -12,8 +12,10 @@ asynchronous save (async_save=true: a host copy, then the same write in a thread
 `_atomic_save` (what a stock ModelCheckpoint does), each in a forked process: the peak extra host
 memory during the save (peak RSS over the RSS with the state built), the seconds it took and those
 training waits for, and the most bytes seen in the system temp folder (pointed at an empty folder
-for the purpose), against the file's size. `measure=` picks some of
-activations,training_state,checkpoint_save.
+for the purpose), against the file's size. Sharded save (measure=sharded_save, benchmarks/sharded_save.py):
+the seconds a training step waits per save of an FSDP2 checkpoint folder over `world_size` gloo
+processes, synchronous against async_save=true (DCP's async_save), `repeats` saves each. `measure=`
+picks some of activations,training_state,checkpoint_save,sharded_save (default: all but the last).
 Prints a table and one JSON line per measurement.
 """
 
@@ -294,14 +296,15 @@ def main() -> None:
             measure="activations,training_state,checkpoint_save",
             save_mb=512,
             save_dir=".",
+            repeats=2,
         )
     )
     measures = set(args["measure"].split(","))
-    unknown = measures - {"activations", "training_state", "checkpoint_save"}
+    unknown = measures - {"activations", "training_state", "checkpoint_save", "sharded_save"}
     if unknown:
         raise SystemExit(
             f"measure={args['measure']}: unknown {sorted(unknown)}; choose from "
-            "activations,training_state,checkpoint_save"
+            "activations,training_state,checkpoint_save,sharded_save"
         )
     if "checkpoint_save" in measures:
         for variant in ("ditkit", "ditkit_async", "lightning"):
@@ -313,6 +316,17 @@ def main() -> None:
                 f"{r['outside_run_folder_mb']} MB in the system temp folder |"
             )
             emit(r)
+    if "sharded_save" in measures:  # not in the default list: minutes for DiT-B on a CPU
+        from sharded_save import sharded_save
+
+        r = sharded_save(args)
+        print(
+            f"| sharded save, {r['model']}, FSDP2 x{r['world_size']} | {r['folder_mb']} MB folder | "
+            f"sync: training waits {r['sync_stall_seconds']} s | async_save: training waits "
+            f"{r['async_stall_seconds']} s, written after {r['async_written_seconds']} s, "
+            f"commit at the next save {r['async_commit_seconds']} s |"
+        )
+        emit(r)
     if measures & {"activations", "training_state"}:
         activations_and_state(args)
 

@@ -1,17 +1,19 @@
 """Asynchronous checkpoints (issue 14 item 3): the background write holds the state of the step it
 was taken at, bit for bit, while training goes on; a failed background write stops the run at the
-next save and retention keeps the last good file; sharded saves refuse async_save at start."""
+next save and retention keeps the last good file; sharded (FSDP2) folders are committed at the next
+save, and only when every rank wrote them (the 2-process runs: test_checkpoints_async_fsdp.py)."""
 
 import errno
 import threading
 import time
+from concurrent.futures import Future
 
 import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ditkit.checkpoints import AtomicModelCheckpoint, CheckpointSaveError, saving
+from ditkit.checkpoints import AtomicModelCheckpoint, CheckpointSaveError, saving, sharded_async
 from ditkit.checkpoints.background import host_copy
 from ditkit.objectives import GaussianDiffusion
 from ditkit.training import DiffusionModule
@@ -111,8 +113,55 @@ def test_a_failed_background_write_stops_the_run_at_the_next_save(
     assert not list(folder.glob("*.tmp-*"))
 
 
-def test_async_save_with_sharded_checkpoints_is_refused_at_start(tmp_path, monkeypatch):
-    monkeypatch.setattr(saving, "_writes_folders", lambda strategy: True)  # strategy=fsdp
-    saver = AtomicModelCheckpoint(dirpath=tmp_path, async_save=True)
-    with pytest.raises(ValueError, match=r"async_save=true .*\(strategy=fsdp\)"):
-        saver.setup(L.Trainer(logger=False, accelerator="cpu"), None, "fit")
+class OneRank:
+    """The strategy calls ShardedAsyncWriter.commit makes, on a world of one rank."""
+
+    is_global_zero = True
+
+    def __init__(self):
+        self.votes = []
+
+    def reduce_boolean_decision(self, decision, all=True):
+        self.votes.append(decision)
+        return decision
+
+
+def test_sharded_async_saves_commit_at_the_next_save_and_only_if_written(tmp_path, monkeypatch):
+    groups, calls = [], []
+    monkeypatch.setattr(
+        sharded_async.dist, "new_group", lambda backend: groups.append(backend) or object()
+    )
+    futures = [Future(), Future()]
+
+    def async_save(state, checkpoint_id, process_group):
+        calls.append((state, checkpoint_id, process_group))
+        return futures[len(calls) - 1]
+
+    monkeypatch.setattr(sharded_async.dcp, "async_save", async_save)
+    for name, content in (("last.ckpt", "step 2"), ("step=2.ckpt", "step 2")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "shard").write_text(content)
+    writer, strategy, removed = sharded_async.ShardedAsyncWriter(), OneRank(), []
+    tmps = [tmp_path / f"{name}.tmp-x" for name in ("step=4.ckpt", "last.ckpt")]
+    for tmp in tmps:
+        tmp.mkdir()
+        (tmp / "shard").write_text("step 4")
+    writer.submit({"state_dict": 1}, tmps[0], str(tmp_path / "step=4.ckpt"), 4)
+    writer.then(lambda: removed.append("step=2.ckpt"))  # top_k=1: the older folder goes
+    writer.submit({"state_dict": 2}, tmps[1], str(tmp_path / "last.ckpt"), 4)
+    # two saves in flight at once, each on its own gloo group, into the temporary folders
+    assert groups == ["gloo", "gloo"] and writer.in_flight() == 2 and not removed
+    assert [c[1] for c in calls] == tmps and calls[0][2] is not calls[1][2]
+    # the same step's second save commits nothing; the next step's waits for both
+    assert writer.commit(strategy, before_step=4) == (None, None) and writer.in_flight() == 2
+    error = OSError(28, "No space left on device")
+    futures[0].set_exception(error)  # rank 1's disk was full
+    futures[1].set_result(None)
+    assert writer.commit(strategy, before_step=6) == (str(tmp_path / "step=4.ckpt"), error)
+    assert strategy.votes == [False, True] and writer.in_flight() == 0
+    writer.close()  # the replaced last.ckpt is deleted in the background
+    # the failed folder is dropped, the older one kept (retention skipped), last.ckpt replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step=2.ckpt"]
+    assert removed == []
+    assert (tmp_path / "last.ckpt" / "shard").read_text() == "step 4"
+    assert (tmp_path / "step=2.ckpt" / "shard").read_text() == "step 2"

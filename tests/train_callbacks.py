@@ -59,3 +59,64 @@ class RecordKeys(L.Callback):
         path = Path(trainer.default_root_dir) / f"keys-rank{trainer.global_rank}.txt"
         with open(path, "a") as f:
             f.write(" ".join(batch["key"]) + "\n")
+
+
+class FailShardedWrite(L.Callback):
+    """On one rank, makes DCP's background write of the checkpoint folders named `name` fail with a
+    full disk (tests/test_checkpoints_async_fsdp.py). Before failing, it records the SHA-256 of
+    every file of the committed checkpoints beside it in <checkpoint dir>/../hashes.json: what must
+    still be there, byte for byte, after the run stops."""
+
+    def __init__(self, rank: int = 1, name: str = "step=4.ckpt"):
+        self.rank, self.name = rank, name
+
+    def setup(self, trainer, pl_module, stage):
+        if trainer.global_rank != self.rank:
+            return
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        write_data, name = FileSystemWriter.write_data, self.name
+
+        def failing_write_data(writer, plan, planner):
+            import errno
+            import hashlib
+            import json
+            from pathlib import Path
+
+            folder = Path(str(writer.path))
+            if not folder.name.startswith(name + ".tmp-"):
+                return write_data(writer, plan, planner)
+            hashes = {
+                str(f.relative_to(folder.parent)): hashlib.sha256(f.read_bytes()).hexdigest()
+                for ckpt in folder.parent.glob("*.ckpt")
+                for f in sorted(ckpt.rglob("*"))
+                if f.is_file()
+            }
+            (folder.parent.parent / "hashes.json").write_text(json.dumps(hashes))
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+        FileSystemWriter.write_data = failing_write_data
+
+
+class KillAfterShardedSave(L.Callback):
+    """At one step, waits until this rank's asynchronous sharded saves are written (not yet
+    committed: that happens at the next save), then SIGKILLs every rank: the kill between the copy
+    and the commit."""
+
+    def __init__(self, step: int = 7):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import os
+        import signal
+
+        import torch.distributed as dist
+
+        if trainer.global_step != self.step:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            for entry in getattr(callback._sharded, "_pending", []):
+                if entry.future is not None:
+                    entry.future.result()
+        dist.barrier()
+        os.kill(os.getpid(), signal.SIGKILL)
