@@ -64,6 +64,7 @@ def train(cfg: DictConfig) -> Path:
         check_resume,
         fill_data_keys,
     )
+    from ditkit.training.elastic import isolate_restarts
     from ditkit.training.identity import fingerprint, identity_mismatch, record_identity
 
     hydra_cfg = HydraConfig.get()
@@ -123,6 +124,9 @@ def train(cfg: DictConfig) -> Path:
     ):  # only rank 0 talks to W&B
         logger_cfg = OmegaConf.merge(logger_cfg, {"id": wandb_run_id(run_dir)})
     logger = instantiate(logger_cfg)
+    # Under torchrun --max-restarts, a restarted group must not read the killed attempt's addresses
+    # from torchrun's store (ditkit.training.elastic): set up before Lightning forms the group.
+    isolate_restarts()
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     if logger is not None and trainer.is_global_zero:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
