@@ -27,11 +27,6 @@ def torchrun(*overrides: str, restarts: int = 0) -> list[str]:
     ]
 
 
-@pytest.mark.skip(
-    reason="passes on the issue-14 branch alone; on the merged code (run identity, manifest fill, "
-    "run lock) the ranks fall out of step: rank 1 reaches the kill at step 5 while rank 0 is still "
-    "in DDP's first broadcast, and the restarted group stalls after initializing; not yet diagnosed"
-)
 def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(
     tmp_path, write_synthetic_shards, tiny_model, data_overrides, run_overrides, run_train
 ):
