@@ -135,3 +135,38 @@ def test_train_py_refuses_a_second_run_in_the_same_folder(
     finally:
         first.kill()
         first.communicate()
+
+
+def test_a_refused_train_py_writes_nothing_into_the_busy_folder(
+    tmp_path, write_synthetic_shards, tiny_model, data_overrides, run_overrides, run_train
+):
+    """The refusal comes before Hydra writes .hydra/ and the job log: the running job's files stay
+    byte for byte as they were, and no file is added."""
+    run = tmp_path / "busy"
+    (run / ".hydra").mkdir(parents=True)
+    sentinels = {
+        ".hydra/config.yaml": b"the running job's config\n",
+        ".hydra/overrides.yaml": b"- the running job's overrides\n",
+        ".hydra/hydra.yaml": b"the running job's hydra config\n",
+        "train.log": b"the running job's log\n",
+    }
+    for name, data in sentinels.items():
+        (run / name).write_bytes(data)
+    with RunLock(run):  # the test process is the running job
+        holder = (run / LOCK_NAME).read_bytes()
+        before = sorted(p.relative_to(run) for p in run.rglob("*"))
+        args = [
+            *tiny_model,
+            *data_overrides(write_synthetic_shards(tmp_path / "shards")),
+            *run_overrides(tmp_path, 2, 1),
+            "run_name=busy",
+        ]
+        proc = run_train(*args, check=False, timeout=120)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert "RunLockedError: " in proc.stderr
+        assert "is in use by another run" in proc.stderr
+        assert f"pid {os.getpid()}," in proc.stderr  # names the holder: this process
+        assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+        for name, data in sentinels.items():
+            assert (run / name).read_bytes() == data, name
+        assert (run / LOCK_NAME).read_bytes() == holder

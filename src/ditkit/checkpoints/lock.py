@@ -41,6 +41,7 @@ LOCK_NAME = "run.lock"
 # flock errors that mean "this file system does not do locks", not "someone holds it".
 _UNSUPPORTED = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL}
 _HELD: set[int] = set()  # file descriptors of the locks this process holds
+_HELD_DIRS: dict[Path, RunLock] = {}  # the same locks by run folder (resolved)
 
 
 def _close_in_child() -> None:
@@ -48,6 +49,7 @@ def _close_in_child() -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     _HELD.clear()
+    _HELD_DIRS.clear()
 
 
 os.register_at_fork(after_in_child=_close_in_child)
@@ -103,6 +105,7 @@ class RunLock:
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         self.fd = fd
         _HELD.add(fd)
+        _HELD_DIRS[self.run_dir.resolve()] = self
         return self
 
     def _refusal(self) -> str:
@@ -124,6 +127,8 @@ class RunLock:
         if self.fd is None:
             return
         _HELD.discard(self.fd)
+        if _HELD_DIRS.get(self.run_dir.resolve()) is self:
+            del _HELD_DIRS[self.run_dir.resolve()]
         with contextlib.suppress(OSError):
             fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
@@ -145,11 +150,23 @@ def is_first_process() -> bool:
     return all(os.environ.get(n, "0") == "0" for n in names)
 
 
+def held_lock(run_dir: str | os.PathLike) -> RunLock | None:
+    """The lock on `run_dir` that this process holds, if any. (A second flock on a new descriptor
+    of the same file would be refused even within one process.)"""
+    return _HELD_DIRS.get(Path(run_dir).resolve())
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: str | os.PathLike) -> Iterator[RunLock | None]:
-    """Hold `run_dir`'s lock for the block on the job's first process; a no-op on the others."""
+    """Hold `run_dir`'s lock for the block on the job's first process; a no-op on the others, and
+    on a folder whose lock this process already holds (train.py's Hydra callback took it before
+    Hydra wrote into the folder; it releases it)."""
     if not is_first_process():
         yield None
+        return
+    held = held_lock(run_dir)
+    if held is not None:
+        yield held
         return
     with RunLock(run_dir) as lock:
         yield lock
