@@ -75,8 +75,12 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
         self.fd: int | None = None
+        # Whether this lock made the folder: train.py takes it before Hydra writes anything, so a
+        # failed run knows whether the folder is its own to remove (identity.removed_on_failure).
+        self.created: bool | None = None
 
     def acquire(self) -> RunLock:
+        self.created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -169,4 +173,7 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[RunLock | None]:
         yield held
         return
     with RunLock(run_dir) as lock:
+        # Taken here (a -m sweep's job), after Hydra made the folder: whether this command made
+        # it is unknown.
+        lock.created = None
         yield lock
