@@ -149,8 +149,9 @@ def main(cfg: DictConfig) -> None:
     from ditkit.training.identity import removed_on_failure
 
     # One run per folder: a second process on this folder (a duplicate submission, a requeue while
-    # the old job still runs) is refused here, naming the holder; a killed holder releases it. Inside
-    # the lock, a command that fails before its first checkpoint removes the folder it made.
+    # the old job still runs) is refused, naming the holder; a killed holder releases it. The lock
+    # is taken before Hydra writes into the folder (hydra.callbacks.run_lock; here for a -m sweep's
+    # jobs). Inside it, a command that fails before its first checkpoint removes the folder it made.
     with run_lock(cfg.paths.run_dir) as lock:
         made_here = None if lock is None else lock.created  # None: not the first process
         with removed_on_failure(cfg.paths.run_dir, cfg.paths.checkpoint_dir, made_here):

@@ -170,3 +170,38 @@ def test_a_refused_train_py_writes_nothing_into_the_busy_folder(
         for name, data in sentinels.items():
             assert (run / name).read_bytes() == data, name
         assert (run / LOCK_NAME).read_bytes() == holder
+
+
+def test_run_lock_keeps_the_lock_this_process_already_holds(tmp_path, monkeypatch):
+    """train.py's Hydra callback takes the lock first; main()'s run_lock must reuse it (a second
+    flock from the same process would be refused) and leave its release to the callback."""
+    import errno
+    import warnings
+
+    from ditkit.checkpoints import lock as lock_module
+
+    for name in ("RANK", "LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    first = RunLock(tmp_path / "run").acquire()
+    assert first.created is True
+    with lock_module.run_lock(tmp_path / "run") as again:
+        assert again is first
+    assert lock_module.held_lock(tmp_path / "run") is first  # still held after the block
+    first.release()
+    assert lock_module.held_lock(tmp_path / "run") is None
+    with pytest.raises(RunLockedError), RunLock(tmp_path / "run"):  # released: free again ...
+        RunLock(tmp_path / "run").acquire()  # ... and held by the with block's lock
+
+    # A file system without flock: one warning, and run_lock does not try (and warn) again.
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", no_flock)
+    with pytest.warns(UserWarning, match="does not support flock"):
+        unprotected = RunLock(tmp_path / "lustre").acquire()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with lock_module.run_lock(tmp_path / "lustre") as again:
+            assert again is unprotected
+    unprotected.release()
+    assert lock_module.held_lock(tmp_path / "lustre") is None

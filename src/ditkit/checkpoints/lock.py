@@ -75,8 +75,9 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
         self.fd: int | None = None
-        # Whether this lock made the folder: train.py takes it before Hydra writes anything, so a
-        # failed run knows whether the folder is its own to remove (identity.removed_on_failure).
+        # Whether this lock made the folder (None: unknown): train.py takes it before Hydra writes
+        # anything, so a failed run knows whether the folder is its own to remove
+        # (identity.removed_on_failure).
         self.created: bool | None = None
 
     def acquire(self) -> RunLock:
@@ -98,6 +99,7 @@ class RunLock:
                 "Lustre, mount with -o flock.",
                 stacklevel=2,
             )
+            _HELD_DIRS[self.run_dir.resolve()] = self  # warned once: train.py does not retry
             return self
         holder = {
             "host": socket.gethostname(),
@@ -128,11 +130,11 @@ class RunLock:
         )
 
     def release(self) -> None:
+        if _HELD_DIRS.get(self.run_dir.resolve()) is self:
+            del _HELD_DIRS[self.run_dir.resolve()]
         if self.fd is None:
             return
         _HELD.discard(self.fd)
-        if _HELD_DIRS.get(self.run_dir.resolve()) is self:
-            del _HELD_DIRS[self.run_dir.resolve()]
         with contextlib.suppress(OSError):
             fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
