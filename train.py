@@ -64,6 +64,7 @@ def train(cfg: DictConfig) -> Path:
         check_resume,
         fill_data_keys,
     )
+    from ditkit.training.elastic import isolate_restarts
     from ditkit.training.identity import fingerprint, identity_mismatch, record_identity
 
     hydra_cfg = HydraConfig.get()
@@ -123,6 +124,9 @@ def train(cfg: DictConfig) -> Path:
     ):  # only rank 0 talks to W&B
         logger_cfg = OmegaConf.merge(logger_cfg, {"id": wandb_run_id(run_dir)})
     logger = instantiate(logger_cfg)
+    # Under torchrun --max-restarts, a restarted group must not read the killed attempt's addresses
+    # from torchrun's store (ditkit.training.elastic): set up before Lightning forms the group.
+    isolate_restarts()
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     if logger is not None and trainer.is_global_zero:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -145,13 +149,13 @@ def main(cfg: DictConfig) -> None:
     from ditkit.training.identity import removed_on_failure
 
     # One run per folder: a second process on this folder (a duplicate submission, a requeue while
-    # the old job still runs) is refused here, naming the holder; a killed holder releases it. Inside
-    # the lock, a command that fails before its first checkpoint removes the folder it made.
-    with (
-        run_lock(cfg.paths.run_dir),
-        removed_on_failure(cfg.paths.run_dir, cfg.paths.checkpoint_dir),
-    ):
-        train(cfg)
+    # the old job still runs) is refused, naming the holder; a killed holder releases it. The lock
+    # is taken before Hydra writes into the folder (hydra.callbacks.run_lock; here for a -m sweep's
+    # jobs). Inside it, a command that fails before its first checkpoint removes the folder it made.
+    with run_lock(cfg.paths.run_dir) as lock:
+        made_here = None if lock is None else lock.created  # None: not the first process
+        with removed_on_failure(cfg.paths.run_dir, cfg.paths.checkpoint_dir, made_here):
+            train(cfg)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,53 @@ def test_a_failed_command_removes_the_folder_it_made_and_nothing_else(tmp_path):
         assert run.is_dir()
 
 
+@pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("checkpoint", ["last.ckpt", "step=0000004.ckpt", "fsdp"])
+def test_a_run_that_fails_after_its_first_checkpoint_keeps_its_folder(
+    tmp_path, failure, checkpoint
+):
+    """A fresh run (its own folder, made_here=True) that saved a checkpoint and then fails, as
+    rank 0 does when torchrun's restart kills its peer, keeps the folder and every file in it:
+    the restarted group resumes from that checkpoint."""
+    run = tmp_path / "run"
+    with pytest.raises(failure), removed_on_failure(run, run / "checkpoints", made_here=True):
+        run.mkdir()
+        record_identity(run, {"fingerprint": "x", "trained": {}})
+        if checkpoint == "fsdp":  # a sharded (DCP) checkpoint is a folder named last.ckpt
+            (run / "checkpoints/last.ckpt").mkdir(parents=True)
+            (run / "checkpoints/last.ckpt/__0_0.distcp").write_bytes(b"shard")
+        else:
+            (run / "checkpoints").mkdir()
+            (run / "checkpoints" / checkpoint).write_bytes(b"weights")
+        files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        raise failure("the peer is gone")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+
+
+def test_a_failed_command_never_removes_a_folder_that_existed_before_it(tmp_path):
+    """made_here=False (the run lock found the folder already there, before Hydra wrote into it):
+    nothing is removed, even with neither identity.json nor a checkpoint in it."""
+    from ditkit.checkpoints.lock import RunLock
+
+    run = tmp_path / "theirs"
+    run.mkdir()
+    (run / "notes.txt").write_text("the user's")
+    lock = RunLock(run).acquire()
+    assert lock.created is False
+    with pytest.raises(RuntimeError), removed_on_failure(run, run / "checkpoints", lock.created):
+        raise RuntimeError("boom")
+    lock.release()
+    assert (run / "notes.txt").read_text() == "the user's"
+    # A folder the lock made is the command's own: removed when it fails before a checkpoint.
+    fresh = tmp_path / "fresh"
+    lock = RunLock(fresh).acquire()
+    assert lock.created is True
+    with pytest.raises(RuntimeError), removed_on_failure(fresh, fresh / "checkpoints", True):
+        raise RuntimeError("boom")
+    lock.release()
+    assert not fresh.exists()
+
+
 @pytest.mark.slow
 def test_train_py_fills_from_the_manifest_resumes_only_the_same_run(
     tmp_path, tiny_model, write_synthetic_shards, run_overrides, run_train

@@ -135,3 +135,73 @@ def test_train_py_refuses_a_second_run_in_the_same_folder(
     finally:
         first.kill()
         first.communicate()
+
+
+def test_a_refused_train_py_writes_nothing_into_the_busy_folder(
+    tmp_path, write_synthetic_shards, tiny_model, data_overrides, run_overrides, run_train
+):
+    """The refusal comes before Hydra writes .hydra/ and the job log: the running job's files stay
+    byte for byte as they were, and no file is added."""
+    run = tmp_path / "busy"
+    (run / ".hydra").mkdir(parents=True)
+    sentinels = {
+        ".hydra/config.yaml": b"the running job's config\n",
+        ".hydra/overrides.yaml": b"- the running job's overrides\n",
+        ".hydra/hydra.yaml": b"the running job's hydra config\n",
+        "train.log": b"the running job's log\n",
+    }
+    for name, data in sentinels.items():
+        (run / name).write_bytes(data)
+    with RunLock(run):  # the test process is the running job
+        holder = (run / LOCK_NAME).read_bytes()
+        before = sorted(p.relative_to(run) for p in run.rglob("*"))
+        args = [
+            *tiny_model,
+            *data_overrides(write_synthetic_shards(tmp_path / "shards")),
+            *run_overrides(tmp_path, 2, 1),
+            "run_name=busy",
+        ]
+        proc = run_train(*args, check=False, timeout=120)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert "RunLockedError: " in proc.stderr
+        assert "is in use by another run" in proc.stderr
+        assert f"pid {os.getpid()}," in proc.stderr  # names the holder: this process
+        assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+        for name, data in sentinels.items():
+            assert (run / name).read_bytes() == data, name
+        assert (run / LOCK_NAME).read_bytes() == holder
+
+
+def test_run_lock_keeps_the_lock_this_process_already_holds(tmp_path, monkeypatch):
+    """train.py's Hydra callback takes the lock first; main()'s run_lock must reuse it (a second
+    flock from the same process would be refused) and leave its release to the callback."""
+    import errno
+    import warnings
+
+    from ditkit.checkpoints import lock as lock_module
+
+    for name in ("RANK", "LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    first = RunLock(tmp_path / "run").acquire()
+    assert first.created is True
+    with lock_module.run_lock(tmp_path / "run") as again:
+        assert again is first
+    assert lock_module.held_lock(tmp_path / "run") is first  # still held after the block
+    first.release()
+    assert lock_module.held_lock(tmp_path / "run") is None
+    with pytest.raises(RunLockedError), RunLock(tmp_path / "run"):  # released: free again ...
+        RunLock(tmp_path / "run").acquire()  # ... and held by the with block's lock
+
+    # A file system without flock: one warning, and run_lock does not try (and warn) again.
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", no_flock)
+    with pytest.warns(UserWarning, match="does not support flock"):
+        unprotected = RunLock(tmp_path / "lustre").acquire()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with lock_module.run_lock(tmp_path / "lustre") as again:
+            assert again is unprotected
+    unprotected.release()
+    assert lock_module.held_lock(tmp_path / "lustre") is None

@@ -41,6 +41,7 @@ LOCK_NAME = "run.lock"
 # flock errors that mean "this file system does not do locks", not "someone holds it".
 _UNSUPPORTED = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL}
 _HELD: set[int] = set()  # file descriptors of the locks this process holds
+_HELD_DIRS: dict[Path, RunLock] = {}  # the same locks by run folder (resolved)
 
 
 def _close_in_child() -> None:
@@ -48,6 +49,7 @@ def _close_in_child() -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     _HELD.clear()
+    _HELD_DIRS.clear()
 
 
 os.register_at_fork(after_in_child=_close_in_child)
@@ -73,8 +75,13 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
         self.fd: int | None = None
+        # Whether this lock made the folder (None: unknown): train.py takes it before Hydra writes
+        # anything, so a failed run knows whether the folder is its own to remove
+        # (identity.removed_on_failure).
+        self.created: bool | None = None
 
     def acquire(self) -> RunLock:
+        self.created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -92,6 +99,7 @@ class RunLock:
                 "Lustre, mount with -o flock.",
                 stacklevel=2,
             )
+            _HELD_DIRS[self.run_dir.resolve()] = self  # warned once: train.py does not retry
             return self
         holder = {
             "host": socket.gethostname(),
@@ -103,6 +111,7 @@ class RunLock:
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         self.fd = fd
         _HELD.add(fd)
+        _HELD_DIRS[self.run_dir.resolve()] = self
         return self
 
     def _refusal(self) -> str:
@@ -121,6 +130,8 @@ class RunLock:
         )
 
     def release(self) -> None:
+        if _HELD_DIRS.get(self.run_dir.resolve()) is self:
+            del _HELD_DIRS[self.run_dir.resolve()]
         if self.fd is None:
             return
         _HELD.discard(self.fd)
@@ -145,11 +156,26 @@ def is_first_process() -> bool:
     return all(os.environ.get(n, "0") == "0" for n in names)
 
 
+def held_lock(run_dir: str | os.PathLike) -> RunLock | None:
+    """The lock on `run_dir` that this process holds, if any. (A second flock on a new descriptor
+    of the same file would be refused even within one process.)"""
+    return _HELD_DIRS.get(Path(run_dir).resolve())
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: str | os.PathLike) -> Iterator[RunLock | None]:
-    """Hold `run_dir`'s lock for the block on the job's first process; a no-op on the others."""
+    """Hold `run_dir`'s lock for the block on the job's first process; a no-op on the others, and
+    on a folder whose lock this process already holds (train.py's Hydra callback took it before
+    Hydra wrote into the folder; it releases it)."""
     if not is_first_process():
         yield None
         return
+    held = held_lock(run_dir)
+    if held is not None:
+        yield held
+        return
     with RunLock(run_dir) as lock:
+        # Taken here (a -m sweep's job), after Hydra made the folder: whether this command made
+        # it is unknown.
+        lock.created = None
         yield lock

@@ -184,13 +184,22 @@ def _has_checkpoint(checkpoint_dir: Path) -> bool:
 
 
 @contextmanager
-def removed_on_failure(run_dir: str | Path, checkpoint_dir: str | Path) -> Iterator[None]:
+def removed_on_failure(
+    run_dir: str | Path, checkpoint_dir: str | Path, made_here: bool | None = None
+) -> Iterator[None]:
     """A command that fails (or is interrupted) before its run's first checkpoint removes the run
-    folder it made, so failed attempts leave no empty folders behind. A folder that already held a
-    checkpoint or another command's identity.json when the command started is never touched, and
-    only the global rank 0 removes anything."""
+    folder it made, so failed attempts leave no empty folders behind. Never removed: a folder that
+    holds a checkpoint when the command fails (a killed worker's group, restarted by torchrun,
+    resumes from it), one that held a checkpoint or another command's identity.json when the
+    command started, and one that existed before the command (`made_here=False`: train.py knows it
+    from the run lock, taken before Hydra makes the folder; None: unknown). Only the global rank 0
+    removes anything."""
     run_dir, checkpoint_dir = Path(run_dir), Path(checkpoint_dir)
-    ours = not (run_dir / IDENTITY).exists() and not _has_checkpoint(checkpoint_dir)
+    ours = (
+        made_here is not False
+        and not (run_dir / IDENTITY).exists()
+        and not _has_checkpoint(checkpoint_dir)
+    )
     try:
         yield
     except BaseException:
