@@ -354,8 +354,17 @@ class DiffusionModule(L.LightningModule):
 
         Under FSDP2 every rank must call this together (the forward all-gathers the shards)."""
         net = self.ema if use_ema else self.model
-        was_training = net.training
-        net.eval()
+        joint = getattr(self.objective, "joint_term", lambda: None)()
+        if joint is not None:
+            # The term's own sampling weights: its EMA with module.ema_objective_modules=true.
+            term = (
+                self.ema_objective[joint[0]] if use_ema and joint[0] in self.ema_objective else None
+            )
+            options["terms"] = {joint[0]: term or self.objective_modules[joint[0]]}
+        nets = [net, *options.get("terms", {}).values()]
+        was_training = [m.training for m in nets]
+        for m in nets:
+            m.eval()
         try:
             return self.objective.sample(
                 net,
@@ -368,7 +377,8 @@ class DiffusionModule(L.LightningModule):
                 **options,
             )
         finally:
-            net.train(was_training)
+            for m, mode in zip(nets, was_training, strict=True):
+                m.train(mode)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         step, max_steps = checkpoint.get("global_step", 0), self.trainer.max_steps
