@@ -9,7 +9,8 @@ built on first use into the data folder (ditkit.training.digits_teacher), on blo
 `depth` (default 2 of 4: REPA's 8 of 28, rounded) with a projector `projector_dim` wide (default
 512: REPA's 2048 for width 1152, scaled down). One run folder per variant, trained to the first step
 count, then resumed (exactly) to the next. REG (alignment=reg) adds the teacher's class token,
-denoised with the image and integrated with it at sampling (its EMA embedding and head). At each step count the EMA weights draw `per_class`
+denoised with the image and integrated with it at sampling (its EMA embedding and head). At each
+step count the EMA weights draw `per_class`
 guided samples of each digit (Euler, 30 steps, cfg 4, the quickstart's DigitsScore setting) and are
 scored as benchmarks/few_step.py scores them: the SVM digits accuracy and the Frechet distance to
 the real digits in grayscale pixel space. Also the training seconds per variant. A table, then one

@@ -4,6 +4,7 @@ a backbone without prefix support fails at bind naming itself, a tiny REG run ch
 token's embedding and head and resumes exactly, and evaluate.py samples its checkpoint to exactly
 what the training module samples."""
 
+# ruff: noqa: F811 - test_alignment's fixtures (teacher_dir) are imported, then taken as arguments
 from __future__ import annotations
 
 import numpy as np
@@ -298,3 +299,19 @@ def test_a_reg_run_checkpoints_its_heads_resumes_exactly_and_samples_as_in_train
     # and the EMA heads were used: the raw heads give other samples
     raw = read_checkpoint(path, "raw")
     assert not torch.equal(raw.terms["reg"]["head.weight"], ckpt.terms["reg"]["head.weight"])
+
+
+def test_the_papers_recipe_and_a_bad_alignment_name():
+    """REG SiT-XL/2 (train.sh / eval.sh of Martinser/REG): REPA's settings, --cls 0.03, EMA of the
+    heads on; a misspelt alignment= names the valid choices."""
+    from hydra.errors import MissingConfigException
+
+    cfg = compose_train("experiment=reg_sit_xl2_in256")
+    term = cfg.objective.terms.reg
+    assert term._target_ == "ditkit.objectives.REG" and term.encoder.name == "dinov2_b"
+    assert (term.depth, term.weight, term.cls_weight, term.projector_dim) == (8, 0.5, 0.03, 2048)
+    assert cfg.objective._target_.endswith("RectifiedFlow") and cfg.model.learn_sigma is False
+    assert cfg.module.ema_objective_modules is True and cfg.trainer.max_steps == 4_000_000
+    assert compose_train("objective=flow").module.ema_objective_modules is False
+    with pytest.raises(MissingConfigException, match=r"(?s)alignment.*irepa.*reg.*repa"):
+        compose_train("alignment=regg")
