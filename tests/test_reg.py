@@ -315,3 +315,35 @@ def test_the_papers_recipe_and_a_bad_alignment_name():
     assert compose_train("objective=flow").module.ema_objective_modules is False
     with pytest.raises(MissingConfigException, match=r"(?s)alignment.*irepa.*reg.*repa"):
         compose_train("alignment=regg")
+
+
+def test_the_training_module_samples_with_the_terms_ema(tiny_dit):
+    """module.sample and the FID callback hand the objective the EMA copy of REG's heads: a
+    sample with them equals objective.sample given the EMA term by hand, and differs from the
+    trained term's."""
+    from ditkit.evaluation.callback import sampling_terms
+    from ditkit.training import DiffusionModule
+
+    term = REG(FixedEncoder(), depth=1, projector_dim=8)
+    module = DiffusionModule(
+        tiny_dit(learn_sigma=False), RectifiedFlow(terms={"reg": term}), ema_objective_modules=True
+    )
+    shadow = module.ema_objective["reg"]
+    with torch.no_grad():
+        shadow.head.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+        for p in module.ema.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    assert sampling_terms(module) == {"terms": {"reg": shadow}}
+    assert module.sampling_terms(use_ema=False) == {"reg": term}
+    noise, y = (
+        torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+        torch.tensor([1, 2]),
+    )
+    torch.manual_seed(3)
+    got = module.sample(noise, {"y": y}, sampler="euler", steps=2)
+    torch.manual_seed(3)
+    want = module.objective.sample(module.ema, noise, {"y": y}, steps=2, terms={"reg": shadow})
+    torch.manual_seed(3)
+    trained_heads = module.objective.sample(module.ema, noise, {"y": y}, steps=2)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, trained_heads)

@@ -336,6 +336,18 @@ class DiffusionModule(L.LightningModule):
             self.ema_updates += 1
 
     # ---------------------------------------------------------------- sampling and checkpoints
+    def sampling_terms(self, use_ema: bool = True) -> dict[str, nn.Module]:
+        """{name: module} of the objective's terms sampling needs (REG's token embedding and
+        head; `used_in_sampling`): their EMA with module.ema_objective_modules=true and use_ema,
+        else the trained ones. Empty for most runs."""
+        return {
+            key: self.ema_objective[key]
+            if use_ema and key in self.ema_objective
+            else self.objective_modules[key]
+            for key, term in self.objective_modules.items()
+            if getattr(term, "used_in_sampling", False)
+        }
+
     @torch.no_grad()
     def sample(
         self,
@@ -354,13 +366,9 @@ class DiffusionModule(L.LightningModule):
 
         Under FSDP2 every rank must call this together (the forward all-gathers the shards)."""
         net = self.ema if use_ema else self.model
-        joint = getattr(self.objective, "joint_term", lambda: None)()
-        if joint is not None:
-            # The term's own sampling weights: its EMA with module.ema_objective_modules=true.
-            term = (
-                self.ema_objective[joint[0]] if use_ema and joint[0] in self.ema_objective else None
-            )
-            options["terms"] = {joint[0]: term or self.objective_modules[joint[0]]}
+        terms = self.sampling_terms(use_ema)
+        if terms:
+            options["terms"] = terms
         nets = [net, *options.get("terms", {}).values()]
         was_training = [m.training for m in nets]
         for m in nets:
