@@ -66,6 +66,7 @@ def build(cfg: DictConfig, ckpt):
     from ditkit.checkpoints import dit_config_from_state_dict
     from ditkit.data.vae import load_vae
     from ditkit.evaluation.decoding import run_vae
+    from ditkit.evaluation.objective_terms import sampling_objective
     from ditkit.models import DiT, check_backbone
 
     vae_cfg = cfg.get("vae")
@@ -129,9 +130,10 @@ def build(cfg: DictConfig, ckpt):
     if "learn_sigma" in objective_cfg or objective_cfg["_target_"].endswith("GaussianDiffusion"):
         # Follows the model (objective/ddpm.yaml interpolates it).
         objective_cfg.learn_sigma = bool(model.learn_sigma)
-    if "terms" in objective_cfg:
-        objective_cfg.terms = {}  # training-only losses (probes, projectors): sampling needs none
-    return model.eval(), instantiate(objective_cfg), vae, image_size
+    # Training-only terms (probes, projectors) are dropped; those sampling needs (REG) kept, with
+    # their checkpointed (EMA) weights.
+    objective = sampling_objective(objective_cfg, model, ckpt.terms, f"ckpt={cfg.ckpt}")
+    return model.eval(), objective, vae, image_size
 
 
 def sampler_settings(cfg: DictConfig, objective) -> dict:
@@ -188,6 +190,8 @@ def evaluate_prompts(cfg: DictConfig, run_dir: Path) -> dict:
             "manifest names the text encoders that embed the prompts"
         )
     fabric = L.Fabric(accelerator=cfg.accelerator, devices=1, precision=cfg.precision)
+    for term in objective.terms.values():
+        term.to(fabric.device)
     images = sample_prompts(
         model.to(fabric.device),
         objective,
@@ -306,6 +310,8 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     if reference is not None:
         check_reference(reference, cfg.fid.reference, image_size, inception_fingerprint(extractor))
     model = model.to(device)
+    for term in objective.terms.values():  # the terms sampling needs (REG's token heads)
+        term.to(device)
     if cfg.compile:
         from ditkit.training.parallel import compile_blocks
 

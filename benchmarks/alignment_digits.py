@@ -1,14 +1,16 @@
 """Representation alignment on the built-in digits, on CPU: the quickstart with and without REPA /
-iREPA, same seed, same steps, scored at several step counts.
+iREPA / REG, same seed, same steps, scored at several step counts.
 
-    python benchmarks/alignment_digits.py steps=250,500,1000 variants=none,repa,irepa
+    python benchmarks/alignment_digits.py steps=250,500,1000 variants=none,repa,reg
 
 Each variant is `python train.py experiment=quickstart` (DiT depth 4, width 128, patch 4: a 4 x 4
 token grid) plus its overrides; alignment uses `encoder=digits_vit`, the tiny ViT digits classifier
 built on first use into the data folder (ditkit.training.digits_teacher), on block
 `depth` (default 2 of 4: REPA's 8 of 28, rounded) with a projector `projector_dim` wide (default
 512: REPA's 2048 for width 1152, scaled down). One run folder per variant, trained to the first step
-count, then resumed (exactly) to the next. At each step count the EMA weights draw `per_class`
+count, then resumed (exactly) to the next. REG (alignment=reg) adds the teacher's class token,
+denoised with the image and integrated with it at sampling (its EMA embedding and head). At each
+step count the EMA weights draw `per_class`
 guided samples of each digit (Euler, 30 steps, cfg 4, the quickstart's DigitsScore setting) and are
 scored as benchmarks/few_step.py scores them: the SVM digits accuracy and the Frechet distance to
 the real digits in grayscale pixel space. Also the training seconds per variant. A table, then one
@@ -44,7 +46,14 @@ def variant_overrides(name: str, depth: int, projector_dim: int) -> list[str]:
         ]
     if name == "irepa":
         return ["encoder=digits_vit", "alignment=irepa", f"alignment.depth={depth}"]
-    raise SystemExit(f"variants: choose from none, repa, irepa (got {name!r})")
+    if name == "reg":  # REPA's settings plus the class token (cls_weight 0.03; EMA heads)
+        return [
+            "encoder=digits_vit",
+            "alignment=reg",
+            f"alignment.depth={depth}",
+            f"alignment.projector_dim={projector_dim}",
+        ]
+    raise SystemExit(f"variants: choose from none, repa, irepa, reg (got {name!r})")
 
 
 def train(out: Path, name: str, steps: int, extra: list[str], seed: int) -> float:
@@ -76,7 +85,7 @@ def main() -> None:
     args = parse_args(
         dict(
             steps="250,500,1000",
-            variants="none,repa,irepa",
+            variants="none,repa,reg",
             depth=2,
             projector_dim=512,
             per_class=50,

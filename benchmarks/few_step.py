@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from sample import CountingModel
 
 from ditkit.checkpoints import read_checkpoint
+from ditkit.evaluation.objective_terms import sampling_objective
 from ditkit.evaluation.stats import frechet_distance
 from ditkit.training.samples import digits_features, fixed_inputs, real_digits
 
@@ -44,7 +45,8 @@ def load(path: str):
     cfg.model.pop("pretrained", None)  # the checkpoint's weights replace the starting folder's
     model = instantiate(cfg.model)
     model.load_state_dict(ckpt.state_dict)
-    return model.eval(), instantiate(cfg.objective)
+    # Only the terms sampling needs (REG's class-token heads), with their checkpointed weights.
+    return model.eval(), sampling_objective(cfg.objective, model, ckpt.terms, path)
 
 
 def pixel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

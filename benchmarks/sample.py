@@ -78,6 +78,10 @@ class CountingModel(torch.nn.Module):
         self.dry = False
         self.condition_keys = model.condition_keys
         self.null_condition = model.null_condition
+        # What a joint-token term (REG) reads of the backbone: the same module objects.
+        for name in ("blocks", "final_layer", "in_channels", "accepts_prefix"):
+            if hasattr(model, name):
+                setattr(self, name, getattr(model, name))
 
     def forward(self, x, t, **condition):
         self.batches.append(x.shape[0])

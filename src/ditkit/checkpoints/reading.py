@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +46,10 @@ class LoadedCheckpoint:
     kind: str
     state_dict: dict[str, torch.Tensor]
     run_config: dict | None = None
+    # {term name: its state_dict} of the objective's modules (ditkit checkpoints): the EMA copy
+    # (`ema_objective.<name>.*`, module.ema_objective_modules=true) with weights=ema, else the
+    # trained one (`objective_modules.<name>.*`); what a term used in sampling (REG) loads.
+    terms: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -114,7 +118,8 @@ def read_checkpoint(
             )
         if not state:
             raise ValueError(f"ckpt={path} has no `{prefix}*` weights in its state_dict")
-        return LoadedCheckpoint("ditkit", state, obj["ditkit_config"])
+        terms = _term_states(obj["state_dict"], weights == "ema" and ema == "ema")
+        return LoadedCheckpoint("ditkit", state, obj["ditkit_config"], terms)
     if ema != "ema":
         raise ValueError(f"ema={ema}: ckpt={path} is not a ditkit checkpoint, it has one EMA")
     if weights == "raw" and "model" not in obj:
@@ -122,6 +127,16 @@ def read_checkpoint(
             f"weights=raw: {path} holds only EMA weights (official release); drop weights=raw"
         )
     return LoadedCheckpoint("official", _official_state(obj, path, weights))
+
+
+def _term_states(state: dict[str, torch.Tensor], ema: bool) -> dict[str, dict]:
+    """{name: state_dict} of each objective module; the EMA copy where asked and kept."""
+    names = {k.split(".")[1] for k in state if k.startswith("objective_modules.")}
+    out = {}
+    for name in sorted(names):
+        shadow = _strip(state, f"ema_objective.{name}.") if ema else {}
+        out[name] = shadow or _strip(state, f"objective_modules.{name}.")
+    return out
 
 
 def _official_state(obj: dict, path: Path, weights: str) -> dict[str, torch.Tensor]:

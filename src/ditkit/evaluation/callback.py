@@ -30,6 +30,12 @@ from .runner import InceptionMetrics, SamplingPlan, sample_and_score
 from .samples_io import image_grid
 
 
+def sampling_terms(pl_module) -> dict:
+    """{"terms": ...} for objective.sample when the module's objective has terms sampling needs."""
+    terms = getattr(pl_module, "sampling_terms", lambda: {})()
+    return {"terms": terms} if terms else {}
+
+
 class FIDCallback(Callback):
     """Every `every_n_steps` optimizer steps: FID (and IS / KID / PR) of `num_samples` EMA samples
     vs `reference`.
@@ -167,7 +173,8 @@ class FIDCallback(Callback):
             num_classes=model.num_classes,
             latent_shape=(model.in_channels, model.input_size, model.input_size),
             seed=self.seed,
-            sample_kwargs=self.sample_kwargs,
+            # The EMA of the terms sampling needs (REG's class-token heads), with the EMA backbone.
+            sample_kwargs={**self.sample_kwargs, **sampling_terms(pl_module)},
         )
         scores = InceptionMetrics(self.metrics)
         kept = sample_and_score(

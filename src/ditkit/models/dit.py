@@ -173,6 +173,8 @@ class DiT(nn.Module):
     """
 
     condition_keys = ("y",)
+    # forward takes `prefix` tokens (the Backbone contract's optional capability, protocol.py).
+    accepts_prefix = True
 
     def __init__(
         self,
@@ -277,11 +279,17 @@ class DiT(nn.Module):
         y: torch.Tensor,
         t2: torch.Tensor | None = None,
         w: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels (num_classes = null);
         t2: (N,) the second time and w: (N,) the guidance scale, with second_time / guidance_input
-        (required then, refused otherwise)."""
+        (required then, refused otherwise). prefix: (N, K, D) extra tokens in the hidden width
+        (REG's noisy class token, embedded by its objective term), put before the image tokens
+        after the position embedding (no position of their own: the reference's zero row, REG
+        models/sit.py), seen by every block and dropped before the final layer; block outputs
+        are then (N, K + T, D) (in-context: (N, K + 2 + T, D)), the prefix first."""
         tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        k = 0 if prefix is None else self._check_prefix(prefix, tokens)
         t_emb = add_extra_times(self, self.t_embedder(t), t2=t2, w=w)  # (N, D)
         y_emb = self.y_embedder(y, self.training)  # (N, D)
         c = t_emb + y_emb
@@ -293,11 +301,30 @@ class DiT(nn.Module):
             tokens = torch.cat(
                 [t_emb.unsqueeze(1), y_emb.unsqueeze(1), tokens], dim=1
             )  # (N, 2 + T, D)
+        rope = self.rope
+        if k:
+            tokens = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)  # (N, K + ..., D)
+            if rope is not None:  # the prefix gets the identity rotation, as t, y do
+                identity = torch.stack(
+                    [torch.ones_like(rope[0, :k]), torch.zeros_like(rope[1, :k])]
+                )
+                rope = torch.cat([identity, rope], dim=1)
         for blk in self.blocks:
-            tokens = blk(tokens, block_cond, self.rope)
-        if self.block == "in_context":
-            tokens = tokens[:, 2:]
+            tokens = blk(tokens, block_cond, rope)
+        skip = k + (2 if self.block == "in_context" else 0)
+        if skip:
+            tokens = tokens[:, skip:]
         return self.unpatchify(self.final_layer(tokens, c))
+
+    def _check_prefix(self, prefix: torch.Tensor, tokens: torch.Tensor) -> int:
+        """K, the prefix's length, after checking its shape against the image tokens (N, T, D)."""
+        n, _, d = tokens.shape
+        if prefix.ndim != 3 or prefix.shape[0] != n or prefix.shape[2] != d:
+            raise ValueError(
+                f"prefix tokens must be (N, K, hidden_size) = ({n}, K, {d}), got "
+                f"{tuple(prefix.shape)}"
+            )
+        return prefix.shape[1]
 
     def null_condition(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Classifier-free guidance's unconditional half: every label replaced by the null class

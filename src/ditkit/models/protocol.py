@@ -29,6 +29,18 @@ REQUIRED = {
     "forward_flops": "forward_flops(batch_size) -> int, analytic FLOPs of one forward (for MFU)",
 }
 
+# Optional capabilities: what a backbone may declare, and which features ask for it.
+OPTIONAL = {
+    "accepts_prefix": "True when forward(..., prefix=(N, K, D)) takes K extra tokens in the hidden "
+    "width, put before the image tokens, seen by every block and dropped before the final layer "
+    "(block outputs then lead with them); alignment=reg needs it (DiT has it)",
+}
+
+
+def accepts_prefix(model: object) -> bool:
+    """Whether `model` declares the optional `accepts_prefix` capability (OPTIONAL)."""
+    return bool(getattr(model, "accepts_prefix", False))
+
 
 @runtime_checkable
 class Backbone(Protocol):

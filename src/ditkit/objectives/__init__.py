@@ -9,6 +9,7 @@ from .gaussian import GaussianDiffusion
 from .guidance import Guidance
 from .meanflow import MeanFlow
 from .protocol import DiffusionObjective, Objective, check_objective
+from .reg import REG
 from .samplers import SAMPLERS, get_sampler, register_sampler, samplers_of
 from .terms import LinearProbe, Term, TermInputs
 
@@ -24,6 +25,7 @@ __all__ = [
     "GaussianDiffusion",
     "IREPA",
     "REPA",
+    "REG",
     "LinearProbe",
     "Guidance",
     "MeanFlow",

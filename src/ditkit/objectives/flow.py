@@ -120,6 +120,15 @@ class RectifiedFlow(DiffusionObjective):
         self.prediction, self.loss_space = prediction, loss_space
         self.t_eps, self.noise_scale = float(t_eps), float(noise_scale)
 
+    def check_joint_tokens(self, key: str, term: Term) -> None:
+        """REG's token is a velocity-predicted rectified flow of unit noise (its reference)."""
+        if self.prediction != "v" or self.noise_scale != 1.0:
+            raise ValueError(
+                f"objective term {key!r} ({type(term).__name__}) predicts its tokens' velocity "
+                f"from unit noise: use objective.prediction=v and objective.noise_scale=1 (got "
+                f"{self.prediction}, {self.noise_scale})"
+            )
+
     def convert(self, pred, x_t, t, source: str, target: str) -> torch.Tensor:
         """`pred` in space `source` -> `target` at (x_t, t), with this objective's noise scale and
         clipping (flow_spaces.convert)."""
@@ -183,7 +192,26 @@ class RectifiedFlow(DiffusionObjective):
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.interpolate(x_start, t, noise)
-        output, hidden = self.forward_model(model, x_t, t * self.time_scale, condition)
+        joint, pair = self.joint_term(), None
+        if joint is None:
+            output, hidden = self.forward_model(model, x_t, t * self.time_scale, condition)
+        else:
+            # REG (loss.py SILoss.__call__): the clean tokens z get the image's t and their own
+            # noise (drawn after the image's), z_t = (1 - t) z + t eps_z; target eps_z - z.
+            tokens = joint[1].joint_tokens(batch).to(x_start.dtype)
+            token_noise = torch.randn_like(tokens)
+            output, velocity, hidden = joint[1].joint_forward(
+                model,
+                x_t,
+                t * self.time_scale,
+                condition,
+                self.interpolate(tokens, t, token_noise),
+                self.term_depths(),
+            )
+            pair = (
+                velocity.to(torch.promote_types(velocity.dtype, torch.float32)),
+                token_noise - tokens,
+            )
         output = output.float()
         pred = self._velocity_channels(output, x_t)
         truth = {"v": self.noise_scale * noise - x_start, "x": x_start, "eps": noise}
@@ -194,7 +222,7 @@ class RectifiedFlow(DiffusionObjective):
         if self.cosine_loss_weight > 0:
             terms["cos"] = mean_flat(1 - F.cosine_similarity(pred, target, dim=1))
             terms["loss"] = terms["mse"] + self.cosine_loss_weight * terms["cos"]
-        return self.add_terms(terms, TermInputs(model, batch, x_t, t, output, hidden))
+        return self.add_terms(terms, TermInputs(model, batch, x_t, t, output, hidden, pair))
 
     def time_grid(self, steps: int, height: int, width: int) -> list[float]:
         """steps + 1 times from 1 to 0, evenly spaced then shifted for an H x W latent."""

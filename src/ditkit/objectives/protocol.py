@@ -16,7 +16,7 @@ from torch import nn
 
 from .guidance import Guidance
 from .samplers import resolve
-from .terms import Term, TermInputs, capture_block_outputs, check_depths
+from .terms import Term, TermInputs, capture_block_outputs, check_depths, joint_sampling_state
 
 REQUIRED = {
     "name": "the objective's registry name (`ddpm`, `flow`): samplers are registered for it",
@@ -91,12 +91,33 @@ class DiffusionObjective:
                 raise TypeError(f"objective term {key!r} is a {type(term).__name__}, not a Term")
             if key in ("loss", "mse", "vb", "cos"):
                 raise ValueError(f"objective term name {key!r} is taken by a loss part")
+        joint = [key for key, term in self.terms.items() if term.adds_joint_tokens]
+        if len(joint) > 1:
+            raise ValueError(f"objective terms {joint} all add joint tokens; choose one")
+
+    def joint_term(self) -> tuple[str, Term] | None:
+        """(name, term) of the term that adds joint tokens (REG), or None."""
+        return next(((k, t) for k, t in self.terms.items() if t.adds_joint_tokens), None)
+
+    def check_joint_tokens(self, key: str, term: Term) -> None:
+        """Raise unless this objective denoises `term`'s joint tokens (overridden where it can)."""
+        raise ValueError(
+            f"objective term {key!r} ({type(term).__name__}) denoises extra tokens with the image, "
+            f"which objective={self.name} does not do: use objective=flow (REG is SiT-based)"
+        )
 
     def bind(self, model: nn.Module) -> None:
         """Build the terms' parameters for `model` (once, before the optimizer is built)."""
+        joint = self.joint_term()
+        if joint is not None:
+            self.check_joint_tokens(*joint)
         check_depths(model, self.terms)
         for term in self.terms.values():
             term.bind(model)
+
+    def term_depths(self) -> tuple[int, ...]:
+        """The block outputs the terms read, sorted."""
+        return tuple(sorted({d for term in self.terms.values() for d in term.depths}))
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return dict(self.terms)
@@ -105,7 +126,7 @@ class DiffusionObjective:
         self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, condition: dict
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """model(x, t, **condition), and the block outputs the terms read (none without terms)."""
-        depths = tuple(sorted({d for term in self.terms.values() for d in term.depths}))
+        depths = self.term_depths()
         if not depths:
             return model(x, t, **condition), {}
         with capture_block_outputs(model, depths) as hidden:
@@ -113,11 +134,16 @@ class DiffusionObjective:
         return output, dict(hidden)
 
     def add_terms(self, losses: dict, inputs: TermInputs) -> dict:
-        """losses["loss"] += weight * value of each term; each value is also its own part."""
+        """losses["loss"] += weight * value of each term; each value is also its own part (a term
+        returning {suffix: value} gives the parts `key` and `key_suffix`, weighted by
+        term.part_weights())."""
         for key, term in self.terms.items():
             value = term(inputs)
-            losses[key] = value
-            losses["loss"] = losses["loss"] + term.weight * value
+            parts = value if isinstance(value, Mapping) else {"": value}
+            weights = term.part_weights() if isinstance(value, Mapping) else {"": term.weight}
+            for suffix, part in parts.items():
+                losses[f"{key}_{suffix}" if suffix else key] = part
+                losses["loss"] = losses["loss"] + weights[suffix] * part
         return losses
 
     def check_sampler(self, sampler: str) -> None:
@@ -136,17 +162,27 @@ class DiffusionObjective:
         guidance_channels: int | None = None,
         guidance_interval: tuple[float, float] | None = None,
         progress: bool = False,
+        terms: Mapping[str, Term] | None = None,
         **options: Any,
     ) -> torch.Tensor:
         """x_0: (N, C, H, W) from noise x_T: (N, C, H, W) with a registered sampler (default
         `default_sampler`) and its default steps; options are the sampler's own (e.g. eta).
         guidance_interval is in the objective's time (ddpm: original timesteps; flow: t in [0,
-        1])."""
+        1]). terms: stand-ins for the objective's terms of the same names (the training module's
+        EMA copies). A joint-token term (REG) is integrated with the image: its tokens ride in
+        extra channels of the state (terms.JointTokenModel), starting from unit noise drawn from
+        the global RNG, and are dropped from the result."""
         spec, steps, options = resolve(
             {"name": sampler or self.default_sampler, "steps": steps, "options": options},
             self.name,
             "evaluate",
         )
+        channels = x_T.shape[1]
+        joint = self.joint_term()
+        if joint is not None:
+            term = (terms or {}).get(joint[0], joint[1])
+            model, x_T = joint_sampling_state(model, term, x_T)
+            channels = model.channels
         guidance = Guidance.build(
             model, model_kwargs, cfg_scale, guidance_channels, guidance_interval
         )
@@ -159,4 +195,4 @@ class DiffusionObjective:
             guidance=guidance,
             progress=progress,
             **options,
-        )
+        )[:, :channels]

@@ -36,13 +36,21 @@ class TermInputs:
     time: torch.Tensor
     output: torch.Tensor
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    # A joint-token term's (prediction, target) velocities, both (N, K, E) (None without one).
+    joint: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Term(nn.Module):
     """Base of objective terms. Subclasses set `depths` (the block outputs they read, 1-based) and
-    implement `bind` (build parameters for the backbone) and `forward(inputs) -> (N,)`."""
+    implement `bind` (build parameters for the backbone) and `forward(inputs) -> (N,)`, or
+    `-> {suffix: (N,)}` for several parts, weighted by `part_weights()`.
+
+    A term that adds joint tokens (REG) also overrides `joint_tokens` and `joint_forward` and sets
+    `used_in_sampling`: its parameters are then needed to sample, and evaluate.py keeps it."""
 
     depths: tuple[int, ...] = ()
+    used_in_sampling = False
+    adds_joint_tokens = False  # True: joint_tokens / joint_forward / joint_shape are defined
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
@@ -53,9 +61,37 @@ class Term(nn.Module):
     def bind(self, model: nn.Module) -> None:
         """Build the parameters sized for `model` (called once, before the optimizer exists)."""
 
-    def forward(self, inputs: TermInputs) -> torch.Tensor:
+    def forward(self, inputs: TermInputs) -> torch.Tensor | dict[str, torch.Tensor]:
         """-> (N,) per-sample values; the objective adds weight * value to the loss."""
         raise NotImplementedError
+
+    def part_weights(self) -> dict[str, float]:
+        """{suffix: weight} of the parts a dict-valued forward returns ("" is the term's name)."""
+        return {"": self.weight}
+
+    def joint_tokens(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """(N, K, E) clean tokens the objective noises with the image's t and denoises jointly
+        (REG's class token), or None (most terms)."""
+        return None
+
+    def joint_forward(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        condition: dict,
+        tokens_t: torch.Tensor,
+        depths: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        """The backbone's forward with the noisy joint tokens (N, K, E): (its output, the tokens'
+        predicted velocity (N, K, E), the outputs of blocks `depths`)."""
+        raise NotImplementedError(f"{type(self).__name__} adds no joint tokens")
+
+    @classmethod
+    def sampling_overrides(cls, state: Mapping[str, torch.Tensor]) -> dict:
+        """Config overrides that build the term for sampling only from its saved `state` (drop
+        training-only parts, e.g. the frozen encoder); used when `used_in_sampling`."""
+        return {}
 
 
 class LinearProbe(Term):
@@ -124,3 +160,73 @@ def capture_block_outputs(model: nn.Module, depths: tuple[int, ...]) -> Iterator
     finally:
         for handle in handles:
             handle.remove()
+
+
+# ---------------------------------------------------------------------- joint tokens at sampling
+def token_channels(numel: int, height: int, width: int) -> int:
+    """How many extra H x W channels hold `numel` token values per sample (zero-padded)."""
+    return -(-numel // (height * width))
+
+
+def pack_tokens(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, K, E) -> (N, P, H, W), P = ceil(K E / (H W)): the K E values in raster order, then
+    zeros (the padding)."""
+    n, numel = tokens.shape[0], tokens[0].numel()
+    p = token_channels(numel, height, width)
+    flat = F.pad(tokens.reshape(n, numel), (0, p * height * width - numel))
+    return flat.reshape(n, p, height, width)
+
+
+def unpack_tokens(packed: torch.Tensor, k: int, e: int) -> torch.Tensor:
+    """(N, P, H, W) -> (N, K, E): the inverse of pack_tokens (the padding dropped)."""
+    return packed.reshape(packed.shape[0], -1)[:, : k * e].reshape(-1, k, e)
+
+
+class JointTokenModel:
+    """The backbone and a joint-token term as one model of the sampler's state (N, C + P, H, W):
+    the image's C channels, then the term's (N, K, E) tokens packed into P channels.
+
+    Every registered sampler and classifier-free guidance then integrate (and guide) the tokens
+    with the image, unchanged; the padding's velocity is 0. condition_keys, null_condition and the
+    other attributes are the backbone's."""
+
+    def __init__(self, model: nn.Module, term: Term, channels: int, tokens: tuple[int, int]):
+        self.model, self.term, self.channels = model, term, int(channels)
+        self.k, self.e = tokens
+
+    def __getattr__(self, name: str):
+        # Only reached for names not set in __init__: the backbone's contract attributes.
+        return getattr(self.__dict__["model"], name)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **condition) -> torch.Tensor:
+        """x: (N, C + P, H, W), t: (N,) -> (N, C + P, H, W), or (N, 2 (C + P), H, W) when the
+        backbone learns a variance (the token's half of it is 0)."""
+        c, (h, w) = self.channels, x.shape[-2:]
+        tokens = unpack_tokens(x[:, c:], self.k, self.e)
+        out, velocity, _ = self.term.joint_forward(self.model, x[:, :c], t, condition, tokens)
+        packed = pack_tokens(velocity.to(out.dtype), h, w)
+        if out.shape[1] == 2 * c:
+            return torch.cat([out[:, :c], packed, out[:, c:], torch.zeros_like(packed)], dim=1)
+        return torch.cat([out, packed], dim=1)
+
+
+def joint_sampling_state(
+    model: nn.Module, term: Term, x_T: torch.Tensor
+) -> tuple[JointTokenModel, torch.Tensor]:
+    """(wrapped model, x_T with the tokens' unit noise packed after its channels). The token noise
+    is drawn from the global torch RNG on x_T's device (evaluation seeds it per batch); an x_T that
+    already has the extra channels keeps them."""
+    n, c, h, w = x_T.shape
+    k, e = term.joint_shape
+    extra = token_channels(k * e, h, w)
+    base = getattr(model, "in_channels", c)
+    wrapped = JointTokenModel(model, term, base, (k, e))
+    if c == base + extra:
+        return wrapped, x_T
+    if c != base:
+        raise ValueError(
+            f"x_T has {c} channels; the model takes {base} (or {base + extra} with the joint "
+            f"tokens packed after them)"
+        )
+    noise = torch.randn((n, k, e), device=x_T.device, dtype=x_T.dtype)
+    return wrapped, torch.cat([x_T, pack_tokens(noise, h, w)], dim=1)

@@ -336,6 +336,18 @@ class DiffusionModule(L.LightningModule):
             self.ema_updates += 1
 
     # ---------------------------------------------------------------- sampling and checkpoints
+    def sampling_terms(self, use_ema: bool = True) -> dict[str, nn.Module]:
+        """{name: module} of the objective's terms sampling needs (REG's token embedding and
+        head; `used_in_sampling`): their EMA with module.ema_objective_modules=true and use_ema,
+        else the trained ones. Empty for most runs."""
+        return {
+            key: self.ema_objective[key]
+            if use_ema and key in self.ema_objective
+            else self.objective_modules[key]
+            for key, term in self.objective_modules.items()
+            if getattr(term, "used_in_sampling", False)
+        }
+
     @torch.no_grad()
     def sample(
         self,
@@ -354,8 +366,13 @@ class DiffusionModule(L.LightningModule):
 
         Under FSDP2 every rank must call this together (the forward all-gathers the shards)."""
         net = self.ema if use_ema else self.model
-        was_training = net.training
-        net.eval()
+        terms = self.sampling_terms(use_ema)
+        if terms:
+            options["terms"] = terms
+        nets = [net, *options.get("terms", {}).values()]
+        was_training = [m.training for m in nets]
+        for m in nets:
+            m.eval()
         try:
             return self.objective.sample(
                 net,
@@ -368,7 +385,8 @@ class DiffusionModule(L.LightningModule):
                 **options,
             )
         finally:
-            net.train(was_training)
+            for m, mode in zip(nets, was_training, strict=True):
+                m.train(mode)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         step, max_steps = checkpoint.get("global_step", 0), self.trainer.max_steps
