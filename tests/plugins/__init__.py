@@ -1,0 +1,1 @@
+"""The shared fixtures, by concern; tests/conftest.py registers every module."""
