@@ -316,14 +316,17 @@ def test_alignment_off_trains_bit_for_bit_as_before(tiny_dit, teacher):
 
 
 def fsdp_repa_args(
-    tiny_model, data_overrides, run_overrides, teacher_dir, out, shards, name, steps
+    tiny_model, data_overrides, run_overrides, teacher_dir, out, shards, name, steps, alignment
 ):
+    # REG's run as in tests/test_reg.py (its sampling state has no learned-variance half).
+    reg = ["model.learn_sigma=false"] if alignment == "reg" else []
     return [
         *tiny_model,
         *data_overrides(shards),
         *run_overrides(out, steps, 2),
         *encoder_args(teacher_dir),
-        "alignment=repa",
+        f"alignment={alignment}",
+        *reg,
         "alignment.depth=1",
         "alignment.projector_dim=16",
         f"run_name={name}",
@@ -336,11 +339,20 @@ def fsdp_repa_args(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("alignment", ["repa", "reg"])
 def test_fsdp2_repa_resumes_exactly(
-    tmp_path, teacher_dir, tiny_model, data_overrides, run_overrides, run_train, torchrun_cmd
+    tmp_path,
+    teacher_dir,
+    tiny_model,
+    data_overrides,
+    run_overrides,
+    run_train,
+    torchrun_cmd,
+    alignment,
 ):
     """4 steps straight == 2 steps, new processes, 2 more: backbone, EMA, projector, projector EMA
-    and optimizer moments bit for bit; the projector is sharded; the REPA part is logged."""
+    (and REG's token embedding and head) and optimizer moments bit for bit; the projector (and
+    REG's head) is sharded; the alignment parts are logged."""
     from torch.distributed.checkpoint import FileSystemReader
 
     from ditkit.checkpoints import consolidate_checkpoint
@@ -348,13 +360,17 @@ def test_fsdp2_repa_resumes_exactly(
     shards = write_image_shards(tmp_path / "shards")
     out = tmp_path / "runs"
     common = (tiny_model, data_overrides, run_overrides, teacher_dir, out, shards)
-    run_train(cmd=torchrun_cmd(2, *fsdp_repa_args(*common, "straight", 4)), timeout=300)
-    run_train(cmd=torchrun_cmd(2, *fsdp_repa_args(*common, "resumed", 2)), timeout=300)
-    run_train(cmd=torchrun_cmd(2, *fsdp_repa_args(*common, "resumed", 4)), timeout=300)
+    for name, steps in (("straight", 4), ("resumed", 2), ("resumed", 4)):
+        args = fsdp_repa_args(*common, name, steps, alignment)
+        run_train(cmd=torchrun_cmd(2, *args), timeout=300)
 
     folder = out / "straight/checkpoints/last.ckpt"
     chunks = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-    assert len(chunks["state_dict.objective_modules.repa.projector.0.weight"].chunks) == 2
+    sharded = [f"objective_modules.{alignment}.projector.0.weight"]
+    if alignment == "reg":
+        sharded += ["objective_modules.reg.embed.0.weight", "objective_modules.reg.head.weight"]
+    for key in sharded:
+        assert len(chunks[f"state_dict.{key}"].chunks) == 2, key
     assert not any("encoder" in k for k in chunks)  # the frozen teacher is never saved
     straight = torch.load(consolidate_checkpoint(folder), weights_only=True)
     resumed = torch.load(
@@ -363,9 +379,11 @@ def test_fsdp2_repa_resumes_exactly(
     assert straight["global_step"] == resumed["global_step"] == 4
     keys = straight["state_dict"].keys()
     assert {
-        "objective_modules.repa.projector.4.weight",
-        "ema_objective.repa.projector.4.weight",
+        f"objective_modules.{alignment}.projector.4.weight",
+        f"ema_objective.{alignment}.projector.4.weight",
     } <= set(keys)
+    if alignment == "reg":
+        assert {"ema_objective.reg.embed.0.weight", "ema_objective.reg.head.weight"} <= set(keys)
     for key in keys:
         assert torch.equal(straight["state_dict"][key], resumed["state_dict"][key]), key
     a, b = straight["optimizer_states"][0]["state"], resumed["optimizer_states"][0]["state"]
@@ -374,7 +392,8 @@ def test_fsdp2_repa_resumes_exactly(
         for moment in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(a[i][moment], b[i][moment]), (i, moment)
     header, *_ = (out / "straight/csv/version_0/metrics.csv").read_text().splitlines()
-    assert "train/repa" in header.split(",")
+    parts = {"repa": {"train/repa"}, "reg": {"train/reg", "train/reg_cls"}}[alignment]
+    assert parts <= set(header.split(","))
 
 
 def test_the_papers_recipes():
