@@ -18,12 +18,9 @@ install: $(STAMP)
 train: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python train.py experiment=quickstart
 
-## The whole suite, multi-process and end-to-end tests included, in TEST_WORKERS processes (one file
-## per worker at a time, so a module's fixtures are built once): most tests use one core, and the
-## three end-to-end trainings alone take ~40% of a serial run.
-TEST_WORKERS ?= 2
+## The whole suite, multi-process and end-to-end tests included.
 test: $(STAMP)
-	WANDB_MODE=offline $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	WANDB_MODE=offline $(BIN)/python -m pytest -q
 
 ## Unit tests only (skips the slow multi-process / end-to-end ones).
 test-fast: $(STAMP)
