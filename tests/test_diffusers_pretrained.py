@@ -12,21 +12,6 @@ from ditkit.checkpoints import from_diffusers, instantiate_model
 SD3 = {**DIFFUSERS_SD3, "qk_norm": "rms_norm"}
 MMDIT = {"_target_": "ditkit.models.MMDiT", **TINY_MMDIT, "pos_embed_base_size": 4, "qk_norm": True}
 DIT = dict(
-    _target_="ditkit.models.MMDiT",
-    input_size=8,
-    patch_size=2,
-    in_channels=4,
-    depth=2,
-    num_heads=2,
-    head_dim=8,
-    context_dim=12,
-    pooled_dim=6,
-    context_len=5,
-    pos_embed_max_size=6,
-    pos_embed_base_size=4,
-    qk_norm=True,
-)
-DIT = dict(
     _target_="ditkit.models.build_dit",
     variant="S",
     patch_size=2,
