@@ -155,7 +155,10 @@ def sharded_save(args: dict) -> dict:
         tempfile.TemporaryDirectory() as out_dir,
     ):
         mp.spawn(_rank, args=(world, port, args, folder, out_dir), nprocs=world)
-        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+        ranks = [
+            torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True)
+            for r in range(world)
+        ]
 
     def slowest(key: str) -> float:
         return round(max(statistics.median(r[key]) for r in ranks), 3)
