@@ -18,13 +18,8 @@ from ditkit.models.encoders import FrozenEncoder
 from ditkit.objectives import IREPA, REPA, GaussianDiffusion, RectifiedFlow
 from ditkit.objectives.terms import TermInputs, capture_block_outputs
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread for every test here (the shared `one_thread` fixture).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

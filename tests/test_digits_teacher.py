@@ -9,13 +9,8 @@ from safetensors.torch import load_file
 
 from ditkit.training import digits_teacher
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread for every test here (the shared `one_thread` fixture).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_built_deterministically_cached_and_on_the_quickstart_grid(tmp_path, monkeypatch):

@@ -22,12 +22,8 @@ PROBE = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread for every test here (the shared `one_thread` fixture).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(n: int = 4) -> dict:

@@ -23,13 +23,8 @@ from ditkit.models.dit import modulate
 from ditkit.objectives import REG, RectifiedFlow
 from ditkit.objectives.terms import pack_tokens, unpack_tokens
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread for every test here (the shared `one_thread` fixture).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturbed(model, seed: int = 5):

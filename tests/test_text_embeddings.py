@@ -21,12 +21,8 @@ CAPTIONS = class_captions([str(i) for i in range(10)], "a handwritten {}", DIGIT
 DIGITS = ["captions.template='a handwritten {}'", f"captions.class_names=[{','.join(DIGIT_WORDS)}]"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread for every test here (the shared `one_thread` fixture).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

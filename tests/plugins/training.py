@@ -223,3 +223,14 @@ def tiny_dit():
 def tiny_batches():
     """tiny_batches(n=48, seed=0) -> TensorDict of {"x": (4, 8, 8), "y": ()} samples."""
     return _tiny_batches
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored after it: small models run faster on one thread
+    of a busy 2-core machine, and results do not depend on the thread count. Test files opt in
+    with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
